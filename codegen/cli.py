@@ -1,0 +1,173 @@
+"""Command line: ``generate``, ``export`` and the one-shot form with the original flags.
+
+    mmdet3d-export --config NAME_OR_PATH [--checkpoint F] [--output-dir D] [--format pt2|onnx|both]
+                   [--device cuda:0] [--verbose]
+    mmdet3d-export generate --config NAME_OR_PATH [--frame F|synthetic] [--output F] [--check]
+    mmdet3d-export generate --check            # every committed wrapper under generated/
+    mmdet3d-export export generated/wrapper_X.py [--checkpoint F] [--output-dir D] [--format ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+from .errors import ExportError
+
+SUBCOMMANDS = ("generate", "export")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="checkpoint file (.pth); random weights when omitted")
+    p.add_argument("--device", default="cuda:0", help="torch device (default cuda:0; cpu when CUDA is absent)")
+    p.add_argument("--verbose", "-v", action="store_true", help="show details of every step")
+
+
+def _export_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output-dir", default="./exported_models", type=Path, help="default ./exported_models")
+    p.add_argument("--format", default="both", choices=("pt2", "onnx", "both"), help="default both")
+
+
+def one_shot_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmdet3d-export",
+        description="Export an MMDetection3D model to PT2 and ONNX, validated against the eager model. "
+        f"Subcommands: {', '.join(SUBCOMMANDS)} (see 'mmdet3d-export generate -h').",
+    )
+    p.add_argument("--config", required=True, help="config path, shipped config name, mmdet3d::dir/file.py, or 0.x name")
+    p.add_argument("--frame", help="point cloud to sample on (default: the dataset's shared frame; 'synthetic')")
+    _common(p)
+    _export_flags(p)
+    return p
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmdet3d-export generate", description="Stage 1: render generated/wrapper_<model>.py")
+    p.add_argument("--config", help="config path or name (with --check and no --config: every committed wrapper)")
+    p.add_argument("--frame", help="point cloud to sample on (default: the dataset's shared frame; 'synthetic')")
+    p.add_argument("--output", type=Path, help="wrapper file (default generated/wrapper_<config>.py)")
+    p.add_argument("--check", action="store_true", help="regenerate in memory; exit 1 with a diff if the file differs")
+    _common(p)
+    return p
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmdet3d-export export", description="Stage 2: export and validate a wrapper")
+    p.add_argument("wrapper", type=Path, help="a generated wrapper file")
+    _common(p)
+    _export_flags(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    parser = {"generate": generate_parser, "export": export_parser, None: one_shot_parser}[command]()
+    args = parser.parse_args(argv[1:] if command else argv)
+    from .progress import Steps
+
+    steps = Steps(verbose=args.verbose)
+    try:
+        from .sample import pick_device
+
+        device = pick_device(args.device, steps.warn)
+        if command == "generate":
+            return cmd_generate(args, device, steps)
+        if command == "export":
+            return cmd_export(args, device, steps)
+        return cmd_one_shot(args, device, steps)
+    except ExportError as exc:
+        steps.console.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug of ours: one line, details with --verbose
+        if args.verbose:
+            traceback.print_exc()
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        steps.console.print(f"[red]error:[/] internal error: {type(exc).__name__}: {message}", highlight=False)
+        return 3
+
+
+def committed_wrappers() -> list[tuple[Path, str, str | None]]:
+    """(file, CONFIG, FRAME) of every committed wrapper, read without importing it."""
+    from .generate import GENERATED
+
+    found = []
+    for path in sorted(GENERATED.glob("wrapper_*.py")):
+        values = {}
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                if node.targets[0].id in ("CONFIG", "FRAME"):
+                    values[node.targets[0].id] = ast.literal_eval(node.value)
+        found.append((path, values["CONFIG"], values.get("FRAME")))
+    return found
+
+
+def cmd_generate(args, device: str, steps) -> int:
+    from .configs import resolve_config
+    from .generate import default_wrapper_path, generate
+    from .render import diff, write_if_changed
+
+    if args.config:
+        target = args.output or default_wrapper_path(resolve_config(args.config))
+        jobs = [(target, args.config, args.frame)]
+    elif args.check:
+        jobs = [(p, config, frame or "synthetic") for p, config, frame in committed_wrappers()]
+        if not jobs:
+            raise ExportError("no committed wrappers under generated/")
+    else:
+        raise ExportError("generate needs --config (or --check alone to check every committed wrapper)")
+    stale = 0
+    for target, config, frame in jobs:
+        if args.check and frame is not None and frame != "synthetic" and not args.config:
+            frame = None  # the recorded default frame; generate() records the same reference
+        result = generate(config, args.checkpoint, frame, device, steps)
+        if args.check:
+            old = target.read_text() if target.is_file() else ""
+            if old != result.source:
+                stale += 1
+                sys.stdout.write(diff(old, result.source, str(target)))
+                steps.warn(f"stale: {target} (regenerate: {_regen_hint(result)})")
+            else:
+                steps.info(f"up to date: {target}")
+        else:
+            changed = write_if_changed(target, result.source)
+            steps.info(f"{'wrote' if changed else 'unchanged'}: {target}")
+    return 1 if stale else 0
+
+
+def _regen_hint(result) -> str:
+    for line in result.source.splitlines()[:3]:
+        if "Regenerate: " in line:
+            return line.split("Regenerate: ", 1)[1]
+    return "python -m codegen generate --config ..."
+
+
+def cmd_export(args, device: str, steps) -> int:
+    from .export import run_export
+
+    meta = run_export(args.wrapper, args.output_dir, args.format, args.checkpoint, device, steps)
+    steps.info(f"wrote {args.output_dir}: {', '.join(meta['formats'].values())}, metadata.json")
+    return 0
+
+
+def cmd_one_shot(args, device: str, steps) -> int:
+    from .export import run_export
+    from .generate import generate
+
+    result = generate(args.config, args.checkpoint, args.frame, device, steps)
+    with tempfile.TemporaryDirectory(prefix="mmdet3d-export-") as tmp:
+        wrapper = Path(tmp) / f"wrapper_{result.model_name}.py"
+        wrapper.write_text(result.source)
+        meta = run_export(wrapper, args.output_dir, args.format, args.checkpoint, device, steps, generated=result)
+    steps.info(f"wrote {args.output_dir}: {', '.join(meta['formats'].values())}, metadata.json, {wrapper.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

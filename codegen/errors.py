@@ -1,0 +1,13 @@
+"""The one error type the CLI turns into a single clear line and a non-zero exit."""
+
+
+class ExportError(Exception):
+    """A user-facing failure: bad config, checkpoint, frame, unsupported op, failed parity."""
+
+    exit_code = 2
+
+
+class ValidationFailed(ExportError):
+    """The exported graph does not match the eager model."""
+
+    exit_code = 1

@@ -1,0 +1,205 @@
+"""Stage 2 (steps 8-9): import a generated wrapper, export PT2 + ONNX, validate, write outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from . import sample as smp
+from .analyze import CHANNELS, analyze, analyze_outputs
+from .configs import resolve_config
+from .errors import ExportError, ValidationFailed
+from .generate import Generated
+from .metadata import build_metadata
+from .progress import Steps
+from .recipes import BY_NAME
+from .validate import Runtime, onnx_runtime, render_report, validate
+
+ONNX_OPSET = 18
+FORMATS = {"pt2": ("pt2",), "onnx": ("onnx",), "both": ("pt2", "onnx")}
+
+
+def import_wrapper(path: str | os.PathLike) -> ModuleType:
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"wrapper not found: {path}")
+    name = f"mmdet3d_export_wrapper_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise ExportError(f"cannot import wrapper {path}: {type(exc).__name__}: {exc}") from None
+    for attr in ("ExportWrapper", "build", "flat_inputs", "INPUT_NAMES", "OUTPUT_NAMES", "DYNAMIC_DIMS", "FRAME", "RECIPE"):
+        if not hasattr(module, attr):
+            raise ExportError(f"{path} is not a generated wrapper (no {attr})")
+    return module
+
+
+def input_args(module: ModuleType, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    return tuple(inputs[name] for name in module.INPUT_NAMES)
+
+
+def fresh(args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Every runtime gets its own copy: the original PillarFeatureNet writes into its input."""
+    return tuple(a.clone() for a in args)
+
+
+def export_program(module: ModuleType, wrapper: torch.nn.Module, args: tuple[torch.Tensor, ...]):
+    from torch.export import Dim
+
+    dims = {name: Dim(name, min=getattr(module, "MIN_DIM", 2)) for name in module.DYNAMIC_DIMS}
+    shapes = tuple(
+        {axis: dims[dim] for dim, members in module.DYNAMIC_DIMS.items() for n, axis in members.items() if n == name} or None
+        for name in module.INPUT_NAMES
+    )
+    try:
+        with torch.no_grad():
+            return torch.export.export(wrapper, fresh(args), dynamic_shapes=shapes, strict=False)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ExportError(f"torch.export failed: {type(exc).__name__}: {first}") from exc
+
+
+def export_onnx(module: ModuleType, program, path: Path) -> None:
+    import onnx
+
+    try:
+        torch.onnx.export(
+            program,
+            (),
+            str(path),
+            dynamo=True,
+            opset_version=ONNX_OPSET,
+            output_names=list(module.OUTPUT_NAMES),
+            external_data=False,
+            verbose=False,
+        )
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {first}") from exc
+    model = onnx.load(str(path))
+    rename = symbol_names(module, program)
+    for value in list(model.graph.input) + list(model.graph.output):
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param in rename:
+                d.dim_param = rename[d.dim_param]
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+
+
+def symbol_names(module: ModuleType, program) -> dict[str, str]:
+    """torch's shape symbols (``s49``) -> our dim names (``num_voxels``)."""
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in module.INPUT_NAMES]
+    by_name = {n.name: n.meta["val"].shape for n in placeholders}
+    rename = {}
+    for dim, members in module.DYNAMIC_DIMS.items():
+        for name, axis in members.items():
+            if name in by_name:
+                rename[str(by_name[name][axis])] = dim
+    return rename
+
+
+@contextlib.contextmanager
+def staged_output(output_dir: Path) -> Iterator[Path]:
+    """A staging folder beside ``output_dir``; its files move in only if the block succeeds."""
+    output_dir = output_dir.resolve()
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = output_dir.parent / f".{output_dir.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        if not output_dir.exists():
+            os.rename(staging, output_dir)
+        else:
+            for item in sorted(staging.iterdir()):
+                os.replace(item, output_dir / item.name)
+            staging.rmdir()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def run_export(
+    wrapper_path: Path,
+    output_dir: Path,
+    fmt: str = "both",
+    checkpoint: str | None = None,
+    device: str = "cpu",
+    steps: Steps | None = None,
+    generated: Generated | None = None,
+) -> dict:
+    """Export the wrapper at ``wrapper_path``; reuse the one-shot's model and samples if given."""
+    steps = steps or Steps()
+    formats = FORMATS[fmt]
+    module = import_wrapper(wrapper_path)
+    recipe = BY_NAME.get(module.RECIPE)
+    if recipe is None:
+        raise ExportError(f"wrapper names an unknown recipe {module.RECIPE!r}")
+    if generated is None:
+        resolved = resolve_config(module.CONFIG)
+        if resolved.sha256 != module.CONFIG_SHA256:
+            steps.warn(f"warning: {module.CONFIG} changed since {Path(wrapper_path).name} was generated; regenerate it")
+        model = smp.load_model(module.CONFIG, checkpoint, device, steps.warn)
+        samples = [smp.sample_frame(model, module.FRAME, v, steps.warn) for v in (0, 1)]
+        analysis = analyze(samples[0].data, samples[1].data, recipe.inputs, CHANNELS.get(smp.dataset_type(model.cfg), []))
+        with torch.no_grad():
+            outputs = model._forward(smp.clone_tree(samples[0].data["inputs"]))
+        analysis.outputs = analyze_outputs(outputs, recipe.output_groups)
+        config_ref, frame = module.CONFIG, module.FRAME
+    else:
+        model, samples, analysis = generated.model, generated.samples, generated.analysis
+        config_ref, frame = generated.resolved.ref, generated.frame
+    if [t.name for t in analysis.used_inputs] != list(module.INPUT_NAMES):
+        raise ExportError(f"{Path(wrapper_path).name} is stale: its inputs differ from the sample's; regenerate it")
+    wrapper = module.ExportWrapper(model).eval()
+    args = [input_args(module, module.flat_inputs(s.data)) for s in samples]
+
+    with staged_output(output_dir) as out:
+        shutil.copyfile(wrapper_path, out / Path(wrapper_path).name)
+        with steps.step(8, "+".join(formats)):
+            program = export_program(module, wrapper, args[0])
+            runtimes: list[Runtime] = []
+            if "pt2" in formats:
+                torch.export.save(program, str(out / "model.pt2"))
+                reloaded = torch.export.load(str(out / "model.pt2")).module()
+                runtimes.append(Runtime("pt2", lambda a, m=reloaded: m(*a)))
+            if "onnx" in formats:
+                export_onnx(module, program, out / "model.onnx")
+                runtimes.append(onnx_runtime(out / "model.onnx", module.INPUT_NAMES))
+            steps.detail(f"graph: {len(program.graph.nodes)} nodes; dynamic: {module.DYNAMIC_DIMS}")
+        with steps.step(9):
+            report = validate(wrapper, runtimes, args, module.OUTPUT_NAMES, recipe.atol, recipe.rtol)
+            text = render_report(report)
+            (out / "validation.txt").write_text(text)
+        np.savez(out / "inputs.npz", **{n: a.cpu().numpy() for n, a in zip(module.INPUT_NAMES, args[0])})
+        meta = build_metadata(
+            config_ref=config_ref,
+            checkpoint=checkpoint,
+            model=model,
+            recipe=recipe,
+            analysis=analysis,
+            frame=frame,
+            samples=samples,
+            formats=formats,
+            opset=ONNX_OPSET if "onnx" in formats else None,
+            report=report,
+            wrapper_file=Path(wrapper_path).name,
+            timings=steps.timings,
+        )
+        (out / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+        steps.info(text)
+        if not report["passed"]:
+            raise ValidationFailed(f"validation failed: {report['summary']} (outputs not written)")
+    return meta

@@ -1,0 +1,121 @@
+"""Stage 1 (steps 1-7): config + checkpoint + frame -> generated/wrapper_<model>.py source."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import sample as smp
+from .analyze import CHANNELS, Analysis, analyze, analyze_outputs
+from .configs import ResolvedConfig, resolve_config
+from .errors import ExportError
+from .progress import Steps
+from .recipes import Recipe, recipe_for
+from .render import render_wrapper
+
+GENERATED = Path(__file__).resolve().parent.parent / "generated"
+
+
+@dataclass
+class Generated:
+    resolved: ResolvedConfig
+    recipe: Recipe
+    model: torch.nn.Module
+    analysis: Analysis
+    frame: str | None  # the recorded frame reference
+    samples: list[smp.Sample]  # the sample and its variant
+    source: str
+
+    @property
+    def model_name(self) -> str:
+        return wrapper_name(self.resolved)
+
+
+def wrapper_name(resolved: ResolvedConfig) -> str:
+    return re.sub(r"\W+", "_", resolved.stem).strip("_").lower()
+
+
+def default_wrapper_path(resolved: ResolvedConfig) -> Path:
+    return GENERATED / f"wrapper_{wrapper_name(resolved)}.py"
+
+
+def regenerate_command(config_ref: str, frame: str | None, default_frame: str | None) -> str:
+    cmd = ["python", "-m", "codegen", "generate", "--config", config_ref]
+    if frame != default_frame:
+        cmd += ["--frame", frame if frame is not None else "synthetic"]
+    return shlex.join(cmd)
+
+
+def generate(
+    config: str,
+    checkpoint: str | None = None,
+    frame: str | None = None,
+    device: str = "cpu",
+    steps: Steps | None = None,
+) -> Generated:
+    steps = steps or Steps()
+    with steps.step(1):
+        resolved = resolve_config(config)
+        if resolved.note:
+            steps.info(f"note: {resolved.note}")
+        cfg = smp.load_config(resolved)
+        recipe = recipe_for(cfg.model)
+        steps.detail(f"{resolved.path} -> recipe {recipe.name}")
+    with steps.step(2, str(cfg.model.get("type"))):
+        model = smp.build_model(cfg, device)
+        steps.detail(f"{sum(p.numel() for p in model.parameters()):,} parameters on {device}")
+    if checkpoint:
+        with steps.step(3):
+            smp.load_weights(model, checkpoint, steps.warn)
+    else:
+        steps.skip(3, "no --checkpoint: random weights")
+
+    with steps.step(4):
+        default = smp.default_frame_ref(cfg)
+        ref = None if frame == "synthetic" else smp.frame_ref(frame, cfg)
+        samples = [smp.sample_frame(model, ref, variant, steps.warn) for variant in (0, 1)]
+        for s in samples:
+            steps.detail(f"{s.frame}: {s.num_raw_points} points")
+
+    with steps.step(5):
+        channels = CHANNELS.get(smp.dataset_type(cfg), [])
+        analysis = analyze(samples[0].data, samples[1].data, recipe.inputs, channels)
+        missing = set(recipe.inputs) - {t.path for t in analysis.used_inputs}
+        if missing:
+            raise ExportError(f"the sample has no {sorted(missing)} for recipe {recipe.name}")
+        for t in analysis.used_inputs:
+            steps.detail(f"{t.name:<12} {t.path:<28} {t.symbolic_shape} {t.dtype}")
+    with steps.step(6):
+        outputs = _run_once(model, recipe, samples[0])
+        analysis.outputs = analyze_outputs(outputs, recipe.output_groups)
+        for spec in analysis.outputs:
+            steps.detail(f"{spec.name:<14} {spec.shape} {spec.dtype}")
+    with steps.step(7):
+        source = render_wrapper(
+            analysis=analysis,
+            recipe=recipe,
+            config_ref=resolved.ref,
+            config_sha256=resolved.sha256,
+            model_type=type(model).__name__,
+            frame=ref,
+            command=regenerate_command(resolved.ref, ref, default),
+        )
+    return Generated(resolved, recipe, model, analysis, ref, samples, source)
+
+
+def _run_once(model, recipe: Recipe, s: smp.Sample):
+    """The original model's tensor path on a copy of the sample (the model may write into it)."""
+    inputs = smp.clone_tree(s.data["inputs"])
+    with torch.no_grad():
+        try:
+            outputs = model._forward(inputs)
+        except Exception as exc:
+            raise ExportError(f"the model failed on the sample: {type(exc).__name__}: {exc}") from None
+    bad = [t for t in smp.tensors(outputs) if not torch.isfinite(t).all()]
+    if bad:
+        raise ExportError(f"the model gives non-finite outputs on the sample ({len(bad)} tensors)")
+    return outputs

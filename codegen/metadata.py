@@ -1,0 +1,63 @@
+"""metadata.json: what was exported, from what, with which inputs/outputs, and how it validated."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+from . import __version__
+
+PACKAGES = ("torch", "mmcv", "mmdet", "mmdet3d", "mmengine", "onnx", "onnxruntime", "onnxscript", "numpy")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "mmdet3d-export": __version__}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def build_metadata(
+    *, config_ref, checkpoint, model, recipe, analysis, frame, samples, formats, opset, report, wrapper_file, timings
+) -> dict:
+    used = analysis.used_inputs
+    return {
+        "model_config": config_ref,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "model_type": type(model).__name__,
+        "recipe": recipe.name,
+        "wrapper": wrapper_file,
+        "frame": frame if frame is not None else "synthetic",
+        "sample_points": [s.num_raw_points for s in samples],
+        "export_info": {
+            "total_inputs": len(used),
+            "input_names": [t.name for t in used],
+            "input_structure": analysis.structure,
+            "tensor_details": [
+                {
+                    "path": t.path,
+                    "name": t.name or None,
+                    "shape": t.symbolic_shape,
+                    "sample_shape": t.shape,
+                    "dtype": t.dtype,
+                    "description": t.description,
+                    "used": t.used,
+                }
+                for t in analysis.inputs
+            ],
+            "constants": [{"path": c.path, "value": c.value} for c in analysis.constants],
+        },
+        "outputs": [{"name": t.name, "shape": t.shape, "dtype": t.dtype, "source": t.path} for t in analysis.outputs],
+        "dynamic_dims": {
+            dim: {"min": recipe.min_dim, "inputs": members} for dim, members in analysis.dynamic_dims().items()
+        },
+        "formats": {f: f"model.{f}" for f in formats},
+        "onnx_opset": opset,
+        "batch_size": analysis.batch_size,
+        "versions": versions(),
+        "timings_s": timings,
+        "validation": {k: report[k] for k in ("passed", "atol", "rtol", "max_abs_diff", "summary", "rows")},
+    }

@@ -1,0 +1,81 @@
+"""Patches for voxel-based single-stage detectors (VoxelNet: PointPillars, SECOND, ...)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops.scatter import scatter_to_bev
+from . import register, static_batch_size
+
+
+@register(
+    "voxelnet.static_batch_size",
+    "mmdet3d.models.detectors.voxelnet:VoxelNet.extract_feat",
+    "batch size is coors[-1, 0].item() + 1: data-dependent, breaks torch.export",
+)
+def voxelnet_extract_feat(self, batch_inputs_dict: dict):
+    voxel_dict = batch_inputs_dict["voxels"]
+    voxel_features = self.voxel_encoder(voxel_dict["voxels"], voxel_dict["num_points"], voxel_dict["coors"])
+    x = self.middle_encoder(voxel_features, voxel_dict["coors"], static_batch_size())
+    x = self.backbone(x)
+    if self.with_neck:
+        x = self.neck(x)
+    return x
+
+
+@register(
+    "pillar_scatter.vectorized",
+    "mmdet3d.models.middle_encoders.pillar_scatter:PointPillarsScatter.forward",
+    "per-sample Python loop with boolean masks (data-dependent shapes)",
+)
+def pillars_scatter_forward(self, voxel_features: Tensor, coors: Tensor, batch_size: int | None = None) -> Tensor:
+    return scatter_to_bev(voxel_features, coors, batch_size or 1, self.ny, self.nx)
+
+
+@register(
+    "pillar_feature_net.functional",
+    "mmdet3d.models.voxel_encoders.pillar_encoder:PillarFeatureNet.forward",
+    "legacy=True writes into a view of its input (the caller's voxels change; ScatterElements in ONNX)",
+)
+def pillar_feature_net_forward(self, features: Tensor, num_points: Tensor, coors: Tensor, *args, **kwargs) -> Tensor:
+    """PillarFeatureNet.forward without in-place writes, numerically identical (legacy too).
+
+    In legacy mode the original overwrites x, y, z of ``features`` with the offsets from the pillar
+    centre before the decorations are concatenated, so the first three channels and the distance
+    feature are computed from the offsets; this reproduces that explicitly.
+    """
+    dtype = features.dtype
+    xyz = features[:, :, :3]
+    parts = []
+    if self._with_cluster_center:
+        points_mean = xyz.sum(dim=1, keepdim=True) / num_points.type_as(features).view(-1, 1, 1)
+        f_cluster = xyz - points_mean
+    base = features
+    if self._with_voxel_center:
+        centers = torch.stack(
+            [
+                coors[:, 3].to(dtype).unsqueeze(1) * self.vx + self.x_offset,
+                coors[:, 2].to(dtype).unsqueeze(1) * self.vy + self.y_offset,
+                coors[:, 1].to(dtype).unsqueeze(1) * self.vz + self.z_offset,
+            ],
+            dim=-1,
+        )
+        f_center = xyz - centers
+        if self.legacy:
+            base = torch.cat([f_center, features[:, :, 3:]], dim=-1)
+    parts.append(base)
+    if self._with_cluster_center:
+        parts.append(f_cluster)
+    if self._with_voxel_center:
+        parts.append(f_center)
+    if self._with_distance:
+        parts.append(torch.norm(base[:, :, :3], 2, 2, keepdim=True))
+    features = torch.cat(parts, dim=-1)
+    # empty slots of each pillar stay zero
+    slots = torch.arange(features.shape[1], dtype=torch.int, device=features.device).view(1, -1)
+    mask = (num_points.int().unsqueeze(1) > slots).unsqueeze(-1).type_as(features)
+    features = features * mask
+    for pfn in self.pfn_layers:
+        features = pfn(features, num_points)
+    return features.squeeze(1)

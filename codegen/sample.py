@@ -1,0 +1,308 @@
+"""Steps 1-4: load the config, build the model, load a checkpoint, make a real sample.
+
+The sample is what the model really sees: the frame goes through the config's own test
+pipeline (as ``mmdet3d.apis.inference_detector`` does it) and the model's ``data_preprocessor``
+(voxelization). Without a frame, a synthetic cloud shaped from the config (point dimensions,
+point-cloud range) takes its place.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .configs import ResolvedConfig
+from .errors import ExportError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# the real frame each dataset's models are sampled on, relative to the data root
+DEFAULT_FRAMES = {
+    "KittiDataset": "kitti/000008.bin",
+    "NuScenesDataset": "nuscenes/n015-2018-07-24-11-22-45+0800__LIDAR_TOP__1532402927647951.pcd.bin",
+    "SUNRGBDDataset": "sunrgbd/000017.bin",
+    "ScanNetDataset": "scannet/scene0000_00.bin",
+}
+SEED = 0
+
+
+def data_root() -> Path:
+    """Where the shared real frames live: $MMDET3D_EXPORT_DATA or ../shared/data beside the repo."""
+    return Path(os.environ.get("MMDET3D_EXPORT_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def load_config(resolved: ResolvedConfig):
+    from mmengine.config import Config
+
+    try:
+        cfg = Config.fromfile(str(resolved.path))
+    except Exception as exc:  # syntax errors, missing _base_ files, ...
+        raise ExportError(f"cannot load config {resolved.path}: {type(exc).__name__}: {exc}") from None
+    if "model" not in cfg:
+        raise ExportError(f"config {resolved.path} defines no 'model'")
+    return cfg
+
+
+def build_model(cfg, device: str = "cpu") -> torch.nn.Module:
+    """Build the detector from the registry, randomly initialised with a fixed seed."""
+    from mmengine.registry import init_default_scope
+
+    cfg = copy.deepcopy(cfg)
+    cfg.model.train_cfg = None
+    init_default_scope(cfg.get("default_scope", "mmdet3d"))
+    from mmdet3d.registry import MODELS
+    from mmdet3d.utils import register_all_modules
+
+    register_all_modules(init_default_scope=False)
+    torch.manual_seed(SEED)
+    try:
+        model = MODELS.build(cfg.model)
+    except Exception as exc:
+        raise ExportError(f"cannot build model {cfg.model.get('type')}: {type(exc).__name__}: {exc}") from None
+    model.cfg = cfg
+    model.dataset_meta = {"classes": list(cfg.get("class_names", []))}
+    return model.to(device).eval()
+
+
+def load_weights(model: torch.nn.Module, checkpoint: str | os.PathLike, log=print) -> dict:
+    """Load a checkpoint into ``model`` strictly; ExportError on a corrupt file or key mismatch."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ExportError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if "weights_only" not in str(exc):
+            raise ExportError(f"checkpoint {path} is not a readable torch checkpoint ({type(exc).__name__})") from None
+        log(f"warning: {path.name} holds more than tensors; loading it with full unpickling (trust the file)")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc2:
+            raise ExportError(f"checkpoint {path} is not a readable torch checkpoint ({type(exc2).__name__})") from None
+    if not isinstance(ckpt, dict):
+        raise ExportError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a state dict")
+    state = ckpt.get("state_dict", ckpt)
+    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ExportError(
+            f"checkpoint {path.name} does not fit the model: {len(missing)} missing keys "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:2]})"
+        )
+    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise ExportError(
+            f"checkpoint {path.name} does not fit the model: shape of {bad[0]} is "
+            f"{tuple(state[bad[0]].shape)}, the model has {tuple(own[bad[0]].shape)}"
+        )
+    model.load_state_dict(state, strict=True)
+    meta = ckpt.get("meta") or {}
+    if isinstance(meta, dict) and isinstance(meta.get("dataset_meta"), dict):
+        model.dataset_meta = meta["dataset_meta"]
+    return ckpt
+
+
+# ---------------------------------------------------------------- frames and the test pipeline
+
+
+def _pipeline_cfg(cfg) -> list:
+    if "test_dataloader" in cfg and "pipeline" in cfg.test_dataloader.dataset:
+        return copy.deepcopy(cfg.test_dataloader.dataset.pipeline)
+    if "test_pipeline" in cfg:
+        return copy.deepcopy(cfg.test_pipeline)
+    raise ExportError("config has no test pipeline (test_dataloader.dataset.pipeline or test_pipeline)")
+
+
+def _points_loader(cfg) -> dict:
+    for step in _pipeline_cfg(cfg):
+        if step.get("type") == "LoadPointsFromFile":
+            return step
+    raise ExportError("the test pipeline has no LoadPointsFromFile step: not a point-cloud model")
+
+
+def dataset_type(cfg) -> str:
+    try:
+        return str(cfg.test_dataloader.dataset.type)
+    except AttributeError:
+        return str(cfg.get("dataset_type", ""))
+
+
+def default_frame_ref(cfg) -> str | None:
+    """The shared real frame for this config's dataset, relative to the data root."""
+    return DEFAULT_FRAMES.get(dataset_type(cfg))
+
+
+def frame_ref(frame: str | os.PathLike | None, cfg) -> str | None:
+    """What a wrapper records for a frame: relative to the data root when inside it."""
+    if frame is None:
+        return default_frame_ref(cfg)
+    path = Path(frame).resolve()
+    try:
+        return path.relative_to(data_root().resolve()).as_posix()
+    except ValueError:
+        return str(frame)
+
+
+def resolve_frame(ref: str | None, log=print) -> Path | None:
+    """The file behind a frame reference, or None for a synthetic cloud (with a warning)."""
+    if ref is None:
+        return None
+    path = Path(ref)
+    if not path.is_absolute() and not path.is_file():
+        path = data_root() / ref
+    if path.is_file():
+        return path
+    if Path(ref).is_absolute() or Path(ref).parts[0] in (".", ".."):
+        raise ExportError(f"point cloud not found: {ref}")
+    log(f"warning: frame {ref} is not under the data root {data_root()}; using a synthetic cloud")
+    return None
+
+
+def point_cloud_range(cfg) -> list[float]:
+    pcr = cfg.get("point_cloud_range")
+    if pcr is None:
+        for step in _pipeline_cfg(cfg):
+            for inner in [step, *step.get("transforms", [])]:
+                if inner.get("type") == "PointsRangeFilter":
+                    pcr = inner["point_cloud_range"]
+    return list(pcr) if pcr is not None else [-40.0, -40.0, -3.0, 40.0, 40.0, 1.0]
+
+
+def read_points(frame: Path, load_dim: int) -> np.ndarray:
+    """Read a float32 point file and check it: size, emptiness, NaN/inf."""
+    if not frame.is_file():
+        raise ExportError(f"point cloud not found: {frame}")
+    raw = np.fromfile(frame, dtype=np.float32)
+    if raw.size == 0:
+        raise ExportError(f"empty point cloud: {frame} has no points")
+    if raw.size % load_dim:
+        raise ExportError(
+            f"point cloud {frame} has {raw.size} floats, not a multiple of the {load_dim} values per point the config loads"
+        )
+    points = raw.reshape(-1, load_dim)
+    bad = int((~np.isfinite(points)).sum())
+    if bad:
+        raise ExportError(f"point cloud {frame} has {bad} NaN/inf values")
+    return points
+
+
+def synthetic_points(cfg, n: int = 20000) -> np.ndarray:
+    """A reproducible cloud inside the config's point-cloud range, with the loaded point width."""
+    load_dim = int(_points_loader(cfg).get("load_dim", 4))
+    lo, hi = np.array(point_cloud_range(cfg)[:3]), np.array(point_cloud_range(cfg)[3:])
+    rng = np.random.default_rng(SEED)
+    xyz = rng.uniform(lo, hi, size=(n, 3))
+    extra = rng.uniform(0.0, 1.0, size=(n, max(load_dim - 3, 0)))
+    return np.concatenate([xyz, extra], axis=1).astype(np.float32)
+
+
+@dataclass
+class Sample:
+    """One frame as the model sees it."""
+
+    frame: str  # what the points came from (a path or "synthetic")
+    num_raw_points: int
+    data: dict  # data_preprocessor output: {"inputs": {...}, "data_samples": [...]}
+
+
+def make_sample(model, cfg, frame: Path | None, keep_every: int = 1) -> Sample:
+    """Run the config's test pipeline and the data preprocessor on a frame.
+
+    ``keep_every=k`` keeps every k-th point of the frame: a second real sample with a
+    different voxel count, for checking dynamic shapes without another file.
+    """
+    from mmengine.dataset import Compose, pseudo_collate
+    from mmdet3d.structures import get_box_type
+
+    load_dim = int(_points_loader(cfg).get("load_dim", 4))
+    if frame is None:
+        points, label = synthetic_points(cfg), "synthetic"
+    else:
+        points, label = read_points(Path(frame), load_dim), str(frame)
+    points = points[::keep_every]
+    suffix = "".join(Path(frame).suffixes) if frame is not None else ".bin"
+    with tempfile.TemporaryDirectory(prefix="mmdet3d-export-") as tmp:
+        path = Path(frame) if frame is not None and keep_every == 1 else Path(tmp) / f"frame{suffix}"
+        if not path.exists():
+            np.ascontiguousarray(points).tofile(path)
+        box_type_3d, box_mode_3d = get_box_type(cfg.test_dataloader.dataset.get("box_type_3d", "LiDAR"))
+        item = dict(
+            lidar_points=dict(lidar_path=str(path)),
+            timestamp=1,
+            axis_align_matrix=np.eye(4),
+            box_type_3d=box_type_3d,
+            box_mode_3d=box_mode_3d,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                packed = Compose(_pipeline_cfg(cfg))(item)
+            except ExportError:
+                raise
+            except Exception as exc:
+                raise ExportError(f"the test pipeline failed on {label}: {type(exc).__name__}: {exc}") from None
+    if packed is None:
+        raise ExportError(f"the test pipeline dropped the frame {label}")
+    packed["data_samples"].set_metainfo({"lidar_path": label})
+    batch = pseudo_collate([packed])
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        data = model.data_preprocessor(batch, training=False)
+    voxels = data["inputs"].get("voxels")
+    if isinstance(voxels, dict) and voxels.get("coors") is not None and voxels["coors"].shape[0] == 0:
+        raise ExportError(f"no points of {label} fall inside the point-cloud range {point_cloud_range(cfg)}")
+    data["inputs"] = map_tensors(data["inputs"], lambda t: t.to(device))
+    return Sample(label, int(points.shape[0]), data)
+
+
+def load_model(config: str, checkpoint: str | None = None, device: str = "cpu", log=print):
+    """Config reference (path or shipped name) -> built model with optional weights."""
+    from .configs import resolve_config
+
+    model = build_model(load_config(resolve_config(config)), device)
+    if checkpoint:
+        load_weights(model, checkpoint, log)
+    return model
+
+
+def sample_frame(model, ref: str | None, variant: int = 0, log=print) -> Sample:
+    """Sample ``ref`` (see resolve_frame); variant k keeps every (k+1)-th point."""
+    return make_sample(model, model.cfg, resolve_frame(ref, log), keep_every=1 + variant)
+
+
+def map_tensors(tree: Any, fn) -> Any:
+    """Apply ``fn`` to every tensor of a nested dict/list/tuple."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: map_tensors(v, fn) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(map_tensors(v, fn) for v in tree)
+    return tree
+
+
+def clone_tree(tree: Any) -> Any:
+    return map_tensors(tree, lambda t: t.clone())
+
+
+def tensors(tree: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    map_tensors(tree, found.append)
+    return found
+
+
+def pick_device(requested: str, log=print) -> str:
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        log(f"warning: {requested} requested but CUDA is not available; falling back to cpu")
+        return "cpu"
+    return requested

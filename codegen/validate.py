@@ -1,0 +1,102 @@
+"""Step 9: run the eager model and every exported runtime on fresh copies of the same inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Runtime:
+    name: str
+    run: Callable[[tuple[torch.Tensor, ...]], Sequence]  # positional inputs -> outputs
+
+
+def onnx_runtime(path: Path, input_names: Sequence[str]) -> Runtime:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def run(args: tuple[torch.Tensor, ...]):
+        feeds = {n: a.detach().cpu().numpy() for n, a in zip(input_names, args)}
+        return session.run(None, feeds)
+
+    return Runtime("onnx", run)
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def validate(
+    wrapper: torch.nn.Module,
+    runtimes: list[Runtime],
+    samples: list[tuple[torch.Tensor, ...]],
+    output_names: Sequence[str],
+    atol: float,
+    rtol: float,
+) -> dict:
+    """Compare each runtime with the original eager model (patches off) on every sample.
+
+    The patched eager wrapper is checked too: it proves the export patches keep the numerics.
+    A shape mismatch fails; values pass when ``|x - ref| <= atol + rtol * |ref|`` everywhere.
+    """
+    eager_patched = Runtime("eager-patched", lambda a: wrapper(*a))
+    rows = []
+    for index, args in enumerate(samples):
+        with torch.no_grad():
+            wrapper.patched = False
+            try:
+                reference = [_np(o) for o in wrapper(*[a.clone() for a in args])]
+            finally:
+                wrapper.patched = True
+            for runtime in [eager_patched, *runtimes]:
+                got = [_np(o) for o in runtime.run(tuple(a.clone() for a in args))]
+                for name, ref, out in zip(output_names, reference, got):
+                    row = {
+                        "sample": index,
+                        "size": int(args[0].shape[0]),
+                        "runtime": runtime.name,
+                        "output": name,
+                        "shape": list(out.shape),
+                        "ref_shape": list(ref.shape),
+                    }
+                    if out.shape != ref.shape:
+                        row.update(max_abs_diff=None, ok=False)
+                    else:
+                        diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
+                        bound = atol + rtol * np.abs(ref.astype(np.float64))
+                        row.update(max_abs_diff=float(diff.max()) if diff.size else 0.0, ok=bool((diff <= bound).all()))
+                    rows.append(row)
+                if len(got) != len(reference):
+                    rows.append({"sample": index, "runtime": runtime.name, "output": "<count>", "ok": False})
+    failed = [r for r in rows if not r["ok"]]
+    worst = {}
+    for r in rows:
+        if r.get("max_abs_diff") is not None:
+            worst[r["runtime"]] = max(worst.get(r["runtime"], 0.0), r["max_abs_diff"])
+    summary = f"{len(rows) - len(failed)}/{len(rows)} checks passed; max abs diff " + ", ".join(
+        f"{k} {v:.3g}" for k, v in worst.items()
+    )
+    return {"passed": not failed, "atol": atol, "rtol": rtol, "rows": rows, "max_abs_diff": worst, "summary": summary}
+
+
+def render_report(report: dict) -> str:
+    lines = [
+        f"validation against the original eager model (atol {report['atol']:g}, rtol {report['rtol']:g})",
+        f"{'sample':<7}{'size':>7}  {'runtime':<14}{'output':<16}{'shape':<22}{'max abs diff':>14}  ok",
+    ]
+    for r in report["rows"]:
+        diff = "shape!" if r.get("max_abs_diff") is None else f"{r['max_abs_diff']:.3g}"
+        lines.append(
+            f"{r['sample']:<7}{r.get('size', ''):>7}  {r['runtime']:<14}{r['output']:<16}{str(r.get('shape', '')):<22}"
+            f"{diff:>14}  {'✓' if r['ok'] else '✗'}"
+        )
+    lines.append(("PASSED: " if report["passed"] else "FAILED: ") + report["summary"])
+    return "\n".join(lines) + "\n"
