@@ -124,8 +124,6 @@ def cmd_generate(args, device: str, steps) -> int:
         raise ExportError("generate needs --config (or --check alone to check every committed wrapper)")
     stale = 0
     for target, config, frame in jobs:
-        if args.check and frame is not None and frame != "synthetic" and not args.config:
-            frame = None  # the recorded default frame; generate() records the same reference
         result = generate(config, args.checkpoint, frame, device, steps)
         if args.check:
             old = target.read_text() if target.is_file() else ""
