@@ -26,6 +26,14 @@ CHANNELS = {
 }
 
 
+BOX_DESCRIPTIONS = {
+    "bboxes_3d": "decoded boxes (x, y, z, x_size, y_size, z_size, yaw, ...), sorted by score, zero rows after num_boxes",
+    "scores_3d": "box scores, descending; zero after num_boxes",
+    "labels_3d": "class index of each box; zero after num_boxes",
+    "num_boxes": "number of valid rows in bboxes_3d / scores_3d / labels_3d",
+}
+
+
 @dataclass
 class TensorSpec:
     path: str  # "inputs.voxels.voxels"
@@ -223,9 +231,9 @@ def analyze(
     return Analysis(inputs, constants, [], structure, batch_size)
 
 
-def analyze_outputs(outputs: Any, groups: tuple[str, ...]) -> list[TensorSpec]:
-    """Flatten the head's output pytree into named tensors with access expressions."""
-    leaves, _ = walk(outputs, root="head_outputs")
+def analyze_outputs(outputs: Any, groups: tuple[str, ...], root: str = "head_outputs") -> list[TensorSpec]:
+    """Flatten an output pytree into named tensors with access expressions below ``root``."""
+    leaves, _ = walk(outputs, root=root)
     namer = Namer()
     specs = []
     for parts, access, value in leaves:
@@ -244,5 +252,6 @@ def analyze_outputs(outputs: Any, groups: tuple[str, ...]) -> list[TensorSpec]:
                 continue
             kept.append(shown)
         name = namer.name(["_".join(kept)])
-        specs.append(TensorSpec(".".join(parts), name, list(value.shape), dtype_name(value.dtype), f"head output {name}", access))
+        what = BOX_DESCRIPTIONS.get(name, f"head output {name}") if root == "decoded" else f"head output {name}"
+        specs.append(TensorSpec(".".join(parts), name, list(value.shape), dtype_name(value.dtype), what, access))
     return specs

@@ -27,6 +27,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", "-v", action="store_true", help="show details of every step")
 
 
+def _outputs_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--outputs",
+        default="head",
+        choices=("head", "boxes"),
+        help="head: raw head tensors (default); boxes: decoded boxes padded to a fixed count",
+    )
+
+
 def _export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default="./exported_models", type=Path, help="default ./exported_models")
     p.add_argument("--format", default="both", choices=("pt2", "onnx", "both"), help="default both")
@@ -40,6 +49,7 @@ def one_shot_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", required=True, help="config path, shipped config name, mmdet3d::dir/file.py, or 0.x name")
     p.add_argument("--frame", help="point cloud to sample on (default: the dataset's shared frame; 'synthetic')")
+    _outputs_flag(p)
     _common(p)
     _export_flags(p)
     return p
@@ -51,6 +61,7 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame", help="point cloud to sample on (default: the dataset's shared frame; 'synthetic')")
     p.add_argument("--output", type=Path, help="wrapper file (default generated/wrapper_<config>.py)")
     p.add_argument("--check", action="store_true", help="regenerate in memory; exit 1 with a diff if the file differs")
+    _outputs_flag(p)
     _common(p)
     return p
 
@@ -81,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_export(args, device, steps)
         return cmd_one_shot(args, device, steps)
     except ExportError as exc:
+        if args.verbose and exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__)
         steps.console.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
         return exc.exit_code
     except KeyboardInterrupt:
@@ -93,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         return 3
 
 
-def committed_wrappers() -> list[tuple[Path, str, str | None]]:
-    """(file, CONFIG, FRAME) of every committed wrapper, read without importing it."""
+def committed_wrappers() -> list[tuple[Path, str, str | None, str]]:
+    """(file, CONFIG, FRAME, OUTPUTS) of every committed wrapper, read without importing it."""
     from .generate import GENERATED
 
     found = []
@@ -102,9 +115,9 @@ def committed_wrappers() -> list[tuple[Path, str, str | None]]:
         values = {}
         for node in ast.parse(path.read_text()).body:
             if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-                if node.targets[0].id in ("CONFIG", "FRAME"):
+                if node.targets[0].id in ("CONFIG", "FRAME", "OUTPUTS"):
                     values[node.targets[0].id] = ast.literal_eval(node.value)
-        found.append((path, values["CONFIG"], values.get("FRAME")))
+        found.append((path, values["CONFIG"], values.get("FRAME"), values.get("OUTPUTS", "head")))
     return found
 
 
@@ -114,17 +127,17 @@ def cmd_generate(args, device: str, steps) -> int:
     from .render import diff, write_if_changed
 
     if args.config:
-        target = args.output or default_wrapper_path(resolve_config(args.config))
-        jobs = [(target, args.config, args.frame)]
+        target = args.output or default_wrapper_path(resolve_config(args.config), args.outputs)
+        jobs = [(target, args.config, args.frame, args.outputs)]
     elif args.check:
-        jobs = [(p, config, frame or "synthetic") for p, config, frame in committed_wrappers()]
+        jobs = [(p, config, frame or "synthetic", outputs) for p, config, frame, outputs in committed_wrappers()]
         if not jobs:
             raise ExportError("no committed wrappers under generated/")
     else:
         raise ExportError("generate needs --config (or --check alone to check every committed wrapper)")
     stale = 0
-    for target, config, frame in jobs:
-        result = generate(config, args.checkpoint, frame, device, steps)
+    for target, config, frame, outputs in jobs:
+        result = generate(config, args.checkpoint, frame, device, steps, outputs)
         if args.check:
             old = target.read_text() if target.is_file() else ""
             if old != result.source:
@@ -158,7 +171,7 @@ def cmd_one_shot(args, device: str, steps) -> int:
     from .export import run_export
     from .generate import generate
 
-    result = generate(args.config, args.checkpoint, args.frame, device, steps)
+    result = generate(args.config, args.checkpoint, args.frame, device, steps, args.outputs)
     with tempfile.TemporaryDirectory(prefix="mmdet3d-export-") as tmp:
         wrapper = Path(tmp) / f"wrapper_{result.model_name}.py"
         wrapper.write_text(result.source)

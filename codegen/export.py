@@ -19,7 +19,8 @@ from . import sample as smp
 from .analyze import CHANNELS, analyze, analyze_outputs
 from .configs import resolve_config
 from .errors import ExportError, ValidationFailed
-from .generate import Generated
+from .boxes import BOX_OUTPUTS
+from .generate import Generated, decode_boxes
 from .metadata import build_metadata
 from .progress import Steps
 from .recipes import BY_NAME
@@ -111,6 +112,27 @@ def symbol_names(module: ModuleType, program) -> dict[str, str]:
     return rename
 
 
+def predicted_boxes(model, s: smp.Sample) -> list[np.ndarray]:
+    """The original ``model.predict`` on the sample: boxes, scores, labels in canonical order."""
+    with torch.no_grad():
+        pred = model.predict(smp.clone_tree(s.data["inputs"]), s.data["data_samples"])[0].pred_instances_3d
+    return canonical_boxes(pred.bboxes_3d.tensor.numpy(), pred.scores_3d.numpy(), pred.labels_3d.numpy())
+
+
+def canonical_boxes(bboxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
+    """Sort by score (descending), ties by label and box values: a total order for comparison."""
+    keys = [bboxes[:, i] for i in reversed(range(bboxes.shape[1]))] + [labels, -scores]
+    order = np.lexsort(keys)
+    return [bboxes[order], scores[order], labels[order]]
+
+
+def valid_boxes_by_score(outputs) -> list[np.ndarray]:
+    """Padded (bboxes, scores, labels, count) -> the valid rows in canonical order."""
+    bboxes, scores, labels, count = (np.asarray(o.detach().cpu() if hasattr(o, "detach") else o) for o in outputs)
+    n = int(count)
+    return canonical_boxes(bboxes[:n], scores[:n], labels[:n])
+
+
 @contextlib.contextmanager
 def staged_output(output_dir: Path) -> Iterator[Path]:
     """A staging folder beside ``output_dir``; its files move in only if the block succeeds."""
@@ -156,7 +178,10 @@ def run_export(
         analysis = analyze(samples[0].data, samples[1].data, recipe.inputs, CHANNELS.get(smp.dataset_type(model.cfg), []))
         with torch.no_grad():
             outputs = model._forward(smp.clone_tree(samples[0].data["inputs"]))
-        analysis.outputs = analyze_outputs(outputs, recipe.output_groups)
+            if getattr(module, "OUTPUTS", "head") == "boxes":
+                analysis.outputs = analyze_outputs(decode_boxes(model, recipe, outputs), BOX_OUTPUTS, root="decoded")
+            else:
+                analysis.outputs = analyze_outputs(outputs, recipe.output_groups)
         config_ref, frame = module.CONFIG, module.FRAME
     else:
         model, samples, analysis = generated.model, generated.samples, generated.analysis
@@ -180,7 +205,19 @@ def run_export(
                 runtimes.append(onnx_runtime(out / "model.onnx", module.INPUT_NAMES))
             steps.detail(f"graph: {len(program.graph.nodes)} nodes; dynamic: {module.DYNAMIC_DIMS}")
         with steps.step(9):
-            report = validate(wrapper, runtimes, args, module.OUTPUT_NAMES, recipe.atol, recipe.rtol)
+            if getattr(module, "OUTPUTS", "head") == "boxes":
+                report = validate(
+                    wrapper,
+                    runtimes,
+                    args,
+                    BOX_OUTPUTS[:3],
+                    recipe.atol,
+                    recipe.rtol,
+                    reference=lambda i: predicted_boxes(model, samples[i]),
+                    normalize=valid_boxes_by_score,
+                )
+            else:
+                report = validate(wrapper, runtimes, args, module.OUTPUT_NAMES, recipe.atol, recipe.rtol)
             text = render_report(report)
             (out / "validation.txt").write_text(text)
         np.savez(out / "inputs.npz", **{n: a.cpu().numpy() for n, a in zip(module.INPUT_NAMES, args[0])})

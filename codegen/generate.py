@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from . import sample as smp
+from .boxes import BOX_OUTPUTS
 from .analyze import CHANNELS, Analysis, analyze, analyze_outputs
 from .configs import ResolvedConfig, resolve_config
 from .errors import ExportError
@@ -29,25 +30,38 @@ class Generated:
     frame: str | None  # the recorded frame reference
     samples: list[smp.Sample]  # the sample and its variant
     source: str
+    outputs: str = "head"
 
     @property
     def model_name(self) -> str:
-        return wrapper_name(self.resolved)
+        return wrapper_name(self.resolved, self.outputs)
 
 
-def wrapper_name(resolved: ResolvedConfig) -> str:
-    return re.sub(r"\W+", "_", resolved.stem).strip("_").lower()
+def wrapper_name(resolved: ResolvedConfig, outputs: str = "head") -> str:
+    name = re.sub(r"\W+", "_", resolved.stem).strip("_").lower()
+    return name if outputs == "head" else f"{name}_{outputs}"
 
 
-def default_wrapper_path(resolved: ResolvedConfig) -> Path:
-    return GENERATED / f"wrapper_{wrapper_name(resolved)}.py"
+def default_wrapper_path(resolved: ResolvedConfig, outputs: str = "head") -> Path:
+    return GENERATED / f"wrapper_{wrapper_name(resolved, outputs)}.py"
 
 
-def regenerate_command(config_ref: str, frame: str | None, default_frame: str | None) -> str:
+def regenerate_command(config_ref: str, frame: str | None, default_frame: str | None, outputs: str) -> str:
     cmd = ["python", "-m", "codegen", "generate", "--config", config_ref]
     if frame != default_frame:
         cmd += ["--frame", frame if frame is not None else "synthetic"]
+    if outputs != "head":
+        cmd += ["--outputs", outputs]
     return shlex.join(cmd)
+
+
+def decode_boxes(model, recipe: Recipe, head_outputs):
+    """Run the recipe's box decoder eagerly: the same expression the wrapper's forward holds."""
+    from types import SimpleNamespace
+
+    from . import boxes
+
+    return eval(recipe.boxes, {"boxes": boxes}, {"self": SimpleNamespace(model=model), "head_outputs": head_outputs})
 
 
 def generate(
@@ -56,6 +70,7 @@ def generate(
     frame: str | None = None,
     device: str = "cpu",
     steps: Steps | None = None,
+    outputs: str = "head",
 ) -> Generated:
     steps = steps or Steps()
     with steps.step(1):
@@ -64,6 +79,8 @@ def generate(
             steps.info(f"note: {resolved.note}")
         cfg = smp.load_config(resolved)
         recipe = recipe_for(cfg.model)
+        if outputs == "boxes" and recipe.boxes is None:
+            raise ExportError(f"--outputs boxes is not available for recipe {recipe.name} yet (head outputs are)")
         steps.detail(f"{resolved.path} -> recipe {recipe.name}")
     with steps.step(2, str(cfg.model.get("type"))):
         model = smp.build_model(cfg, device)
@@ -90,8 +107,13 @@ def generate(
         for t in analysis.used_inputs:
             steps.detail(f"{t.name:<12} {t.path:<28} {t.symbolic_shape} {t.dtype}")
     with steps.step(6):
-        outputs = _run_once(model, recipe, samples[0])
-        analysis.outputs = analyze_outputs(outputs, recipe.output_groups)
+        head_outputs = _run_once(model, recipe, samples[0])
+        if outputs == "boxes":
+            with torch.no_grad():
+                decoded = decode_boxes(model, recipe, head_outputs)
+            analysis.outputs = analyze_outputs(decoded, BOX_OUTPUTS, root="decoded")
+        else:
+            analysis.outputs = analyze_outputs(head_outputs, recipe.output_groups)
         for spec in analysis.outputs:
             steps.detail(f"{spec.name:<14} {spec.shape} {spec.dtype}")
     with steps.step(7):
@@ -102,9 +124,10 @@ def generate(
             config_sha256=resolved.sha256,
             model_type=type(model).__name__,
             frame=ref,
-            command=regenerate_command(resolved.ref, ref, default),
+            command=regenerate_command(resolved.ref, ref, default, outputs),
+            outputs=outputs,
         )
-    return Generated(resolved, recipe, model, analysis, ref, samples, source)
+    return Generated(resolved, recipe, model, analysis, ref, samples, source, outputs)
 
 
 def _run_once(model, recipe: Recipe, s: smp.Sample):

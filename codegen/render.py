@@ -74,7 +74,15 @@ def _lists(node: Any) -> Any:
 
 
 def render_wrapper(
-    *, analysis: Analysis, recipe, config_ref: str, config_sha256: str, model_type: str, frame: str | None, command: str
+    *,
+    analysis: Analysis,
+    recipe,
+    config_ref: str,
+    config_sha256: str,
+    model_type: str,
+    frame: str | None,
+    command: str,
+    outputs: str = "head",
 ) -> str:
     context = dict(
         version=__version__,
@@ -85,6 +93,8 @@ def render_wrapper(
         recipe=recipe.name,
         patch_names=list(recipe.patches),
         call=recipe.call,
+        outputs_mode=outputs,
+        boxes_call=recipe.boxes if outputs == "boxes" else None,
         frame=frame,
         command=command,
         batch_size=analysis.batch_size,

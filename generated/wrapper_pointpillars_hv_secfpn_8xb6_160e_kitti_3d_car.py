@@ -27,6 +27,8 @@ CONFIG_SHA256 = "75145966859d3f9f4bc3fcd364ee12e6b3edc221cf1cdea7c70e4274443891d
 # None or a missing file means a synthetic cloud shaped from the config
 FRAME = "kitti/000008.bin"
 RECIPE = "pointpillars"
+# "head": raw head tensors; "boxes": decoded boxes padded to a fixed count
+OUTPUTS = "head"
 # export patches active inside forward(): see codegen/patches
 PATCHES = (
     "voxelnet.static_batch_size",

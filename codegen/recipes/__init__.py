@@ -21,6 +21,8 @@ class Recipe:
     inputs: tuple[str, ...]  # sample paths the tensor path reads ("inputs.voxels")
     output_groups: tuple[str, ...]  # names of the head's top-level outputs
     call: str = "self.model._forward(batch_inputs_dict)"  # the model's tensor path
+    # head outputs -> fixed-size decoded boxes (codegen/boxes.py); None: no --outputs boxes
+    boxes: str | None = None
     atol: float = 1e-4
     rtol: float = 1e-4
     min_dim: int = 2  # smallest size of a dynamic axis (0 and 1 get specialised)
@@ -40,10 +42,14 @@ RECIPES: tuple[Recipe, ...] = (
         patches=("voxelnet.static_batch_size", "pillar_scatter.vectorized", "pillar_feature_net.functional"),
         inputs=("inputs.voxels.voxels", "inputs.voxels.num_points", "inputs.voxels.coors"),
         output_groups=("cls_score", "bbox_pred", "dir_cls_pred"),
+        boxes="boxes.anchor3d(self.model.bbox_head, *head_outputs)",
     ),
 )
 
 BY_NAME = {r.name: r for r in RECIPES}
+
+
+OUTPUT_MODES = ("head", "boxes")
 
 
 def recipe_for(model_cfg) -> Recipe:
