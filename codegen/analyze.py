@@ -34,6 +34,19 @@ BOX_DESCRIPTIONS = {
 }
 
 
+HEAD_DESCRIPTIONS = {
+    "cls_score": "class logits per anchor and BEV cell (sigmoid -> score)",
+    "bbox_pred": "box deltas per anchor and BEV cell (encoded against the anchors)",
+    "dir_cls_pred": "direction-bin logits per anchor and BEV cell",
+    "heatmap": "class-centre heatmap logits per BEV cell",
+    "reg": "sub-cell offset (x, y) of the box centre",
+    "height": "box centre height z",
+    "dim": "log box size (x_size, y_size, z_size)",
+    "rot": "yaw as (sin, cos)",
+    "vel": "velocity (vx, vy)",
+}
+
+
 @dataclass
 class TensorSpec:
     path: str  # "inputs.voxels.voxels"
@@ -240,7 +253,9 @@ def analyze_outputs(outputs: Any, groups: tuple[str, ...], root: str = "head_out
         if not isinstance(value, torch.Tensor):
             continue
         named = list(parts)
-        if named and named[0].isdigit() and int(named[0]) < len(groups):
+        if named and named[0].isdigit() and len(groups) == 1 and "{}" in groups[0]:
+            named[0] = groups[0].format(named[0])  # one group per task: "task{}"
+        elif named and named[0].isdigit() and int(named[0]) < len(groups):
             named[0] = groups[int(named[0])]
         # drop list indices of single-element lists (one feature level / one sample)
         kept = []
@@ -252,6 +267,8 @@ def analyze_outputs(outputs: Any, groups: tuple[str, ...], root: str = "head_out
                 continue
             kept.append(shown)
         name = namer.name(["_".join(kept)])
-        what = BOX_DESCRIPTIONS.get(name, f"head output {name}") if root == "decoded" else f"head output {name}"
+        table = BOX_DESCRIPTIONS if root == "decoded" else HEAD_DESCRIPTIONS
+        key = next((p for p in reversed(kept) if p in table), name)
+        what = table.get(key, f"head output {name}")
         specs.append(TensorSpec(".".join(parts), name, list(value.shape), dtype_name(value.dtype), what, access))
     return specs

@@ -20,7 +20,7 @@ from .analyze import CHANNELS, analyze, analyze_outputs
 from .configs import resolve_config
 from .errors import ExportError, ValidationFailed
 from .boxes import BOX_OUTPUTS
-from .generate import Generated, decode_boxes
+from .generate import Generated, decode_boxes, run_tensor_path
 from .metadata import build_metadata
 from .progress import Steps
 from .recipes import BY_NAME
@@ -177,7 +177,7 @@ def run_export(
         samples = [smp.sample_frame(model, module.FRAME, v, steps.warn) for v in (0, 1)]
         analysis = analyze(samples[0].data, samples[1].data, recipe.inputs, CHANNELS.get(smp.dataset_type(model.cfg), []))
         with torch.no_grad():
-            outputs = model._forward(smp.clone_tree(samples[0].data["inputs"]))
+            outputs = run_tensor_path(model, recipe, smp.clone_tree(samples[0].data["inputs"]))
             if getattr(module, "OUTPUTS", "head") == "boxes":
                 analysis.outputs = analyze_outputs(decode_boxes(model, recipe, outputs), BOX_OUTPUTS, root="decoded")
             else:

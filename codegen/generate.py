@@ -130,12 +130,20 @@ def generate(
     return Generated(resolved, recipe, model, analysis, ref, samples, source, outputs)
 
 
+def run_tensor_path(model, recipe: Recipe, inputs: dict):
+    """The recipe's call (the expression the wrapper's forward holds), unpatched."""
+    from types import SimpleNamespace
+
+    call = recipe.call.replace("self.model", "model")
+    return eval(call, {}, {"model": model, "batch_inputs_dict": inputs, "self": SimpleNamespace(model=model)})
+
+
 def _run_once(model, recipe: Recipe, s: smp.Sample):
     """The original model's tensor path on a copy of the sample (the model may write into it)."""
     inputs = smp.clone_tree(s.data["inputs"])
     with torch.no_grad():
         try:
-            outputs = model._forward(inputs)
+            outputs = run_tensor_path(model, recipe, inputs)
         except Exception as exc:
             raise ExportError(f"the model failed on the sample: {type(exc).__name__}: {exc}") from None
     bad = [t for t in smp.tensors(outputs) if not torch.isfinite(t).all()]

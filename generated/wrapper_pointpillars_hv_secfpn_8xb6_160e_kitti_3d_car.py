@@ -8,9 +8,9 @@ Flat inputs (as sampled on kitti/000008.bin):
     coors: [num_voxels, 4] int32, integer voxel coordinates (batch index, z, y, x) in the voxel grid
 
 Outputs:
-    cls_score: [1, 2, 248, 216] float32, head output cls_score
-    bbox_pred: [1, 14, 248, 216] float32, head output bbox_pred
-    dir_cls_pred: [1, 4, 248, 216] float32, head output dir_cls_pred
+    cls_score: [1, 2, 248, 216] float32, class logits per anchor and BEV cell (sigmoid -> score)
+    bbox_pred: [1, 14, 248, 216] float32, box deltas per anchor and BEV cell (encoded against the anchors)
+    dir_cls_pred: [1, 4, 248, 216] float32, direction-bin logits per anchor and BEV cell
 
 """
 

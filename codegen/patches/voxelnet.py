@@ -25,12 +25,31 @@ def voxelnet_extract_feat(self, batch_inputs_dict: dict):
 
 
 @register(
+    "mvx.static_batch_size",
+    "mmdet3d.models.detectors.mvx_two_stage:MVXTwoStageDetector.extract_pts_feat",
+    "batch size is the tensor coors[-1, 0] + 1: data-dependent loop in the scatter",
+)
+def mvx_extract_pts_feat(self, voxel_dict: dict, points=None, img_feats=None, batch_input_metas=None):
+    if not self.with_pts_bbox:
+        return None
+    voxel_features = self.pts_voxel_encoder(
+        voxel_dict["voxels"], voxel_dict["num_points"], voxel_dict["coors"], img_feats, batch_input_metas
+    )
+    x = self.pts_middle_encoder(voxel_features, voxel_dict["coors"], static_batch_size())
+    x = self.pts_backbone(x)
+    if self.with_pts_neck:
+        x = self.pts_neck(x)
+    return x
+
+
+@register(
     "pillar_scatter.vectorized",
     "mmdet3d.models.middle_encoders.pillar_scatter:PointPillarsScatter.forward",
     "per-sample Python loop with boolean masks (data-dependent shapes)",
 )
-def pillars_scatter_forward(self, voxel_features: Tensor, coors: Tensor, batch_size: int | None = None) -> Tensor:
-    return scatter_to_bev(voxel_features, coors, batch_size or 1, self.ny, self.nx)
+def pillars_scatter_forward(self, voxel_features: Tensor, coors: Tensor, batch_size=None) -> Tensor:
+    # the caller's batch_size may be a tensor (MVX detectors): the wrapper's static one rules
+    return scatter_to_bev(voxel_features, coors, static_batch_size(), self.ny, self.nx)
 
 
 @register(

@@ -44,9 +44,21 @@ RECIPES: tuple[Recipe, ...] = (
         output_groups=("cls_score", "bbox_pred", "dir_cls_pred"),
         boxes="boxes.anchor3d(self.model.bbox_head, *head_outputs)",
     ),
+    Recipe(
+        name="centerpoint_pillar",
+        matches=lambda m: _type(m, "CenterPoint")
+        and _type(m.get("pts_voxel_encoder"), "PillarFeatureNet")
+        and _type(m.get("pts_middle_encoder"), "PointPillarsScatter")
+        and _type(m.get("pts_bbox_head"), "CenterHead"),
+        patches=("mvx.static_batch_size", "pillar_scatter.vectorized", "pillar_feature_net.functional"),
+        inputs=("inputs.voxels.voxels", "inputs.voxels.num_points", "inputs.voxels.coors"),
+        output_groups=("task{}",),
+        call='self.model.pts_bbox_head(self.model.extract_pts_feat(batch_inputs_dict["voxels"]))',
+    ),
 )
 
 BY_NAME = {r.name: r for r in RECIPES}
+assert len(BY_NAME) == len(RECIPES), "recipe names must be unique"
 
 
 OUTPUT_MODES = ("head", "boxes")
