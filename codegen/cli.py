@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import ExportError
 
-SUBCOMMANDS = ("generate", "export")
+SUBCOMMANDS = ("generate", "export", "sweep")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -74,10 +74,21 @@ def export_parser() -> argparse.ArgumentParser:
     return p
 
 
+def sweep_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmdet3d-export sweep", description="Run every shipped config; write docs/coverage.md")
+    p.add_argument("--match", nargs="*", default=[], help="only configs whose name contains one of these")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per config (default 900)")
+    p.add_argument("--memory-gib", type=float, default=12, help="address-space limit per config (default 12)")
+    p.add_argument("--retry-failed", action="store_true", help="rerun configs recorded as failed")
+    p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    p.add_argument("--verbose", "-v", action="store_true")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
-    parser = {"generate": generate_parser, "export": export_parser, None: one_shot_parser}[command]()
+    parser = {"generate": generate_parser, "export": export_parser, "sweep": sweep_parser, None: one_shot_parser}[command]()
     args = parser.parse_args(argv[1:] if command else argv)
     from .progress import Steps
 
@@ -90,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args, device, steps)
         if command == "export":
             return cmd_export(args, device, steps)
+        if command == "sweep":
+            from .sweep import sweep
+
+            return sweep(args.match, args.timeout, args.memory_gib, args.retry_failed, steps.info)
         return cmd_one_shot(args, device, steps)
     except ExportError as exc:
         if args.verbose and exc.__cause__ is not None:

@@ -23,7 +23,7 @@ from .boxes import BOX_OUTPUTS
 from .generate import Generated, decode_boxes, run_tensor_path
 from .metadata import build_metadata
 from .progress import Steps
-from .recipes import BY_NAME
+from .recipes import BY_NAME, recipe_for
 from .validate import Runtime, onnx_runtime, render_report, validate
 
 ONNX_OPSET = 18
@@ -166,14 +166,16 @@ def run_export(
     steps = steps or Steps()
     formats = FORMATS[fmt]
     module = import_wrapper(wrapper_path)
-    recipe = BY_NAME.get(module.RECIPE)
-    if recipe is None:
+    if module.RECIPE not in BY_NAME:
         raise ExportError(f"wrapper names an unknown recipe {module.RECIPE!r}")
     if generated is None:
         resolved = resolve_config(module.CONFIG)
         if resolved.sha256 != module.CONFIG_SHA256:
             steps.warn(f"warning: {module.CONFIG} changed since {Path(wrapper_path).name} was generated; regenerate it")
         model = smp.load_model(module.CONFIG, checkpoint, device, steps.warn)
+        recipe = recipe_for(model.cfg.model)
+        if recipe.name != module.RECIPE:
+            raise ExportError(f"{Path(wrapper_path).name} is stale: recipe {module.RECIPE}, config now needs {recipe.name}")
         samples = [smp.sample_frame(model, module.FRAME, v, steps.warn) for v in (0, 1)]
         analysis = analyze(samples[0].data, samples[1].data, recipe.inputs, CHANNELS.get(smp.dataset_type(model.cfg), []))
         with torch.no_grad():
@@ -184,7 +186,7 @@ def run_export(
                 analysis.outputs = analyze_outputs(outputs, recipe.output_groups)
         config_ref, frame = module.CONFIG, module.FRAME
     else:
-        model, samples, analysis = generated.model, generated.samples, generated.analysis
+        model, samples, analysis, recipe = generated.model, generated.samples, generated.analysis, generated.recipe
         config_ref, frame = generated.resolved.ref, generated.frame
     if [t.name for t in analysis.used_inputs] != list(module.INPUT_NAMES):
         raise ExportError(f"{Path(wrapper_path).name} is stale: its inputs differ from the sample's; regenerate it")

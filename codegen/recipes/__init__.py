@@ -1,12 +1,14 @@
 """The one registry of per-model export recipes.
 
 A recipe says, for one model family, what differs from the shared pipeline: which patches make
-it exportable, which part of the sample its tensor path reads, how its outputs are named, and
-the parity tolerance. Adding a model is adding one ``Recipe(...)`` entry here.
+it exportable, which part of the sample its tensor path reads and which call is that tensor
+path. The head (``HEADS``, by head type) names the outputs and says how to decode boxes.
+Adding a model is adding one ``Recipe(...)`` entry (and, for a new head type, one ``Head``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -14,61 +16,90 @@ from ..errors import ExportError
 
 
 @dataclass(frozen=True)
+class Head:
+    groups: tuple[str, ...]  # names of the head's top-level outputs ("task{}": one per task)
+    boxes: str | None = None  # codegen.boxes decoder, "{head}" is the head module expression
+
+
+HEADS = {
+    "Anchor3DHead": Head(("cls_score", "bbox_pred", "dir_cls_pred"), "boxes.anchor3d({head}, *head_outputs)"),
+    "FreeAnchor3DHead": Head(("cls_score", "bbox_pred", "dir_cls_pred"), "boxes.anchor3d({head}, *head_outputs)"),
+    "CenterHead": Head(("task{}",), "boxes.centerpoint({head}, head_outputs)"),
+}
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     matches: Callable[[dict], bool]  # cfg.model -> does this recipe apply?
     patches: tuple[str, ...]  # names in codegen.patches.REGISTRY
-    inputs: tuple[str, ...]  # sample paths the tensor path reads ("inputs.voxels")
-    output_groups: tuple[str, ...]  # names of the head's top-level outputs
-    call: str = "self.model._forward(batch_inputs_dict)"  # the model's tensor path
-    # head outputs -> fixed-size decoded boxes (codegen/boxes.py); None: no --outputs boxes
-    boxes: str | None = None
+    inputs: tuple[str, ...]  # sample paths the tensor path reads, in argument order
+    call: str  # the model's tensor path, as the wrapper's forward writes it
+    head: str  # attribute of the detector holding the dense head
     atol: float = 1e-4
     rtol: float = 1e-4
     min_dim: int = 2  # smallest size of a dynamic axis (0 and 1 get specialised)
+    # filled from HEADS by recipe_for()
+    output_groups: tuple[str, ...] = ()
+    boxes: str | None = None
 
 
 def _type(node, *names: str) -> bool:
     return node is not None and node.get("type") in names
 
 
+VOXELS = ("inputs.voxels.voxels", "inputs.voxels.num_points", "inputs.voxels.coors")
+PILLAR_PATCHES = ("pillar_scatter.vectorized", "pillar_feature_net.functional")
+
+
+def _pillars(m, prefix: str = "") -> bool:
+    return _type(m.get(prefix + "voxel_encoder"), "PillarFeatureNet", "HardVFE") and _type(
+        m.get(prefix + "middle_encoder"), "PointPillarsScatter"
+    )
+
+
 RECIPES: tuple[Recipe, ...] = (
     Recipe(
         name="pointpillars",
-        matches=lambda m: _type(m, "VoxelNet")
-        and _type(m.get("voxel_encoder"), "PillarFeatureNet")
-        and _type(m.get("middle_encoder"), "PointPillarsScatter")
-        and _type(m.get("bbox_head"), "Anchor3DHead"),
-        patches=("voxelnet.static_batch_size", "pillar_scatter.vectorized", "pillar_feature_net.functional"),
-        inputs=("inputs.voxels.voxels", "inputs.voxels.num_points", "inputs.voxels.coors"),
-        output_groups=("cls_score", "bbox_pred", "dir_cls_pred"),
-        boxes="boxes.anchor3d(self.model.bbox_head, *head_outputs)",
+        matches=lambda m: _type(m, "VoxelNet") and _pillars(m),
+        patches=("voxelnet.static_batch_size", *PILLAR_PATCHES),
+        inputs=VOXELS,
+        call="self.model._forward(batch_inputs_dict)",
+        head="bbox_head",
     ),
     Recipe(
-        name="centerpoint_pillar",
-        matches=lambda m: _type(m, "CenterPoint")
-        and _type(m.get("pts_voxel_encoder"), "PillarFeatureNet")
-        and _type(m.get("pts_middle_encoder"), "PointPillarsScatter")
-        and _type(m.get("pts_bbox_head"), "CenterHead"),
-        patches=("mvx.static_batch_size", "pillar_scatter.vectorized", "pillar_feature_net.functional"),
-        inputs=("inputs.voxels.voxels", "inputs.voxels.num_points", "inputs.voxels.coors"),
-        output_groups=("task{}",),
+        name="mvx_pillars",  # CenterPoint pillar, PointPillars nuScenes/Lyft (MVXFasterRCNN), lidar only
+        matches=lambda m: _type(m, "CenterPoint", "MVXFasterRCNN") and _pillars(m, "pts_") and not m.get("img_backbone"),
+        patches=("mvx.static_batch_size", *PILLAR_PATCHES),
+        inputs=VOXELS,
         call='self.model.pts_bbox_head(self.model.extract_pts_feat(batch_inputs_dict["voxels"]))',
+        head="pts_bbox_head",
     ),
 )
 
 BY_NAME = {r.name: r for r in RECIPES}
 assert len(BY_NAME) == len(RECIPES), "recipe names must be unique"
-
-
 OUTPUT_MODES = ("head", "boxes")
 
 
+def _describe(model_cfg) -> str:
+    keys = ("voxel_encoder", "middle_encoder", "backbone", "bbox_head")
+    parts = [model_cfg.get("type")]
+    for k in keys:
+        node = model_cfg.get(k) or model_cfg.get("pts_" + k)
+        if node:
+            parts.append(node.get("type"))
+    return " / ".join(map(str, parts))
+
+
 def recipe_for(model_cfg) -> Recipe:
+    """The recipe for a config's model, completed with its head's output names and decoder."""
     for recipe in RECIPES:
         if recipe.matches(model_cfg):
-            return recipe
-    parts = [model_cfg.get("type")] + [
-        model_cfg[k].get("type") for k in ("voxel_encoder", "middle_encoder", "backbone", "bbox_head") if model_cfg.get(k)
-    ]
-    raise ExportError(f"unsupported model: no export recipe for {' / '.join(map(str, parts))}")
+            head_type = (model_cfg.get(recipe.head) or {}).get("type")
+            head = HEADS.get(head_type)
+            if head is None:
+                raise ExportError(f"unsupported head {head_type} for recipe {recipe.name} ({_describe(model_cfg)})")
+            boxes = head.boxes.format(head=f"self.model.{recipe.head}") if head.boxes else None
+            return dataclasses.replace(recipe, output_groups=head.groups, boxes=boxes)
+    raise ExportError(f"unsupported model: no export recipe for {_describe(model_cfg)}")
