@@ -49,28 +49,36 @@ def _type(node, *names: str) -> bool:
 
 
 VOXELS = ("inputs.voxels.voxels", "inputs.voxels.num_points", "inputs.voxels.coors")
-PILLAR_PATCHES = ("pillar_scatter.vectorized", "pillar_feature_net.functional")
+
+# patches that come with a component, wherever it appears (added by recipe_for)
+COMPONENT_PATCHES = {
+    "PillarFeatureNet": ("pillar_feature_net.functional",),
+    "PointPillarsScatter": ("pillar_scatter.vectorized",),
+    "SparseEncoder": ("spconv.conv", "spconv.dense"),
+}
+HARD_VOXEL_ENCODERS = ("PillarFeatureNet", "HardVFE", "HardSimpleVFE")
+DENSE_MIDDLE_ENCODERS = ("PointPillarsScatter", "SparseEncoder")
 
 
-def _pillars(m, prefix: str = "") -> bool:
-    return _type(m.get(prefix + "voxel_encoder"), "PillarFeatureNet", "HardVFE") and _type(
-        m.get(prefix + "middle_encoder"), "PointPillarsScatter"
+def _hard_voxels(m, prefix: str = "") -> bool:
+    return _type(m.get(prefix + "voxel_encoder"), *HARD_VOXEL_ENCODERS) and _type(
+        m.get(prefix + "middle_encoder"), *DENSE_MIDDLE_ENCODERS
     )
 
 
 RECIPES: tuple[Recipe, ...] = (
     Recipe(
-        name="pointpillars",
-        matches=lambda m: _type(m, "VoxelNet") and _pillars(m),
-        patches=("voxelnet.static_batch_size", *PILLAR_PATCHES),
+        name="voxelnet",  # PointPillars, SECOND (KITTI, Waymo, ...)
+        matches=lambda m: _type(m, "VoxelNet") and _hard_voxels(m),
+        patches=("voxelnet.static_batch_size",),
         inputs=VOXELS,
         call="self.model._forward(batch_inputs_dict)",
         head="bbox_head",
     ),
     Recipe(
-        name="mvx_pillars",  # CenterPoint pillar, PointPillars nuScenes/Lyft (MVXFasterRCNN), lidar only
-        matches=lambda m: _type(m, "CenterPoint", "MVXFasterRCNN") and _pillars(m, "pts_") and not m.get("img_backbone"),
-        patches=("mvx.static_batch_size", *PILLAR_PATCHES),
+        name="mvx_lidar",  # CenterPoint pillar/voxel, PointPillars nuScenes/Lyft (MVXFasterRCNN), lidar only
+        matches=lambda m: _type(m, "CenterPoint", "MVXFasterRCNN") and _hard_voxels(m, "pts_") and not m.get("img_backbone"),
+        patches=("mvx.static_batch_size",),
         inputs=VOXELS,
         call='self.model.pts_bbox_head(self.model.extract_pts_feat(batch_inputs_dict["voxels"]))',
         head="pts_bbox_head",
@@ -101,5 +109,10 @@ def recipe_for(model_cfg) -> Recipe:
             if head is None:
                 raise ExportError(f"unsupported head {head_type} for recipe {recipe.name} ({_describe(model_cfg)})")
             boxes = head.boxes.format(head=f"self.model.{recipe.head}") if head.boxes else None
-            return dataclasses.replace(recipe, output_groups=head.groups, boxes=boxes)
+            patches = list(recipe.patches)
+            for node in model_cfg.values():
+                for name in COMPONENT_PATCHES.get(node.get("type") if isinstance(node, dict) else None, ()):
+                    if name not in patches:
+                        patches.append(name)
+            return dataclasses.replace(recipe, patches=tuple(patches), output_groups=head.groups, boxes=boxes)
     raise ExportError(f"unsupported model: no export recipe for {_describe(model_cfg)}")
