@@ -21,7 +21,8 @@ num_voxels [] int64)``
     unbacked SymInt (``num_voxels.item()`` guarded by ``torch._check``).  This form also exports to
     PT2 and ONNX (the slice becomes a ``Slice`` whose end is a runtime scalar).
 
-``Voxelization(voxel_size, point_cloud_range, max_num_points, max_voxels=20000, deterministic=True)``
+``Voxelization(voxel_size, point_cloud_range, max_num_points, max_voxels=20000, deterministic=True,
+padded=False)``
     ``nn.Module`` with mmcv's constructor/forward signature (``max_num_points == -1`` or
     ``max_voxels == -1`` selects dynamic voxelization, like mmcv), so a patch can swap it in;
     ``padded=True`` returns the fixed-shape form with ``num_voxels`` appended.
@@ -47,9 +48,21 @@ colliding writes only go to a discarded dump row) records each group's start so 
 inside its voxel is ``position - start``, and a ``CumSum`` over the first-point flags in *input*
 order gives each voxel's first-appearance rank.  Points are then written to row
 ``rank * max_points + slot`` of the zero buffer (``ScatterND``), dropped points to a dump row, and
-the per-voxel point counts with ``ScatterND(reduction='add')``.  Memory is O(N) (+ the output
+each voxel's point count ``min(group size, max_points)`` once per voxel.  Memory is O(N) (+ the output
 buffers), never proportional to the dense voxel grid (mmcv's CPU kernel allocates an int32
 ``nz x ny x nx`` table: 168 MB for nuScenes at 0.1 m, 340 MB at 0.075 m).
+
+ONNX ops used: Sub, Div, Floor, comparisons, Where, Cast, TopK, Gather(ND), CumSum, ScatterND
+(no reduction; colliding indices only ever hit the discarded dump row), Slice, Reshape (and for
+``hard_voxelize`` a data-dependent Slice end).  No reducing scatter: onnxruntime's
+``ScatterND(reduction='add')`` gave run-to-run different sums here (a thread race, see
+microsoft/onnxruntime#18048 / #23396).
+Export pitfalls avoided on purpose: integer ``//`` (the exporter lowers it through float32, wrong
+for int64 keys) and a ``Range`` next to the sort (IREE 3.13 then returned wrong values), see
+:func:`_iota`; the sort's value output is used, since IREE 3.13 failed to compile our ``TopK``
+whose values were dropped ("unbounded stack allocation").  All forms were also compiled with
+IREE 3.13 (llvm-cpu) from the exported ONNX and matched eager bit for bit on the KITTI and
+nuScenes frames (checked by hand, not in the tests).
 """
 
 from __future__ import annotations
@@ -100,6 +113,13 @@ def _point_coords(points: Tensor, voxel_size: Floats, coors_range: Floats):
     return xyz, valid, grid
 
 
+def _iota(like: Tensor) -> Tensor:
+    """``arange(len(like))`` built as ``cumsum(ones) - 1``: with a ``Range`` next to the sort,
+    IREE 3.13 produced wrong values downstream of the arange (it looked aliased with the sort's
+    index iota); the CumSum form compiles and matches."""
+    return torch.cumsum(torch.ones_like(like, dtype=torch.int64), 0) - 1
+
+
 def dynamic_voxelize(points: Tensor, voxel_size: Floats, coors_range: Floats) -> Tensor:
     """Per-point voxel coordinates ``[N, 3]`` int32 ``(z, y, x)``, ``-1`` for points out of range.
 
@@ -133,28 +153,32 @@ def hard_voxelize_padded(
     sentinel = nx * ny * nz
     lin = (xyz[:, 2] * ny + xyz[:, 1]) * nx + xyz[:, 0]
     lin = torch.where(valid, lin, torch.full_like(lin, sentinel))
-    order = torch.arange(n, dtype=torch.int64, device=points.device)
+    order = _iota(lin)
     # unique keys -> the sort needs no stability; within a voxel points stay in input order
-    _, perm = torch.sort(lin * n + order)
-    # gather, not key // n: the ONNX exporter lowers integer floor-division through float32
-    slin = lin[perm]
-    valid_s = slin < sentinel
+    key, perm = torch.sort(lin * n + order)
+    # key - perm == lin * n exactly; comparing these avoids key // n, which the ONNX exporter
+    # lowers through float32 (inexact for int64 keys)
+    slin = key - perm
+    valid_s = slin < sentinel * n
 
     # group starts; comparing with a gathered predecessor (no [1:]/[:-1] slices) keeps N symbolic
     is_start = (slin != slin[(order - 1).clamp(min=0)]) | (order == 0)
     group = torch.cumsum(is_start.to(torch.int64), 0) - 1  # group id of each sorted position
 
-    # start position of each group (ScatterND without reduction; non-starts write a dump row)
+    # start position of each group (ScatterND without reduction; non-starts write a dump row),
+    # and N as the start of the group after the last one
     dump = torch.full_like(group, n)
     starts = torch.zeros(n + 1, dtype=torch.int64, device=points.device)
-    starts = starts.index_put((torch.where(is_start, group, dump),), order)
+    beyond = _iota(starts) > group[-1:]
+    starts = starts.index_put_((torch.where(is_start, group, dump),), order)
+    starts = torch.where(beyond, torch.full_like(starts, n), starts)
     start = starts[group]
     slot = order - start  # rank of the point inside its voxel, in input order
     first = perm[start]  # input index of the voxel's first point
 
     # voxel number = how many voxels have their first point earlier in the input
     first_flag = torch.zeros(n, dtype=torch.int64, device=points.device)
-    first_flag = first_flag.index_put((perm,), (is_start & valid_s).to(torch.int64))
+    first_flag = first_flag.index_put_((perm,), (is_start & valid_s).to(torch.int64))
     rank_of_point = torch.cumsum(first_flag, 0) - 1
     rank = rank_of_point[first]
 
@@ -164,18 +188,20 @@ def hard_voxelize_padded(
     flat_dump = max_voxels * max_points
     dest = torch.where(keep, rank * max_points + slot, torch.full_like(rank, flat_dump))
     voxels = points.new_zeros(flat_dump + 1, c)
-    voxels = voxels.index_put((dest,), points[perm])
+    voxels = voxels.index_put_((dest,), points[perm])
     voxels = voxels[:flat_dump].reshape(max_voxels, max_points, c)
 
     vox_dump = torch.full_like(rank, max_voxels)
     zyx = xyz.flip(1).to(torch.int32)[perm]
     coors = torch.zeros(max_voxels + 1, 3, dtype=torch.int32, device=points.device)
-    coors = coors.index_put((torch.where(is_start & keep_voxel, rank, vox_dump),), zyx)[:max_voxels]
+    coors = coors.index_put_((torch.where(is_start & keep_voxel, rank, vox_dump),), zyx)[:max_voxels]
 
+    # points kept per voxel = min(group size, max_points), written once per voxel (no scatter-add:
+    # onnxruntime's ScatterND(reduction='add') races between threads, microsoft/onnxruntime#23396)
+    size = starts[group + 1] - start
+    first_of_kept = torch.where(is_start & keep_voxel, rank, vox_dump)
     num_points = torch.zeros(max_voxels + 1, dtype=torch.int32, device=points.device)
-    num_points = num_points.index_put(
-        (torch.where(keep, rank, vox_dump),), torch.ones_like(rank, dtype=torch.int32), accumulate=True
-    )[:max_voxels]
+    num_points = num_points.index_put_((first_of_kept,), size.clamp(max=max_points).to(torch.int32))[:max_voxels]
 
     num_voxels = torch.clamp((is_start & valid_s).sum(), max=max_voxels)
     return voxels, coors, num_points, num_voxels

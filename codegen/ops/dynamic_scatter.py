@@ -1,0 +1,201 @@
+"""Pure-torch ``DynamicScatter`` (point -> voxel reduction) equal to mmcv, traceable by torch.export.
+
+Public API
+----------
+``dynamic_scatter(feats, coors, reduce='max', max_impl='sort') -> (voxel_feats [M, C], voxel_coors [M, D])``
+    Equal to ``mmcv.ops.dynamic_scatter(feats, coors, reduce)`` for ``reduce`` in
+    ``'max' | 'sum' | 'mean'`` and ``coors`` ``[N, D]`` integer (``D`` = 3 for ``(z, y, x)``, 4 for
+    ``(batch, z, y, x)``): voxels are the distinct coordinate rows sorted lexicographically
+    ascending (``unique(dim=0, sorted=True)``), rows with any negative entry are ignored.  ``M`` is
+    data dependent (an unbacked SymInt under torch.export); exports to PT2 and ONNX.
+
+``dynamic_scatter_padded(feats, coors, reduce='max', max_impl='sort')
+-> (voxel_feats [N, C], voxel_coors [N, D], point2voxel [N] int64, num_voxels [] int64)``
+    Fixed-shape form (rows padded to ``N``, the number of points, with zeros; ``point2voxel`` is
+    each point's output row or ``-1``, like mmcv's internal ``coors_map``).  Output shapes depend
+    only on ``N``: this is the form for IREE.
+
+``DynamicScatter(voxel_size, point_cloud_range, average_points, max_impl='sort')``
+    ``nn.Module`` with the constructor and ``forward(points, coors)`` of
+    ``mmcv.ops.DynamicScatter`` so a patch can swap it in.  Four-column coors are reduced in one
+    pass: lexicographic order with the batch id first equals mmcv's per-sample loop (which assumes
+    batch-sorted coors, ``batch_size = coors[-1, 0] + 1``), without the data-dependent loop.
+
+mmcv 2.1.0 has no CPU kernel for ``dynamic_point_to_voxel_forward``; these semantics are those of
+its CUDA launcher (``scatter_points_cuda.cu``: ``unique_dim`` on coors with invalid rows set to -1,
+first row dropped, sum / count for mean, ``-inf``-initialised max).  The tests compare against a
+readable Python reference of exactly that.
+
+How (no Unique, no NonZero, no Python loops over data)
+------------------------------------------------------
+Coordinates are packed into one int64 key (row-major over the per-column extents ``max + 1``,
+invalid rows -> the sentinel ``prod(extents)``), sorted once (``TopK``), group starts found by
+comparing each key with its predecessor and numbered with ``CumSum``; a permutation scatter
+(``ScatterND``) maps the group ids back to input order.  Reductions:
+
+* ``sum`` / ``mean``: ``scatter_add`` -> ``ScatterElements(reduction='add')``, accumulated in
+  input order (eager CPU and onnxruntime alike); mean divides by the group size taken from the
+  group starts.  Not ``index_put(accumulate=True)``: it exports to ``ScatterND(reduction='add')``,
+  whose onnxruntime CPU kernel gave run-to-run different (sometimes grossly wrong) sums here: a
+  thread race, microsoft/onnxruntime#18048 / #23396.
+* ``max`` with ``max_impl='sort'`` (default): no max-scatter.  Each feature channel is sorted
+  by value (``TopK`` on ``[C, N]``), then by the unique int64 key ``group * N + value_position``;
+  every group then occupies the same contiguous range in every channel with its maximum last,
+  read with ``GatherElements``.  Two ``[C, N]`` sorts, O(N C log N): ~0.3 s eager for the
+  nuScenes frame with C = 69 (34688 points) on one CPU thread.  Compiles with IREE 3.13.
+* ``max`` with ``max_impl='scatter'``: ``scatter_reduce('amax')`` ->
+  ``ScatterElements(reduction='max')`` (opset 18), O(N C), ~10 ms for the same input; fine for
+  PT2 and onnxruntime, but IREE 3.13 cannot lower a max-reducing ScatterElements ("failed to
+  legalize onnx.ScatterElements").
+
+Both forms with ``max_impl='sort'`` (and sum / mean) were also compiled with IREE 3.13 (llvm-cpu)
+from the exported ONNX and matched eager bit for bit on the KITTI and nuScenes frames (checked by
+hand, not in the tests).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .voxelize import _iota
+
+__all__ = ["dynamic_scatter", "dynamic_scatter_padded", "DynamicScatter"]
+
+_REDUCE = ("max", "sum", "mean")
+
+
+def _group(coors: Tensor):
+    """Sort the packed voxel keys; returns (perm, is_start, group [sorted], valid_sorted, valid,
+    order, starts [N + 1])."""
+    n = coors.shape[0]
+    valid = (coors >= 0).all(dim=1)
+    c = torch.where(valid[:, None], coors, torch.zeros_like(coors)).to(torch.int64)
+    extent = c.amax(dim=0) + 1  # [D] data-dependent extents, kept as a tensor
+    lin = torch.zeros_like(c[:, 0])
+    for j in range(c.shape[1]):  # static: D columns
+        lin = lin * extent[j] + c[:, j]
+    sentinel = torch.prod(extent)
+    lin = torch.where(valid, lin, sentinel)
+    slin, perm = torch.sort(lin)  # only group membership matters: no stability needed
+    order = _iota(lin)
+    is_start = (slin != slin[(order - 1).clamp(min=0)]) | (order == 0)
+    group = torch.cumsum(is_start.to(torch.int64), 0) - 1
+    # start position of every group in sorted order, N for the groups after the last one
+    starts = torch.zeros(n + 1, dtype=torch.int64, device=coors.device)
+    beyond = _iota(starts) > group[-1:]
+    starts = starts.index_put_((torch.where(is_start, group, torch.full_like(group, n)),), order)
+    starts = torch.where(beyond, torch.full_like(starts, n), starts)
+    return perm, is_start, group, slin < sentinel, valid, order, starts
+
+
+def _segment_max_sort(feats: Tensor, group_sorted: Tensor, perm: Tensor, order: Tensor, starts: Tensor):
+    """Per-group column max via two sorts (no max-scatter). Returns [N, C] rows by group id
+    (rows beyond the number of groups are garbage; the caller masks them)."""
+    n, ch = feats.shape
+    # group id of every input point (perm is a permutation: plain scatter)
+    gid = torch.zeros(n, dtype=torch.int64, device=feats.device).index_put_((perm,), group_sorted)
+    # channels-first so both sorts run along the contiguous last axis
+    vals, by_value = torch.sort(feats.t().contiguous(), dim=1)  # [C, N], each row ascending
+    # unique key per channel: (group, position in value order); its sorted values carry everything
+    # needed (position = key - group * N), so the indices of this sort are unused
+    skey, _ = torch.sort(gid[by_value] * n + order[None, :], dim=1)
+    # groups are contiguous with identical ranges in every channel: group g ends just before the
+    # start of group g + 1
+    last = starts[order + 1] - 1  # last sorted position of group g (absent groups: N - 1)
+    pos = torch.gather(skey, 1, last[None, :].expand(ch, n)) - order[None, :] * n
+    return torch.gather(vals, 1, pos.clamp(min=0, max=n - 1)).t().contiguous()
+
+
+def dynamic_scatter_padded(
+    feats: Tensor, coors: Tensor, reduce: str = "max", max_impl: str = "sort"
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """mmcv ``dynamic_scatter`` with outputs padded to ``N`` rows (zeros) plus ``point2voxel``
+    (output row of each point, ``-1`` if its coors are invalid) and ``num_voxels`` (0-d int64)."""
+    if reduce not in _REDUCE:
+        raise ValueError(f"reduce must be one of {_REDUCE}, got {reduce!r}")
+    if max_impl not in ("scatter", "sort"):
+        raise ValueError(f"max_impl must be 'scatter' or 'sort', got {max_impl!r}")
+    n, ch = feats.shape
+    if n == 0:  # like mmcv; statically false for an exported (>= 2) dynamic size
+        return (
+            feats.clone(),
+            coors.clone(),
+            coors.new_zeros(0, dtype=torch.int64),
+            coors.new_zeros((), dtype=torch.int64),
+        )
+    perm, is_start, group, valid_s, valid, order, starts = _group(coors)
+    num_voxels = (is_start & valid_s).sum()
+
+    point2voxel = torch.zeros(n, dtype=torch.int64, device=coors.device).index_put_((perm,), group)
+    point2voxel = torch.where(valid, point2voxel, torch.full_like(point2voxel, -1))
+
+    dump = torch.full_like(order, n)
+    voxel_coors = torch.zeros(n + 1, coors.shape[1], dtype=coors.dtype, device=coors.device)
+    voxel_coors = voxel_coors.index_put_((torch.where(is_start & valid_s, group, dump),), coors[perm])[:n]
+
+    if reduce == "max":
+        if max_impl == "sort":
+            out = _segment_max_sort(feats, group, perm, order, starts)
+        else:
+            target = torch.where(valid, point2voxel, dump)[:, None].expand(n, ch)  # invalid -> dump row
+            init = torch.full((n + 1, ch), float("-inf"), dtype=feats.dtype, device=feats.device)
+            out = init.scatter_reduce(0, target, feats, "amax", include_self=True)[:n]
+        out = torch.where((order < num_voxels)[:, None], out, torch.zeros_like(out))
+    else:
+        # ScatterElements(reduction='add'), sequential in input order in eager and onnxruntime
+        # (ScatterND(reduction='add'), what index_put(accumulate=True) exports to, races in
+        # onnxruntime: microsoft/onnxruntime#23396)
+        target = torch.where(valid, point2voxel, dump)[:, None].expand(n, ch)  # invalid -> dump row
+        out = feats.new_zeros(n + 1, ch).scatter_add_(0, target, feats)[:n]
+        if reduce == "mean":
+            count = starts[order + 1] - starts[:n]  # points per group; 0 beyond the last group
+            out = out / count.clamp(min=1).to(out.dtype)[:, None]
+    return out, voxel_coors, point2voxel, num_voxels
+
+
+def dynamic_scatter(feats: Tensor, coors: Tensor, reduce: str = "max", max_impl: str = "sort") -> tuple[Tensor, Tensor]:
+    """Equal to ``mmcv.ops.dynamic_scatter(feats, coors, reduce)``: ``voxel_feats [M, C]``,
+    ``voxel_coors [M, D]`` (coors dtype) for the ``M`` distinct valid coordinate rows in
+    lexicographic order (``M`` is an unbacked SymInt under torch.export)."""
+    out, voxel_coors, _, num_voxels = dynamic_scatter_padded(feats, coors, reduce, max_impl)
+    m = num_voxels.item()
+    torch._check(m >= 0)
+    torch._check(m <= feats.shape[0])
+    return out[:m], voxel_coors[:m]
+
+
+class DynamicScatter(nn.Module):
+    """Drop-in for ``mmcv.ops.DynamicScatter`` (same constructor, ``forward(points, coors)``):
+    ``'mean'`` if ``average_points`` else ``'max'``.  ``max_impl`` selects the max lowering
+    (see the module docstring)."""
+
+    def __init__(
+        self,
+        voxel_size: Sequence[float],
+        point_cloud_range: Sequence[float],
+        average_points: bool,
+        max_impl: str = "sort",
+    ):
+        super().__init__()
+        self.voxel_size = voxel_size
+        self.point_cloud_range = point_cloud_range
+        self.average_points = average_points
+        self.max_impl = max_impl
+
+    def forward_single(self, points: Tensor, coors: Tensor) -> tuple[Tensor, Tensor]:
+        reduce = "mean" if self.average_points else "max"
+        return dynamic_scatter(points, coors, reduce, self.max_impl)
+
+    def forward(self, points: Tensor, coors: Tensor) -> tuple[Tensor, Tensor]:
+        # 3 or 4 columns alike: with the batch id as the leading column, one lexicographic pass
+        # equals mmcv's per-sample loop + concatenation
+        return self.forward_single(points, coors)
+
+    def extra_repr(self) -> str:
+        return (
+            f"voxel_size={self.voxel_size}, point_cloud_range={self.point_cloud_range}, "
+            f"average_points={self.average_points}, max_impl={self.max_impl}"
+        )
