@@ -26,8 +26,8 @@ run compiled kernels (a hash-map rulebook and a gather/GEMM/scatter loop) that n
     and spatial shape are that layer's input ones.
 
 * **Convolution**: gather - GEMM - scatter, ``out[pairs_out[k]] += in[pairs_in[k]] @ W[k]`` for
-  each of the (static) kernel offsets, accumulated with ``index_put(accumulate=True)`` (ONNX
-  ScatterND reduction=add); SubM starts from the centre offset ``in @ W[centre]`` as spconv does.
+  each of the (static) kernel offsets, accumulated as ``out.index_put((dst,), out[dst] + x)`` (a
+  non-reducing ONNX ScatterND: within one offset each output row appears once); SubM starts from the centre offset ``in @ W[centre]`` as spconv does.
 
 torch.export (strict=False) with a dynamic number of sites N, and the dynamo ONNX exporter
 (opset 18, onnxruntime): the SubM layer has no data-dependent shape except the per-offset pair
@@ -457,7 +457,10 @@ def apply_rulebook(
             continue
         if inverse:
             src, dst = dst, src
-        out.index_put_((dst,), features.index_select(0, src) @ weight[k], accumulate=True)
+        # within one offset every output row appears at most once: a plain (non-reducing) scatter
+        # of out[dst] + contribution is exact and avoids ScatterND(reduction='add'), which
+        # onnxruntime 1.32 runs with a thread race (microsoft/onnxruntime#18048)
+        out = out.index_put((dst,), out.index_select(0, dst) + features.index_select(0, src) @ weight[k])
     if bias is not None:
         out = out + bias
     return out
