@@ -4,7 +4,7 @@ Each decoder reproduces a head's ``predict_by_feat`` (mmdet3d 1.4.0) for batch s
 data-dependent parts made static: the score threshold becomes a validity mask, NMS is
 ``codegen.ops.nms`` with a fixed number of kept boxes, and the result is padded to K rows
 (sorted by score, padding rows zero, ``num_boxes`` valid). After dropping the padding the rows
-equal ``model.predict`` sorted by score (tested in tests/test_boxes.py).
+equal ``model.predict`` sorted by score (tested in tests/test_boxes.py, tests/test_boxes_centerpoint.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .ops.nms import greedy_select, nms_bev_fixed, nms_normal_bev_fixed
+from .ops.nms import box_iou_rotated, nms_bev_fixed, nms_normal_bev_fixed, xyxyr_to_xywhr
 
 BOX_OUTPUTS = ("bboxes_3d", "scores_3d", "labels_3d", "num_boxes")
 
@@ -107,42 +107,83 @@ def anchor3d(head, cls_scores: list[Tensor], bbox_preds: list[Tensor], dir_cls_p
 
 # ---------------------------------------------------------------------------------------------
 # CenterPoint (CenterHead)
+#
+# All tasks are decoded and suppressed together on [T, ...] tensors (T = number of tasks): the
+# graph is about T times smaller than one pass per task, which matters because the ONNX
+# exporter's optimizer takes time growing faster than linearly with the graph size.
 # ---------------------------------------------------------------------------------------------
 
 
-def _gather_cells(feat: Tensor, inds: Tensor) -> Tensor:
-    """``CenterPointBBoxCoder._transpose_and_gather_feat`` for one sample: ``[1, C, H, W]`` at
-    flat cell indices ``[M]`` -> ``[M, C]``."""
-    return feat[0].reshape(feat.shape[1], -1)[:, inds].t()
+def _rank_order(values: Tensor) -> Tensor:
+    """Positions of ``values`` (``[..., k]``) ordered by value descending, equal values by lower
+    position, from a ``[..., k, k]`` comparison and a TopK over distinct keys (the same order on
+    every runtime)."""
+    k = values.shape[-1]
+    pos = torch.arange(k, device=values.device)
+    vi, vj = values.unsqueeze(-1), values.unsqueeze(-2)
+    before = (vj > vi) | ((vj == vi) & (pos.unsqueeze(0) < pos.unsqueeze(1)))  # j ranks before i
+    return torch.topk((k - before.sum(-1)).to(torch.float32), k, dim=-1).indices
 
 
-def _centerpoint_decode(coder, heat: Tensor, rot_sine: Tensor, rot_cosine: Tensor, hei: Tensor, dim: Tensor, vel, reg):
-    """``CenterPointBBoxCoder.decode`` for one sample with the filters as a mask.
+def topk_ordered(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``torch.topk(x, k, dim=-1)`` with ties resolved identically on every runtime.
 
-    Returns boxes ``[M, code_size]``, scores ``[M]`` (sorted descending, as the original's
-    top-k), class ids ``[M]`` (int64, within the task) and ``mask`` ``[M]`` (``post_center_range``
-    and ``score > score_threshold``), ``M = coder.max_num``."""
-    _, cat, height, width = heat.shape
-    k = coder.max_num
-    top_scores, top_inds = torch.topk(heat.reshape(1, cat, -1), k)  # per class
-    scores, top_ind = torch.topk(top_scores.reshape(-1), k)  # over all classes
-    clses = torch.div(top_ind, k, rounding_mode="floor")
-    inds = top_inds.reshape(-1)[top_ind] % (height * width)
-    ys = torch.div(inds, width, rounding_mode="floor").to(heat.dtype).unsqueeze(1)
-    xs = (inds % width).to(heat.dtype).unsqueeze(1)
-    if reg is not None:
-        reg = _gather_cells(reg, inds)
-        xs, ys = xs + reg[:, 0:1], ys + reg[:, 1:2]
+    The ``k`` largest values of each row, equal values by lower index (also at the cut),
+    ordered by value descending then index ascending.  ``torch.topk`` leaves the order of equal
+    values (and which of them make the cut) unspecified in eager while ONNX TopK takes the
+    lower index, so the raw op could give the exported graph another box order than eager.
+    Here TopK only ranks distinct keys: the k-th largest value fixes the set (the first tied
+    values by index fill it up), a TopK over ``-index`` lists that set by index, and
+    ``_rank_order`` sorts it by value (``x.shape[-1] < 2**24``)."""
+    n = x.shape[-1]
+    kth = torch.topk(x, k, dim=-1).values[..., k - 1 :]
+    above = x > kth
+    tied = x == kth
+    need = k - above.sum(-1, keepdim=True)
+    take = above | (tied & (torch.cumsum(tied.to(torch.int64), -1) <= need))
+    index = torch.arange(n, device=x.device).to(torch.float32)
+    key = torch.where(take, -index, torch.full_like(index, -math.inf))
+    idx = torch.topk(key, k, dim=-1).indices  # the taken ones by increasing index
+    idx = torch.gather(idx, -1, _rank_order(torch.gather(x, -1, idx)))
+    return torch.gather(x, -1, idx), idx
+
+
+def _in_range(boxes: Tensor, limits) -> Tensor:
+    """Centre inside ``limits`` (x_min, y_min, z_min, x_max, y_max, z_max), bounds included.
+    ``limits`` may be a tensor: ``CenterPointBBoxCoder.decode`` replaces its list by one."""
+    if isinstance(limits, Tensor):
+        lim = limits.to(device=boxes.device, dtype=boxes.dtype)
     else:
-        xs, ys = xs + 0.5, ys + 0.5
-    rot = torch.atan2(_gather_cells(rot_sine, inds), _gather_cells(rot_cosine, inds))
-    # same operation order as the original: xs * out_size_factor * voxel_size + pc_range
+        lim = torch.tensor([float(v) for v in limits], dtype=boxes.dtype, device=boxes.device)
+    return (boxes[..., :3] >= lim[:3]).all(-1) & (boxes[..., :3] <= lim[3:]).all(-1)
+
+
+def centerpoint_decode(coder, heat: Tensor, reg: Tensor, rot: Tensor, hei: Tensor, dim: Tensor, vel: Tensor | None):
+    """``CenterPointBBoxCoder.decode`` for one sample and ``T`` tasks at once, filters as a mask.
+
+    ``heat`` ``[T, C, H, W]``: sigmoid heatmaps (tasks with fewer classes padded with -inf);
+    ``reg [T, 2, H, W]``, ``rot`` (sine, cosine) ``[T, 2, H, W]``, ``hei [T, 1, H, W]``, ``dim``
+    (already ``exp``-ed when ``norm_bbox``) ``[T, 3, H, W]``, ``vel [T, 2, H, W]`` or None.
+    The original's two-stage top-k (``max_num`` per class, then ``max_num`` over those) selects
+    the ``max_num`` best of all ``classes x H x W`` cells, done here in one ``topk_ordered`` per
+    task (ties by class, then cell).  Returns boxes ``[T, M, code_size]``, scores ``[T, M]``
+    (descending), class ids ``[T, M]`` (int64, within the task) and ``mask`` ``[T, M]``
+    (``post_center_range`` and ``score > score_threshold``), ``M = coder.max_num``."""
+    t, _, height, width = heat.shape
+    scores, flat = topk_ordered(heat.reshape(t, -1), coder.max_num)
+    clses = torch.div(flat, height * width, rounding_mode="floor")
+    inds = flat % (height * width)
+    maps = [reg, rot, hei, dim] + ([] if vel is None else [vel])
+    feats = torch.cat(maps, dim=1).reshape(t, -1, height * width)
+    cells = torch.gather(feats, 2, inds.unsqueeze(1).expand(-1, feats.shape[1], -1)).transpose(1, 2)  # [T, M, F]
+    sizes = [m.shape[1] for m in maps]  # reg 2, rot 2, height 1, dim 3, (vel 2); reg and rot by channel
+    dx, dy, rot_sine, rot_cosine, hei, dim, *vel = torch.split(cells, [1, 1, 1, 1, *sizes[2:]], dim=-1)
+    xs = (inds % width).to(heat.dtype).unsqueeze(-1) + dx
+    ys = torch.div(inds, width, rounding_mode="floor").to(heat.dtype).unsqueeze(-1) + dy
+    # the original's operation order: xs * out_size_factor * voxel_size + pc_range
     xs = xs * coder.out_size_factor * coder.voxel_size[0] + coder.pc_range[0]
     ys = ys * coder.out_size_factor * coder.voxel_size[1] + coder.pc_range[1]
-    parts = [xs, ys, _gather_cells(hei, inds), _gather_cells(dim, inds), rot]
-    if vel is not None:
-        parts.append(_gather_cells(vel, inds))
-    boxes = torch.cat(parts, dim=1)
+    boxes = torch.cat([xs, ys, hei, dim, torch.atan2(rot_sine, rot_cosine), *vel], dim=-1)
     if coder.post_center_range is None:
         raise NotImplementedError("CenterPointBBoxCoder.decode needs post_center_range (as the original)")
     mask = _in_range(boxes, coder.post_center_range)
@@ -151,23 +192,41 @@ def _centerpoint_decode(coder, heat: Tensor, rot_sine: Tensor, rot_cosine: Tenso
     return boxes, scores, clses, mask
 
 
-def _in_range(boxes: Tensor, limits) -> Tensor:
-    """Centre inside ``limits`` (x_min, y_min, z_min, x_max, y_max, z_max), bounds included."""
-    lim = torch.tensor([float(v) for v in limits], dtype=boxes.dtype, device=boxes.device)
-    return (boxes[:, :3] >= lim[:3]).all(1) & (boxes[:, :3] <= lim[3:]).all(1)
+def greedy_nms_batched(over: Tensor, weight: Tensor, valid: Tensor, max_out: int) -> Tensor:
+    """``codegen.ops.nms.greedy_nms`` on ``T`` independent box sets at once.
+
+    ``over`` bool ``[T, N, N]`` (keeping ``i`` suppresses ``j``), ``weight`` ``[T, N]`` (distinct
+    within a set, > 0.5: visiting order, highest first), ``valid`` bool ``[T, N]``.  Returns
+    ``keep`` ``[T, max_out]`` int64, -1 padded.  Same algorithm as ``greedy_nms`` (alive weights
+    with a sentinel slot at 0.5, ``argmax``, one row of the 0/1 survive matrix per step), but
+    one unrolled loop of ``max_out`` steps serves all sets (4 graph nodes a step)."""
+    t, n = weight.shape
+    eye = torch.eye(n, dtype=torch.bool, device=over.device)
+    survive = (~(over | eye)).to(torch.float32)
+    survive = torch.cat((survive, survive.new_ones(t, n, 1)), dim=2)
+    survive = torch.cat((survive, survive.new_ones(t, 1, n + 1)), dim=1)  # sentinel row/column
+    rows = survive.reshape(t * (n + 1), n + 1)
+    base = torch.arange(t, device=over.device) * (n + 1)
+    alive = torch.where(valid, weight.to(torch.float32), torch.zeros_like(weight, dtype=torch.float32))
+    alive = torch.cat((alive, alive.new_full((t, 1), 0.5)), dim=1)
+    picks = []
+    for _ in range(max_out):
+        best = torch.argmax(alive, dim=1)
+        picks.append(best)
+        alive = alive * torch.index_select(rows, 0, base + best)
+    if not picks:
+        return torch.zeros((t, 0), dtype=torch.int64, device=over.device)
+    pos = torch.stack(picks, dim=1)
+    return torch.where(pos < n, pos, torch.full_like(pos, -1))
 
 
-def circle_nms_fixed(centers: Tensor, scores: Tensor, thresh: float, max_out: int, valid: Tensor | None = None):
-    """``mmdet3d.models.layers.circle_nms`` with fixed-size output: greedy by score, a kept box
-    suppresses every box whose squared BEV centre distance is ``<= thresh``; the first
-    ``max_out`` kept indices (padded with -1) and their count.  ``centers`` ``[N, 2]``.
-    Tie rule as in ``greedy_select`` (equal scores -> lowest index; the original's numpy
-    argsort order is implementation-defined there)."""
-    dx = centers[:, None, 0] - centers[None, :, 0]
-    dy = centers[:, None, 1] - centers[None, :, 1]
-    over = dx * dx + dy * dy <= thresh
-    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid
-    return greedy_select(over, scores, valid, max_out)
+def circle_overlap(centers: Tensor, thresh) -> Tensor:
+    """``circle_nms``'s suppression test for all pairs: squared BEV centre distance ``<= thresh``
+    (``centers`` ``[..., N, 2]`` -> bool ``[..., N, N]``; float32 like the original's numpy on
+    the float32 boxes; ``thresh`` a float or a tensor broadcasting to ``[..., 1, 1]``)."""
+    dx = centers[..., :, None, 0] - centers[..., None, :, 0]
+    dy = centers[..., :, None, 1] - centers[..., None, :, 1]
+    return dx * dx + dy * dy <= thresh
 
 
 def centerpoint_max_boxes(head, cfg=None) -> list[int]:
@@ -178,73 +237,78 @@ def centerpoint_max_boxes(head, cfg=None) -> list[int]:
     if cfg["nms_type"] == "rotate" and cfg.get("pre_max_size") is not None:
         n = min(n, cfg["pre_max_size"])
     post = cfg.get("post_max_size")
-    per_task = n if post is None else min(post, n)
-    return [per_task] * len(head.num_classes)
+    return [n if post is None else min(post, n)] * len(head.num_classes)
 
 
 def centerpoint(head, preds_dicts, cfg=None):
     """``CenterHead.predict_by_feat`` (CenterPoint) for one sample with fixed shapes.
 
     ``preds_dicts``: what ``CenterHead.forward`` returns, one entry per task, each a list (one
-    per feature level, only the first is used, as in the original) of dicts with ``reg, height,
+    per feature level; only the first is used, as in the original) of dicts with ``reg, height,
     dim, rot, (vel,) heatmap``.  Per task: ``CenterPointBBoxCoder.decode`` (top-``max_num`` over
     the heatmap; ``post_center_range`` and ``score_threshold`` become a mask), then
 
     * ``nms_type='rotate'`` (``get_task_detections``): ``score >= test_cfg.score_threshold``,
-      ``pre_max_size`` best (the decoded boxes are already sorted by score, so that is a rank
-      mask), ``nms_bev`` (rotated IoU ``>= nms_thr``) keeping ``post_max_size``, the
-      ``post_center_limit_range`` filter;
+      the ``pre_max_size`` best of those (the decoded boxes are sorted by score, so a rank
+      mask), ``nms_bev`` (rotated IoU ``>= nms_thr``, ``codegen.ops.nms.box_iou_rotated``)
+      keeping ``post_max_size``, then the ``post_center_limit_range`` filter;
     * ``nms_type='circle'``: ``circle_nms`` (squared centre distance ``<= min_radius[task]``)
       keeping ``post_max_size``.
 
     Labels get the offset of the task's first class.  The candidates of all tasks are ranked by
-    score (top-k) into ``K = sum(centerpoint_max_boxes(head))`` rows (6 x 83 = 498 for the
-    nuScenes configs), then the original's ``z -= h / 2``.  Returns ``bboxes_3d [K, code_size]``,
-    ``scores_3d [K]``, ``labels_3d [K]`` (int64), ``num_boxes``; rows past ``num_boxes`` are zero.
+    score (ties by task, then rank in the task) into ``K = sum(centerpoint_max_boxes(head))``
+    rows (6 tasks x 83 = 498 for the nuScenes configs) and get the original's ``z -= h / 2``.
+    Returns ``bboxes_3d [K, code_size]``, ``scores_3d [K]``, ``labels_3d [K]`` (int64) and
+    ``num_boxes``; rows past ``num_boxes`` are zero.  Equal scores are ranked by lower index
+    throughout (the original's sorts leave their order unspecified).
     """
     cfg = head.test_cfg if cfg is None else cfg
     nms_type = cfg["nms_type"]
     if nms_type not in ("rotate", "circle"):
         raise ValueError(f"unsupported nms_type {nms_type!r}")
-    max_boxes = centerpoint_max_boxes(head, cfg)
-    cand_boxes, cand_scores, cand_labels = [], [], []
-    label_offset = 0
-    for task_id, task_preds in enumerate(preds_dicts):
-        p = task_preds[0]
-        dim = torch.exp(p["dim"]) if head.norm_bbox else p["dim"]
-        boxes, scores, clses, valid = _centerpoint_decode(
-            head.bbox_coder,
-            p["heatmap"].sigmoid(),
-            p["rot"][:, 0:1],
-            p["rot"][:, 1:2],
-            p["height"],
-            dim,
-            p.get("vel"),
-            p["reg"],
-        )
-        if nms_type == "circle":
-            keep, _ = circle_nms_fixed(boxes[:, :2], scores, cfg["min_radius"][task_id], max_boxes[task_id], valid)
-            ok = keep >= 0
-        else:
-            if cfg["score_threshold"] > 0.0:
-                valid = valid & (scores >= cfg["score_threshold"])
-            pre = cfg.get("pre_max_size")
-            if pre is not None and pre < scores.shape[0]:
-                valid = valid & (torch.cumsum(valid.to(torch.int64), 0) <= pre)
-            bev = xywhr_to_xyxyr(boxes[:, [0, 1, 3, 4, 6]])
-            keep, _ = nms_bev_fixed(bev, scores, cfg["nms_thr"], max_boxes[task_id], valid=valid)
-            ok = keep >= 0
-            if len(cfg.get("post_center_limit_range", [])) > 0:
-                ok = ok & _in_range(boxes, cfg["post_center_limit_range"])[keep.clamp(min=0)]
-        safe = keep.clamp(min=0)
-        if head.num_classes[task_id] == 1:
-            clses = torch.zeros_like(clses)
-        cand_boxes.append(boxes[safe])
-        cand_scores.append(torch.where(ok, scores[safe], torch.full_like(scores[safe], -math.inf)))
-        cand_labels.append(clses[safe] + label_offset)
-        label_offset += head.num_classes[task_id]
-    boxes, scores, labels = torch.cat(cand_boxes), torch.cat(cand_scores), torch.cat(cand_labels)
-    order = torch.topk(scores, scores.shape[0]).indices  # TopK in ONNX
+    max_out = centerpoint_max_boxes(head, cfg)[0]
+    preds = [task_preds[0] for task_preds in preds_dicts]
+    num_tasks = len(preds)
+    stack = lambda key: torch.cat([p[key] for p in preds])  # [T, c, H, W] (batch size 1)
+    heats = [p["heatmap"].sigmoid() for p in preds]
+    num_cls = max(h.shape[1] for h in heats)
+    pad = lambda h: h.new_full((1, num_cls - h.shape[1], *h.shape[2:]), -math.inf)  # never in the top-k
+    heat = torch.cat([h if h.shape[1] == num_cls else torch.cat([h, pad(h)], 1) for h in heats])
+    boxes, scores, clses, valid = centerpoint_decode(
+        head.bbox_coder,
+        heat,
+        stack("reg"),
+        stack("rot"),
+        stack("height"),
+        torch.exp(stack("dim")) if head.norm_bbox else stack("dim"),
+        stack("vel") if "vel" in preds[0] else None,
+    )  # [T, N, ...]; class ids of 1-class tasks are 0 (the original's zeros)
+    n = scores.shape[1]
+    if nms_type == "circle":
+        radius = torch.tensor([float(r) for r in cfg["min_radius"][:num_tasks]], dtype=boxes.dtype, device=boxes.device)
+        over = circle_overlap(boxes[..., :2], radius.view(-1, 1, 1))
+    else:
+        if cfg["score_threshold"] > 0.0:
+            valid = valid & (scores >= cfg["score_threshold"])
+        pre = cfg.get("pre_max_size")
+        if pre is not None and pre < n:
+            valid = valid & (torch.cumsum(valid.to(torch.int64), 1) <= pre)
+        # nms_bev's xyxyr -> xywhr round trip, for the same float bits
+        bev = xyxyr_to_xywhr(xywhr_to_xyxyr(boxes[..., [0, 1, 3, 4, 6]].reshape(-1, 5))).reshape(num_tasks, n, 5)
+        over = torch.stack([box_iou_rotated(b, b) >= cfg["nms_thr"] for b in bev.unbind(0)])
+    # the decoded boxes are in score order (ties by index): position is the visiting order
+    weight = (n - torch.arange(n, device=scores.device)).to(torch.float32).expand(num_tasks, n)
+    keep = greedy_nms_batched(over, weight, valid, max_out)  # [T, P]
+    ok = (keep >= 0).reshape(-1)
+    flat = (keep.clamp(min=0) + torch.arange(num_tasks, device=keep.device).unsqueeze(1) * n).reshape(-1)
+    boxes = boxes.reshape(num_tasks * n, -1)[flat]
+    scores = scores.reshape(-1)[flat]
+    offsets = torch.tensor([sum(head.num_classes[:t]) for t in range(num_tasks)], device=clses.device)
+    labels = (clses + offsets.unsqueeze(1)).reshape(-1)[flat]
+    if nms_type == "rotate" and len(cfg.get("post_center_limit_range", [])) > 0:
+        ok = ok & _in_range(boxes, cfg["post_center_limit_range"])
+    scores = torch.where(ok, scores, torch.full_like(scores, -math.inf))
+    order = _rank_order(scores)
     boxes, scores, labels = boxes[order], scores[order], labels[order]
     valid = torch.isfinite(scores)
     boxes = torch.cat([boxes[:, :2], (boxes[:, 2] - boxes[:, 5] * 0.5).unsqueeze(1), boxes[:, 3:]], dim=1)

@@ -2,8 +2,11 @@
 
 Everything here traces with ``torch.export.export(..., strict=False)`` with a dynamic number of
 boxes and exports with the dynamo ONNX exporter (opset 18) to plain ops: Gather, ArgMax, Where,
-Min/Max, Div, Cos/Sin, ReduceMax and (``nms_bev_fixed`` with ``pre_max_size`` only) TopK.
-No NonMaxSuppression, NonZero/Compress, Unique, RoiAlign or reducing scatters.
+Min/Max, Div, Cos/Sin, ReduceMax/ReduceMin/ReduceSum and (``nms_bev_fixed`` with
+``pre_max_size`` only) values-only TopK + CumSum.  No NonMaxSuppression, NonZero/Compress,
+Unique, RoiAlign or reducing scatters.  With the default ``unroll`` the exported graphs compile
+with IREE 3.13 (llvm-cpu) and return the eager kept indices (checked by hand for
+``nms_rotated_fixed``, ``nms_fixed`` and ``nms_bev_fixed`` with ``pre_max_size``; IoU within 3e-7).
 
 Outputs have a fixed size ``max_out``: ``keep`` holds the kept box indices (int64, same order as
 the original op returns them) padded with -1, ``num_kept`` (int64 scalar) counts the valid ones.
@@ -12,24 +15,33 @@ Algorithm (all variants)
 ------------------------
 1. A dense ``[N, N]`` overlap matrix ``over[i, j] = IoU(i, j) > thr`` (``>=`` for the rotated
    op, as in mmcv's kernels).
-2. Exact greedy NMS unrolled ``max_out`` times; step ``k`` picks the highest-priority box that
-   is still alive (``argmax`` of the scores masked to alive boxes: ties -> lowest index), writes
-   it to ``keep[k]`` and kills every box it overlaps (one row gather of ``over``).  A box is
+2. The visiting order (score descending, ties -> lower index) as distinct weights ``N - rank``
+   from an ``[N, N]`` comparison (no sort op).
+3. Exact greedy NMS in ``max_out`` sequential steps; step ``k`` picks the alive box of highest
+   weight (``argmax``), writes it to ``keep[k]`` and kills every box it overlaps (one row
+   gather of the 0/1 survive matrix).  A box is
    alive iff it was neither kept nor suppressed by a kept box, so this is the classic sequential
    greedy NMS truncated to its first ``max_out`` picks: ``keep == original_keep[:max_out]``.
    Once nothing is alive the remaining slots get -1.
-   Graph: about 10 nodes per step (``max_out=500`` -> ~5k ONNX nodes).
+   The steps run through ``codegen.ops.points.fixed_steps``: by default (``UNROLL_DEFAULT``)
+   they are written out, 3 nodes a step (ArgMax, Gather, Mul), ~0.1 s of export time per step;
+   ``unroll=False`` exports one ONNX ``Scan`` instead (export time independent of ``max_out``,
+   correct in onnxruntime, not in IREE 3.13).
 
-Memory: the ``[N, N]`` IoU matrix (float32, 4 B/pair) and a bool copy (1 B/pair); the rotated
-IoU keeps ~35 live ``[N, N]`` float32 temporaries (the pair-dependent corners of both boxes, the
-running clip parameters of B's 4 edges, one A edge at a time), i.e. ~150 B/pair: 500 boxes
-~ 40 MB, 1000 boxes ~ 150 MB in eager mode (a fusing compiler needs far less).  Compute is O(N^2) for the
+Memory: the ``[N, N]`` IoU matrix (float32, 4 B/pair) and the float survive matrix (4 B/pair).
+The rotated IoU is vectorised over the 4 x 4 edge pairs: its largest temporaries are
+``[4, 4, N, N]`` float32 (64 B/pair each, ~6 live in an unfused runtime), i.e. up to ~400 B/pair:
+500 boxes ~ 100 MB, 1000 boxes ~ 400 MB peak in eager/onnxruntime (a fusing compiler such as
+IREE keeps almost none of it).  The vectorised form was chosen over an unrolled 4 x 4 loop
+(~150 B/pair) because it is 200 graph nodes instead of ~900 (export 5 s instead of 20 s) and
+2-5x faster in onnxruntime.  Compute is O(N^2) for the
 matrix plus O(max_out * N) for the greedy loop.
 
 Tie rule: equal scores are ranked by lowest index first (equivalent to
 ``torch.sort(scores, descending=True, stable=True)``).  mmcv's CPU kernels use
-``scores.sort(descending=True)`` which is *not* stable for N >= ~17 (torch CPU introsort), so
-on exactly tied scores mmcv's order is implementation-defined; with distinct scores the results
+``scores.sort(descending=True)``, which is not stable on CPU (observed for N = 100: tied scores
+come out in an implementation-defined order), so on exact ties mmcv's kept order (and, when tied
+boxes overlap, its kept set) can differ from this one; with distinct scores the results
 are identical.  Scores must not be NaN.
 
 Rotated IoU
@@ -55,6 +67,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from codegen.ops.points import fixed_steps
 
 # ---------------------------------------------------------------------------------------------
 # IoU matrices
@@ -169,32 +183,56 @@ def box_iou_rotated(boxes1: Tensor, boxes2: Tensor, clockwise: bool = True) -> T
 # ---------------------------------------------------------------------------------------------
 
 
-def greedy_select(over: Tensor, priority: Tensor, valid: Tensor, max_out: int) -> tuple[Tensor, Tensor]:
-    """Exact greedy NMS on a precomputed overlap matrix, unrolled ``max_out`` times.
+def priority_weight(scores: Tensor, index: Tensor | None = None) -> Tensor:
+    """Distinct float weights ``N - rank`` (``N`` = best) of a stable descending score order:
+    higher score first, equal scores by lower ``index`` (default: position).  Computed from an
+    ``[N, N]`` comparison, so it is exact on every runtime (no sort: ``aten.sort.stable`` has no
+    ONNX lowering, and TopK's tie order is not defined in torch eager)."""
+    n = scores.shape[0]
+    if index is None:
+        index = torch.arange(n, device=scores.device)
+    si, sj = scores.unsqueeze(1), scores.unsqueeze(0)
+    before = (sj > si) | ((sj == si) & (index.unsqueeze(0) < index.unsqueeze(1)))  # j ranks before i
+    rank = before.sum(1)
+    return (n - rank).to(torch.float32)
 
-    ``over[i, j]``: keeping ``i`` suppresses ``j`` (bool ``[N, N]``); ``priority`` ``[N]``: higher
-    is picked first, ties -> lowest index; ``valid`` ``[N]``: boxes that take part at all.
-    Returns ``keep`` ``[max_out]`` int64 (padded with -1) and ``num_kept`` int64 scalar."""
-    n = priority.shape[0]
-    arange = torch.arange(n, device=priority.device)
-    neg_inf = torch.full_like(priority, -math.inf)
-    alive = valid.clone()
-    picks = []
-    for _ in range(max_out):
-        masked = torch.where(alive, priority, neg_inf)
-        best = torch.argmax(masked)
-        # all alive boxes at -inf priority: argmax may land on a dead box -> first alive index
-        first_alive = torch.argmax(alive.to(torch.int32))
-        best = torch.where(alive[best], best, first_alive)
-        has = alive.any()
-        picks.append(torch.where(has, best, torch.full_like(best, -1)))
-        alive = alive & ~over[best] & (arange != best)
-    keep = torch.stack(picks) if picks else priority.new_zeros((0,), dtype=torch.int64)
+
+def greedy_nms(
+    over: Tensor, weight: Tensor, valid: Tensor | None, max_out: int, unroll: bool | None = None
+) -> tuple[Tensor, Tensor]:
+    """Exact greedy NMS in ``max_out`` sequential steps (``fixed_steps``: unrolled, or one ONNX
+    Scan with ``unroll=False``).
+
+    ``over[i, j]`` (bool ``[N, N]``): keeping ``i`` suppresses ``j``; ``weight`` (``[N]``, distinct,
+    > 0.5, e.g. ``priority_weight``): visiting order, highest first; ``valid`` (bool ``[N]``):
+    boxes that take part at all.  ``alive`` holds the weight of every box still alive (0 once
+    kept or suppressed) plus a sentinel slot ``N`` at 0.5 that is never suppressed: ``argmax``
+    picks the best alive box, or the sentinel once none is left, and one row of the 0/1
+    ``survive`` matrix updates ``alive`` - 3 graph nodes (ArgMax, Gather, Mul) a step.
+    Returns ``keep`` ``[max_out]`` int64 (-1 padded) and ``num_kept`` int64 scalar."""
+    n = over.shape[0]
+    arange = torch.arange(n, device=over.device)
+    eye = arange.unsqueeze(1) == arange.unsqueeze(0)
+    survive = (~(over | eye)).to(torch.float32)
+    survive = torch.cat((survive, survive.new_ones(n, 1)), dim=1)
+    survive = torch.cat((survive, survive.new_ones(1, n + 1)), dim=0)  # sentinel row/column
+    alive = weight.to(torch.float32)
+    if valid is not None:
+        alive = torch.where(valid.to(torch.bool), alive, torch.zeros_like(alive))
+    alive = torch.cat((alive, alive.new_full((1,), 0.5))).unsqueeze(0)  # [1, N + 1]
+
+    def step(carry):
+        (alive,) = carry
+        best = torch.argmax(alive, dim=1)  # [1]
+        return (alive * torch.index_select(survive, 0, best),), best
+
+    if max_out <= 0:
+        keep = torch.zeros((0,), dtype=torch.int64, device=over.device)
+    else:
+        _, pos = fixed_steps(step, (alive,), max_out, unroll)
+        pos = pos.reshape(max_out)
+        keep = torch.where(pos < n, pos, torch.full_like(pos, -1))
     return keep, (keep >= 0).sum()
-
-
-def _default_valid(scores: Tensor, valid: Tensor | None) -> Tensor:
-    return torch.ones_like(scores, dtype=torch.bool) if valid is None else valid.to(torch.bool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,15 +247,17 @@ def nms_fixed(
     max_out: int,
     offset: int = 0,
     valid: Tensor | None = None,
+    unroll: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Axis-aligned NMS equal to ``mmcv.ops.nms(boxes, scores, iou_threshold, offset)[1][:max_out]``.
 
     ``boxes`` ``[N, 4]`` (x1, y1, x2, y2), ``scores`` ``[N]``; a box is suppressed by a kept box
-    when ``IoU > iou_threshold`` (mmcv CPU kernel).  ``valid`` (optional bool ``[N]``) excludes
-    boxes, e.g. ``scores > score_threshold`` (mmcv's ``score_threshold`` argument).
+    when ``IoU > iou_threshold`` (mmcv CPU kernel; IoU bitwise equal to it).  ``valid``
+    (optional bool ``[N]``) excludes boxes, e.g. ``scores > score_threshold`` (mmcv's
+    ``score_threshold`` argument) without a data-dependent shape.
     Returns ``keep`` ``[max_out]`` int64 padded with -1 and ``num_kept`` int64 scalar."""
     over = box_iou_aligned(boxes, boxes, offset) > iou_threshold
-    return greedy_select(over, scores, _default_valid(scores, valid), max_out)
+    return greedy_nms(over, priority_weight(scores), valid, max_out, unroll)
 
 
 def nms_rotated_fixed(
@@ -227,13 +267,32 @@ def nms_rotated_fixed(
     max_out: int,
     clockwise: bool = True,
     valid: Tensor | None = None,
+    unroll: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Rotated NMS equal to ``mmcv.ops.nms_rotated(boxes, scores, iou_threshold, clockwise=...)[1][:max_out]``.
 
     ``boxes`` ``[N, 5]`` (x_ctr, y_ctr, w, h, angle); suppression when ``IoU >= iou_threshold``
     (mmcv CPU kernel).  Returns ``keep`` ``[max_out]`` int64 padded with -1 and ``num_kept``."""
     over = box_iou_rotated(boxes, boxes, clockwise) >= iou_threshold
-    return greedy_select(over, scores, _default_valid(scores, valid), max_out)
+    return greedy_nms(over, priority_weight(scores), valid, max_out, unroll)
+
+
+def top_k_indices(scores: Tensor, k: int) -> Tensor:
+    """Indices ``[k]`` (in increasing index order) of the ``k`` best ``scores`` ``[N]``, equal
+    scores by lower index, also at the cut; ``N < k`` is allowed (indices ``>= N`` then mark
+    padding).  Built from two *values-only* TopKs over a static ``k`` (the k-th best score, then
+    the taken indices encoded as exact float keys) and a CumSum for the ties: IREE 3.13 fails
+    to compile a TopK whose indices output is used over a dynamic axis, and ``torch.topk``'s own
+    tie order is unspecified in eager."""
+    n = scores.shape[0]
+    padded = torch.cat((scores, scores.new_full((k,), -math.inf)))
+    kth = torch.topk(padded, k).values[k - 1]
+    above = padded > kth
+    tied = padded == kth
+    take = above | (tied & (torch.cumsum(tied.to(torch.int64), 0) <= k - above.sum()))
+    position = torch.arange(n + k, device=scores.device).to(torch.float32)  # exact below 2**24
+    key = torch.where(take, position, position + (n + k))
+    return torch.topk(key, k, largest=False).values.to(torch.int64)
 
 
 def xyxyr_to_xywhr(boxes: Tensor) -> Tensor:
@@ -257,30 +316,39 @@ def nms_bev_fixed(
     max_out: int,
     pre_max_size: int | None = None,
     valid: Tensor | None = None,
+    unroll: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``mmdet3d.models.layers.nms_bev(boxes, scores, thresh, pre_max_size, post_max_size=max_out)``
-    with fixed-size output.
+    with a fixed-size output.
 
-    ``boxes`` ``[N, 5]`` in mmdet3d's ``xyxyr`` BEV form (``xywhr2xyxyr`` output); they are
-    converted back to ``xywhr`` and passed through the rotated NMS (mmcv ``nms_rotated``,
-    ``clockwise=True``, ``IoU >= thresh``).  With ``pre_max_size`` only the ``pre_max_size``
-    best-scored boxes take part (stable descending sort -> TopK in ONNX).  ``valid`` models the
-    ``score_thr`` filter of ``box3d_multiclass_nms`` (``scores > score_thr``) without dynamic shapes.
+    ``boxes`` ``[N, 5]`` in mmdet3d's ``xyxyr`` BEV form (``xywhr2xyxyr`` output); as in mmdet3d
+    the ``pre_max_size`` best-scored boxes (TopK) are converted back to ``xywhr`` and run through
+    mmcv's ``nms_rotated`` (``clockwise=True``, suppression when ``IoU >= thresh``), and the kept
+    indices are cut to ``post_max_size`` (= ``max_out``).  ``valid`` models the ``score_thr``
+    filter of ``box3d_multiclass_nms`` (``scores > score_thr``) without dynamic shapes.
+    Ties: stable (lower index first), also for boxes tied exactly at the ``pre_max_size`` cut
+    (``top_k_indices``); mmdet3d's own ``sort`` is unstable there.
     Returns ``keep`` ``[max_out]`` (indices into ``boxes``, -1 padded) and ``num_kept``."""
-    valid = _default_valid(scores, valid)
     if pre_max_size is None:
-        over = box_iou_rotated(xyxyr_to_xywhr(boxes), xyxyr_to_xywhr(boxes)) >= thresh
-        return greedy_select(over, scores, valid, max_out)
-    order = torch.sort(scores, descending=True, stable=True).indices[:pre_max_size]
-    sub = xyxyr_to_xywhr(boxes[order])
+        sub = xyxyr_to_xywhr(boxes)
+        over = box_iou_rotated(sub, sub) >= thresh
+        return greedy_nms(over, priority_weight(scores), valid, max_out, unroll)
+    index = top_k_indices(scores, pre_max_size)
+    n = scores.shape[0]
+    real = index < n
+    safe = torch.where(real, index, torch.zeros_like(index))
+    sub = xyxyr_to_xywhr(boxes[safe])
     over = box_iou_rotated(sub, sub) >= thresh
-    keep, num = greedy_select(over, scores[order], valid[order], max_out)
-    keep = torch.where(keep >= 0, order[keep.clamp(min=0)], keep)
-    return keep, num
+    sub_valid = real if valid is None else real & valid.to(torch.bool)[safe]
+    sub_scores = scores[safe]
+    keep, num = greedy_nms(over, priority_weight(sub_scores, index), sub_valid, max_out, unroll)
+    index_ext = torch.cat((index, index.new_full((1,), -1)))
+    return index_ext[keep], num
 
 
 def nms_normal_bev_fixed(
-    boxes: Tensor, scores: Tensor, thresh: float, max_out: int, valid: Tensor | None = None
+    boxes: Tensor, scores: Tensor, thresh: float, max_out: int, valid: Tensor | None = None, unroll: bool | None = None
 ) -> tuple[Tensor, Tensor]:
-    """``mmdet3d.models.layers.nms_normal_bev`` (axis-aligned NMS on ``xyxyr[:, :4]``)."""
-    return nms_fixed(boxes[:, :4], scores, thresh, max_out, valid=valid)
+    """``mmdet3d.models.layers.nms_normal_bev(boxes, scores, thresh)[:max_out]`` (axis-aligned
+    NMS on ``xyxyr[:, :4]``, ``IoU > thresh``)."""
+    return nms_fixed(boxes[:, :4], scores, thresh, max_out, valid=valid, unroll=unroll)
