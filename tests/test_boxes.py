@@ -85,3 +85,17 @@ def test_onnx_boxes_equal_model_predict(exported_boxes):
     np.testing.assert_allclose(got[0], want[0], atol=1e-4)
     np.testing.assert_allclose(got[1], want[1], atol=1e-6)
     np.testing.assert_array_equal(got[2], want[2])
+
+
+def test_centerpoint_pillar_boxes_end_to_end(tmp_path):
+    """CenterPoint pillar on the nuScenes frame: points' voxels in, decoded boxes out (PT2 + ONNX)."""
+    frame_path("NuScenesDataset")
+    config = "centerpoint_pillar02_second_secfpn_8xb4-cyclic-20e_nus-3d"
+    out = tmp_path / "cp_boxes"
+    proc = cli("--config", config, "--outputs", "boxes", "--output-dir", str(out), "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["validation"]["passed"] and meta["outputs"][0]["shape"] == [498, 9]
+    counts = {r["sample"]: r["shape"][0] for r in meta["validation"]["rows"] if r["output"] == "bboxes_3d"}
+    assert min(counts.values()) > 100  # score_thr 0.1 of the config keeps many boxes of the random model
+    assert meta["validation"]["max_abs_diff"]["onnx"] < 1e-4
