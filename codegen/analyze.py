@@ -132,6 +132,9 @@ def describe(path: list[str], shape: list[int], channels: list[str]) -> str:
     key = path[-1] if not path[-1].isdigit() else path[-2]
     chans = ", ".join(channels[: shape[-1]]) if shape and channels and len(channels) >= shape[-1] else ""
     chans = f" ({chans})" if chans else ""
+    if key == "voxels" and "voxels" in path[:-1] and len(shape) == 2:
+        # dynamic voxelization: the points themselves, not grouped (their coors say the voxel)
+        return f"points, one row per point (dynamic voxelization: coors gives each one's voxel){chans}"
     if "voxels" in path[:-1] or path[-1] == "voxels":
         table = {
             "voxels": f"points grouped by voxel, zero-padded to {shape[1] if len(shape) > 1 else '?'} points per voxel{chans}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shlex
 from dataclasses import dataclass
@@ -107,7 +108,7 @@ def generate(
         for t in analysis.used_inputs:
             steps.detail(f"{t.name:<12} {t.path:<28} {t.symbolic_shape} {t.dtype}")
     with steps.step(6):
-        head_outputs = _run_once(model, recipe, samples[0])
+        head_outputs = _run_once(model, recipe, samples[0], analysis.batch_size)
         if outputs == "boxes":
             with torch.no_grad():
                 decoded = decode_boxes(model, recipe, head_outputs)
@@ -138,10 +139,21 @@ def run_tensor_path(model, recipe: Recipe, inputs: dict):
     return eval(call, {}, {"model": model, "batch_inputs_dict": inputs, "self": SimpleNamespace(model=model)})
 
 
-def _run_once(model, recipe: Recipe, s: smp.Sample):
-    """The original model's tensor path on a copy of the sample (the model may write into it)."""
+def reference_context(recipe: Recipe, batch_size: int):
+    """What the reference runs under: nothing for the original model; the recipe's patches when
+    the original cannot run here (``recipe.reference == "patched"``)."""
+    if recipe.reference == "patched":
+        from . import patches
+
+        return patches.applied(recipe.patches, batch_size=batch_size)
+    return contextlib.nullcontext()
+
+
+def _run_once(model, recipe: Recipe, s: smp.Sample, batch_size: int):
+    """The reference tensor path (the original model's, or the patched one for a recipe with
+    ``reference="patched"``) on a copy of the sample (the model may write into it)."""
     inputs = smp.clone_tree(s.data["inputs"])
-    with torch.no_grad():
+    with torch.no_grad(), reference_context(recipe, batch_size):
         try:
             outputs = run_tensor_path(model, recipe, inputs)
         except Exception as exc:

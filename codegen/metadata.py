@@ -59,5 +59,5 @@ def build_metadata(
         "batch_size": analysis.batch_size,
         "versions": versions(),
         "timings_s": timings,
-        "validation": {k: report[k] for k in ("passed", "atol", "rtol", "max_abs_diff", "summary", "rows")},
+        "validation": {k: report[k] for k in ("passed", "reference", "atol", "rtol", "max_abs_diff", "summary", "rows")},
     }

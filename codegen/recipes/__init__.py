@@ -9,8 +9,8 @@ Adding a model is adding one ``Recipe(...)`` entry (and, for a new head type, on
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 from ..errors import ExportError
 
@@ -39,6 +39,12 @@ class Recipe:
     atol: float = 1e-4
     rtol: float = 1e-4
     min_dim: int = 2  # smallest size of a dynamic axis (0 and 1 get specialised)
+    # what validation compares against: "original" (the eager model, patches off) or "patched"
+    # (the patched eager wrapper, for models whose original cannot run here, e.g. mmcv ops
+    # without a CPU kernel); generate's sample run uses the same
+    reference: str = "original"
+    # component type -> patches, replacing COMPONENT_PATCHES' entry for this recipe only
+    component_patches: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # filled from HEADS by recipe_for()
     output_groups: tuple[str, ...] = ()
     boxes: str | None = None
@@ -55,9 +61,19 @@ COMPONENT_PATCHES = {
     "PillarFeatureNet": ("pillar_feature_net.functional",),
     "PointPillarsScatter": ("pillar_scatter.vectorized",),
     "SparseEncoder": ("spconv.conv", "spconv.dense"),
+    "DynamicPillarFeatureNet": ("dynamic_pillar_feature_net.padded",),
+    "DynamicVFE": ("dynamic_vfe.padded",),
+    "DynamicSimpleVFE": ("dynamic_simple_vfe.padded",),
 }
 HARD_VOXEL_ENCODERS = ("PillarFeatureNet", "HardVFE", "HardSimpleVFE")
+DYNAMIC_VOXEL_ENCODERS = ("DynamicPillarFeatureNet", "DynamicVFE", "DynamicSimpleVFE")
 DENSE_MIDDLE_ENCODERS = ("PointPillarsScatter", "SparseEncoder")
+# the dynamic encoders' patches return one row per point, padding rows marked by coors -1:
+# middle encoders that skip those rows
+PADDED_MIDDLE_ENCODERS = {
+    "PointPillarsScatter": ("pillar_scatter.padded",),
+    "SparseEncoder": ("sparse_encoder.padded", "spconv.conv", "spconv.dense"),
+}
 
 
 def _hard_voxels(m, prefix: str = "") -> bool:
@@ -83,10 +99,23 @@ RECIPES: tuple[Recipe, ...] = (
         call='self.model.pts_bbox_head(self.model.extract_pts_feat(batch_inputs_dict["voxels"]))',
         head="pts_bbox_head",
     ),
+    Recipe(
+        name="dynamic_voxelnet",  # PointPillars / SECOND with dynamic voxelization (KITTI)
+        matches=lambda m: _type(m, "DynamicVoxelNet")
+        and _type(m.get("voxel_encoder"), *DYNAMIC_VOXEL_ENCODERS)
+        and _type(m.get("middle_encoder"), *PADDED_MIDDLE_ENCODERS),
+        patches=("dynamic_voxelnet.static_batch_size",),
+        inputs=("inputs.voxels.voxels", "inputs.voxels.coors"),  # per point: the points, their voxel coors
+        call="self.model._forward(batch_inputs_dict)",
+        head="bbox_head",
+        reference="patched",  # mmcv's DynamicScatter has no CPU kernel
+        component_patches=PADDED_MIDDLE_ENCODERS,
+    ),
 )
 
 BY_NAME = {r.name: r for r in RECIPES}
 assert len(BY_NAME) == len(RECIPES), "recipe names must be unique"
+assert all(r.reference in ("original", "patched") for r in RECIPES), "reference: 'original' or 'patched'"
 OUTPUT_MODES = ("head", "boxes")
 
 
@@ -110,8 +139,9 @@ def recipe_for(model_cfg) -> Recipe:
                 raise ExportError(f"unsupported head {head_type} for recipe {recipe.name} ({_describe(model_cfg)})")
             boxes = head.boxes.format(head=f"self.model.{recipe.head}") if head.boxes else None
             patches = list(recipe.patches)
+            component_patches = {**COMPONENT_PATCHES, **recipe.component_patches}
             for node in model_cfg.values():
-                for name in COMPONENT_PATCHES.get(node.get("type") if isinstance(node, dict) else None, ()):
+                for name in component_patches.get(node.get("type") if isinstance(node, dict) else None, ()):
                     if name not in patches:
                         patches.append(name)
             return dataclasses.replace(recipe, patches=tuple(patches), output_groups=head.groups, boxes=boxes)

@@ -1,0 +1,210 @@
+"""Patches for dynamic-voxelization detectors (``DynamicVoxelNet``: PointPillars-DV, SECOND-DV).
+
+With ``voxel_type='dynamic'`` the data_preprocessor hands the model per-point tensors: ``voxels``
+``[N, C]`` (the points themselves) and ``coors`` ``[N, 4]`` (batch, z, y, x; ``-1`` rows for
+points outside the grid). Three things stop the original from exporting (or running on a CPU):
+
+* ``mmcv.ops.DynamicScatter`` (points -> voxels) has no CPU kernel in mmcv 2.1.0, and its voxel
+  count ``M`` is data-dependent;
+* the encoders' ``map_voxel_center_to_point`` sizes a canvas from ``pts_coors[-1, 0] + 1``;
+* ``DynamicVoxelNet.extract_feat`` reads the batch size with ``coors[-1, 0].item() + 1``.
+
+**Padded form.** The patched encoders use ``codegen.ops.dynamic_scatter.dynamic_scatter_padded``
+and return ``N`` rows (one per point: the most voxels there can be): rows ``0 .. M-1`` are the
+voxels in mmcv's order (coordinates sorted lexicographically), the rest are padding with zero
+features and coordinates ``-1``. Per-point lookups of voxel values gather with ``point2voxel``
+instead of going through a canvas, so the encoder graph has no size but ``N``. The middle
+encoders ignore the ``-1`` rows: ``pillar_scatter.padded`` routes them to a dump row of the BEV
+canvas; ``sparse_encoder.padded`` keeps the first ``M`` rows (its sparse convolutions have
+data-dependent site counts anyway). The recipe installs these two in place of the hard-voxel
+component patches (``pillar_scatter.vectorized`` / the plain ``SparseEncoder``), which would
+treat the padding rows as voxels.
+
+``dynamic_scatter.torch`` swaps mmcv's ``DynamicScatter.forward`` itself for the pure-torch op
+(same outputs as mmcv's CUDA kernel): the original encoder code then runs on a CPU unchanged,
+which is how the tests compare the padded forwards with mmdet3d's own.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops.dynamic_scatter import dynamic_scatter, dynamic_scatter_padded
+from ..ops.scatter import scatter_to_bev
+from ..ops.voxelize import _iota
+from . import register, static_batch_size
+
+# max reduction of DynamicScatter: "sort" (two sorts, no max-scatter; compiles with IREE) or
+# "scatter" (ScatterElements max, faster); both equal mmcv
+MAX_IMPL = "sort"
+
+
+def _reduce(scatter_module) -> str:
+    """mmcv ``DynamicScatter``'s reduction: mean if it averages points, else max."""
+    return "mean" if scatter_module.average_points else "max"
+
+
+def _scatter(feats: Tensor, coors: Tensor, reduce: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(voxel features [N, C], voxel coors [N, D], point2voxel [N], num_voxels []): padded."""
+    return dynamic_scatter_padded(feats, coors, reduce, MAX_IMPL)
+
+
+def _per_point(voxel_feats: Tensor, point2voxel: Tensor) -> Tensor:
+    """Each point's voxel row (what the original reads back through its canvas). Points with
+    invalid coors (``point2voxel == -1``) get row 0: their values never reach a voxel."""
+    return voxel_feats.index_select(0, point2voxel.clamp(min=0))
+
+
+def _mark_padding(voxel_coors: Tensor, num_voxels: Tensor) -> Tensor:
+    """Coordinates ``-1`` on the padding rows (``row >= num_voxels``): the rows to ignore."""
+    is_voxel = (_iota(voxel_coors[:, 0]) < num_voxels)[:, None]
+    return torch.where(is_voxel, voxel_coors, torch.full_like(voxel_coors, -1))
+
+
+def _voxel_center_offsets(self, features: Tensor, coors: Tensor) -> Tensor:
+    """x, y, z of each point minus its voxel centre: the original's ``f_center`` (same
+    expressions, without writing into a zero tensor)."""
+    return torch.stack(
+        [
+            features[:, 0] - (coors[:, 3].type_as(features) * self.vx + self.x_offset),
+            features[:, 1] - (coors[:, 2].type_as(features) * self.vy + self.y_offset),
+            features[:, 2] - (coors[:, 1].type_as(features) * self.vz + self.z_offset),
+        ],
+        dim=1,
+    )
+
+
+def _decorations(self, features: Tensor, coors: Tensor) -> Tensor:
+    """The point decorations of DynamicPillarFeatureNet / DynamicVFE: cluster offsets (point
+    minus its voxel's mean), voxel-centre offsets, distance; concatenated after the point."""
+    features_ls = [features]
+    if self._with_cluster_center:
+        # per channel the mean of the first three channels equals theirs in the full-width mean
+        voxel_mean, _, point2voxel, _ = _scatter(features[:, :3].contiguous(), coors, "mean")
+        features_ls.append(features[:, :3] - _per_point(voxel_mean, point2voxel))
+    if self._with_voxel_center:
+        features_ls.append(_voxel_center_offsets(self, features, coors))
+    if self._with_distance:
+        features_ls.append(torch.norm(features[:, :3], 2, 1, keepdim=True))
+    return torch.cat(features_ls, dim=-1)
+
+
+@register(
+    "dynamic_voxelnet.static_batch_size",
+    "mmdet3d.models.detectors.dynamic_voxelnet:DynamicVoxelNet.extract_feat",
+    "batch size is coors[-1, 0].item() + 1: data-dependent, breaks torch.export",
+)
+def dynamic_voxelnet_extract_feat(self, batch_inputs_dict: dict):
+    voxel_dict = batch_inputs_dict["voxels"]
+    voxel_features, feature_coors = self.voxel_encoder(voxel_dict["voxels"], voxel_dict["coors"])
+    x = self.middle_encoder(voxel_features, feature_coors, static_batch_size())
+    x = self.backbone(x)
+    if self.with_neck:
+        x = self.neck(x)
+    return x
+
+
+@register(
+    "dynamic_scatter.torch",
+    "mmcv.ops.scatter_points:DynamicScatter.forward",
+    "no CPU kernel in mmcv 2.1.0; pure-torch op with the CUDA kernel's results (M data-dependent)",
+)
+def dynamic_scatter_forward(self, points: Tensor, coors: Tensor) -> tuple[Tensor, Tensor]:
+    # four-column coors in one pass: lexicographic order with the batch first is mmcv's
+    # per-sample loop + concatenation
+    return dynamic_scatter(points, coors, _reduce(self), MAX_IMPL)
+
+
+@register(
+    "dynamic_pillar_feature_net.padded",
+    "mmdet3d.models.voxel_encoders.pillar_encoder:DynamicPillarFeatureNet.forward",
+    "DynamicScatter (no CPU kernel, M voxels) and a canvas sized from coors[-1, 0] + 1",
+)
+def dynamic_pillar_feature_net_forward(self, features: Tensor, coors: Tensor) -> tuple[Tensor, Tensor]:
+    """DynamicPillarFeatureNet.forward in the padded form: ``[N, C]`` pillar features and
+    ``[N, 4]`` pillar coors, the first ``M`` rows as the original's, the rest padding (-1)."""
+    features = _decorations(self, features, coors)
+    reduce = _reduce(self.pfn_scatter)
+    for i, pfn in enumerate(self.pfn_layers):
+        point_feats = pfn(features)
+        voxel_feats, voxel_coors, point2voxel, num_voxels = _scatter(point_feats, coors, reduce)
+        if i != len(self.pfn_layers) - 1:
+            features = torch.cat([point_feats, _per_point(voxel_feats, point2voxel)], dim=1)
+    return voxel_feats, _mark_padding(voxel_coors, num_voxels)
+
+
+@register(
+    "dynamic_vfe.padded",
+    "mmdet3d.models.voxel_encoders.voxel_encoder:DynamicVFE.forward",
+    "DynamicScatter (no CPU kernel, M voxels) and a canvas sized from coors[-1, 0] + 1",
+)
+def dynamic_vfe_forward(
+    self, features: Tensor, coors: Tensor, points=None, img_feats=None, img_metas=None, *args, **kwargs
+):
+    """DynamicVFE.forward in the padded form (see ``dynamic_pillar_feature_net_forward``)."""
+    features = _decorations(self, features, coors)
+    reduce = _reduce(self.vfe_scatter)
+    for i, vfe in enumerate(self.vfe_layers):
+        point_feats = vfe(features)
+        if i == len(self.vfe_layers) - 1 and self.fusion_layer is not None and img_feats is not None:
+            point_feats = self.fusion_layer(img_feats, points, point_feats, img_metas)
+        voxel_feats, voxel_coors, point2voxel, num_voxels = _scatter(point_feats, coors, reduce)
+        if i != len(self.vfe_layers) - 1:
+            features = torch.cat([point_feats, _per_point(voxel_feats, point2voxel)], dim=1)
+    if self.return_point_feats:
+        return point_feats
+    return voxel_feats, _mark_padding(voxel_coors, num_voxels)
+
+
+@register(
+    "dynamic_simple_vfe.padded",
+    "mmdet3d.models.voxel_encoders.voxel_encoder:DynamicSimpleVFE.forward",
+    "DynamicScatter: no CPU kernel, M voxels",
+)
+def dynamic_simple_vfe_forward(self, features: Tensor, coors: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+    """DynamicSimpleVFE.forward (mean of the points of each voxel) in the padded form.
+    (The original runs under ``torch.no_grad()``; export runs without gradients anyway.)"""
+    voxel_feats, voxel_coors, _, num_voxels = _scatter(features, coors, _reduce(self.scatter))
+    return voxel_feats, _mark_padding(voxel_coors, num_voxels)
+
+
+@register(
+    "pillar_scatter.padded",
+    "mmdet3d.models.middle_encoders.pillar_scatter:PointPillarsScatter.forward",
+    "padded pillar rows (coors -1) must not reach the canvas; per-sample loop as in .vectorized",
+)
+def pillars_scatter_padded_forward(self, voxel_features: Tensor, coors: Tensor, batch_size=None) -> Tensor:
+    return scatter_to_bev(voxel_features, coors, static_batch_size(), self.ny, self.nx, valid=coors[:, 0] >= 0)
+
+
+@register(
+    "sparse_encoder.padded",
+    "mmdet3d.models.middle_encoders.sparse_encoder:SparseEncoder.forward",
+    "padded voxel rows (coors -1) must not become sparse sites",
+)
+def sparse_encoder_padded_forward(self, voxel_features: Tensor, coors: Tensor, batch_size: int):
+    """SparseEncoder.forward (mmdet3d 1.4.0) on the voxel rows only.
+
+    The padded encoders put the ``M`` voxels first; the sparse convolutions' site counts are
+    data-dependent from the first strided layer on, so the voxel count enters here as one more
+    (unbacked) size instead of routing padding rows through every layer."""
+    from mmdet3d.models.middle_encoders.sparse_encoder import SparseConvTensor  # spconv's or mmcv's
+
+    m = (coors[:, 0] >= 0).sum().item()
+    torch._check(m >= 1, lambda: "no voxel in range")
+    torch._check(m <= coors.shape[0])
+    voxel_features, coors = voxel_features[:m], coors[:m].int()
+    input_sp_tensor = SparseConvTensor(voxel_features, coors, self.sparse_shape, batch_size)
+    x = self.conv_input(input_sp_tensor)
+    encode_features = []
+    for encoder_layer in self.encoder_layers:
+        x = encoder_layer(x)
+        encode_features.append(x)
+    out = self.conv_out(encode_features[-1])
+    spatial_features = out.dense()
+    n, c, d, h, w = spatial_features.shape
+    spatial_features = spatial_features.view(n, c * d, h, w)
+    if self.return_middle_feats:
+        return spatial_features, encode_features
+    return spatial_features
