@@ -9,6 +9,20 @@ import numpy as np
 import torch
 
 
+def forbidden_onnx_ops(path) -> list[str]:
+    """Ops the house rules exclude: ScatterND add (onnxruntime race), NonZero, max/min scatters."""
+    import onnx
+
+    bad = []
+    for node in onnx.load(str(path)).graph.node:
+        reduction = next((a.s.decode() for a in node.attribute if a.name == "reduction"), "none")
+        if node.op_type == "NonZero" or (node.op_type == "ScatterND" and reduction != "none"):
+            bad.append(f"{node.op_type}[{reduction}]")
+        if node.op_type == "ScatterElements" and reduction in ("max", "min"):
+            bad.append(f"{node.op_type}[{reduction}]")
+    return bad
+
+
 def _np(x):
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from export_check import assert_exports
+from export_check import assert_exports, forbidden_onnx_ops
 
 from codegen.ops.bev_pool import LSSBevPool, bev_pool, gen_dx_bx, lss_bev_pool
 
@@ -100,16 +100,6 @@ def _frustum(nuscenes_points, cams=2, depth=3, rows=4, width=700, channels=8, se
     return torch.from_numpy(np.ascontiguousarray(geom)), torch.from_numpy(x.astype(np.float32))
 
 
-def _forbidden_onnx_ops(path: Path) -> list[str]:
-    """Ops the house rules exclude: ScatterND add (onnxruntime race), NonZero, max/min scatters."""
-    bad = []
-    for node in onnx.load(str(path)).graph.node:
-        reduction = next((a.s.decode() for a in node.attribute if a.name == "reduction"), "none")
-        if node.op_type == "NonZero" or (node.op_type == "ScatterND" and reduction != "none"):
-            bad.append(f"{node.op_type}[{reduction}]")
-        if node.op_type == "ScatterElements" and reduction in ("max", "min"):
-            bad.append(f"{node.op_type}[{reduction}]")
-    return bad
 
 
 def test_gen_dx_bx_matches_bevfusion():
@@ -172,7 +162,7 @@ def test_bev_pool_export(nuscenes_points, tmp_path):
     inputs = [(feats, coords), (feats[:9000].contiguous(), coords[:9000].contiguous())]
     n = torch.export.Dim("num_points", min=2)
     assert_exports(_BevPoolOp((2, 1, 360, 360)), inputs, ({0: n}, {0: n}), tmp_path, exact=True)
-    assert _forbidden_onnx_ops(tmp_path / "op.onnx") == []
+    assert forbidden_onnx_ops(tmp_path / "op.onnx") == []
 
 
 def test_lss_bev_pool_export(nuscenes_points, tmp_path):
@@ -180,4 +170,4 @@ def test_lss_bev_pool_export(nuscenes_points, tmp_path):
     inputs = [(geom, x), (geom[..., :450, :].contiguous(), x[..., :450, :].contiguous())]
     w = torch.export.Dim("width", min=2)
     assert_exports(LSSBevPool(**MULTI_Z), inputs, ({4: w}, {4: w}), tmp_path, exact=True)
-    assert _forbidden_onnx_ops(tmp_path / "op.onnx") == []
+    assert forbidden_onnx_ops(tmp_path / "op.onnx") == []

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from export_check import assert_exports
+from export_check import assert_exports, forbidden_onnx_ops
 from mmcv.ops import points_in_boxes_cpu as mmcv_points_in_boxes_cpu
 
 from codegen.ops.roi import (
@@ -285,16 +285,6 @@ class _PointsInBoxes(torch.nn.Module):
         return self.fn(points, boxes)
 
 
-def _forbidden_onnx_ops(path) -> list[str]:
-    """Ops the house rules exclude: ScatterND add (onnxruntime race), NonZero, max/min scatters."""
-    bad = []
-    for node in onnx.load(str(path)).graph.node:
-        reduction = next((a.s.decode() for a in node.attribute if a.name == "reduction"), "none")
-        if node.op_type == "NonZero" or (node.op_type == "ScatterND" and reduction != "none"):
-            bad.append(f"{node.op_type}[{reduction}]")
-        if node.op_type == "ScatterElements" and reduction in ("max", "min"):
-            bad.append(f"{node.op_type}[{reduction}]")
-    return bad
 
 
 def _points_inputs(kitti_points, nuscenes_points):
@@ -310,7 +300,7 @@ def test_points_in_boxes_export(kitti_points, nuscenes_points, tmp_path, fn):
     n, m = torch.export.Dim("num_points", min=2), torch.export.Dim("num_boxes", min=1)
     inputs = _points_inputs(kitti_points, nuscenes_points)
     assert_exports(_PointsInBoxes(fn), inputs, ({1: n}, {1: m}), tmp_path, exact=True)
-    assert _forbidden_onnx_ops(tmp_path / "op.onnx") == []
+    assert forbidden_onnx_ops(tmp_path / "op.onnx") == []
 
 
 @pytest.mark.parametrize("mode,compact", [("max", True), ("avg", False)])
@@ -323,7 +313,7 @@ def test_roiaware_export(kitti_points, tmp_path, mode, compact):
     n, m = torch.export.Dim("num_points", min=2), torch.export.Dim("num_rois", min=1)
     module = RoIAwarePool3d((6, 4, 3), 8, mode, compact)
     assert_exports(module, [a, b], ({0: m}, {0: n}, {0: n}), tmp_path, exact=True)
-    assert _forbidden_onnx_ops(tmp_path / "op.onnx") == []
+    assert forbidden_onnx_ops(tmp_path / "op.onnx") == []
 
 
 def test_roipoint_export(kitti_points, nuscenes_points, tmp_path):
@@ -332,4 +322,4 @@ def test_roipoint_export(kitti_points, nuscenes_points, tmp_path):
     inputs = [(pts, feats, boxes), (pts_b, feats[:, : pts_b.shape[1]].contiguous(), boxes_b)]
     n, m = torch.export.Dim("num_points", min=2), torch.export.Dim("num_boxes", min=1)
     assert_exports(RoIPointPool3d(32), inputs, ({1: n}, {1: n}, {1: m}), tmp_path, exact=True)
-    assert _forbidden_onnx_ops(tmp_path / "op.onnx") == []
+    assert forbidden_onnx_ops(tmp_path / "op.onnx") == []
