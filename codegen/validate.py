@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +38,18 @@ def onnx_runtime(path: Path, input_names: Sequence[str]) -> Runtime:
     return Runtime("onnx", run)
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """The reference runs on one thread: spconv's CPU kernels race with more (two runs of one
+    sparse layer on the nuScenes grid differ by 1.8e-2 with 2 threads), mmcv's may too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _np(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
@@ -67,7 +80,7 @@ def validate(
     eager_patched = Runtime("eager-patched", lambda a: wrapper(*a))
     rows = []
     for index, args in enumerate(samples):
-        with torch.no_grad():
+        with torch.no_grad(), one_thread():
             if reference is not None:
                 ref_outputs = [_np(o) for o in reference(index)]
             elif reference_name == "patched":
