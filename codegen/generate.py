@@ -56,13 +56,19 @@ def regenerate_command(config_ref: str, frame: str | None, default_frame: str | 
     return shlex.join(cmd)
 
 
-def decode_boxes(model, recipe: Recipe, head_outputs):
-    """Run the recipe's box decoder eagerly: the same expression the wrapper's forward holds."""
+def _eval_as_wrapper(expression: str, model, **names):
+    """Evaluate a recipe expression (written for the wrapper's forward, ``self.model...``) eagerly,
+    so generation runs exactly the code the wrapper will hold."""
     from types import SimpleNamespace
 
     from . import boxes
 
-    return eval(recipe.boxes, {"boxes": boxes}, {"self": SimpleNamespace(model=model), "head_outputs": head_outputs})
+    return eval(expression, {"boxes": boxes}, {"self": SimpleNamespace(model=model), **names})
+
+
+def decode_boxes(model, recipe: Recipe, head_outputs):
+    """Run the recipe's box decoder eagerly."""
+    return _eval_as_wrapper(recipe.boxes, model, head_outputs=head_outputs)
 
 
 def generate(
@@ -132,11 +138,8 @@ def generate(
 
 
 def run_tensor_path(model, recipe: Recipe, inputs: dict):
-    """The recipe's call (the expression the wrapper's forward holds), unpatched."""
-    from types import SimpleNamespace
-
-    call = recipe.call.replace("self.model", "model")
-    return eval(call, {}, {"model": model, "batch_inputs_dict": inputs, "self": SimpleNamespace(model=model)})
+    """The recipe's call (the model's tensor path), under whatever patches the caller applied."""
+    return _eval_as_wrapper(recipe.call, model, batch_inputs_dict=inputs)
 
 
 def reference_context(recipe: Recipe, batch_size: int):
