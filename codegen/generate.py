@@ -108,7 +108,8 @@ def generate(
     with steps.step(5):
         channels = CHANNELS.get(smp.dataset_type(cfg), [])
         analysis = analyze(samples[0].data, samples[1].data, recipe.inputs, channels)
-        missing = set(recipe.inputs) - {t.path for t in analysis.used_inputs}
+        used = [t.path for t in analysis.used_inputs]
+        missing = [p for p in recipe.inputs if not any(u == p or u.startswith(p + ".") for u in used)]
         if missing:
             raise ExportError(f"the sample has no {sorted(missing)} for recipe {recipe.name}")
         for t in analysis.used_inputs:

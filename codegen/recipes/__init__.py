@@ -25,6 +25,7 @@ HEADS = {
     "Anchor3DHead": Head(("cls_score", "bbox_pred", "dir_cls_pred"), "boxes.anchor3d({head}, *head_outputs)"),
     "FreeAnchor3DHead": Head(("cls_score", "bbox_pred", "dir_cls_pred"), "boxes.anchor3d({head}, *head_outputs)"),
     "CenterHead": Head(("task{}",), "boxes.centerpoint({head}, head_outputs)"),
+    "VoteHead": Head(()),  # a dict of named tensors
 }
 
 
@@ -110,6 +111,27 @@ RECIPES: tuple[Recipe, ...] = (
         head="bbox_head",
         reference="patched",  # mmcv's DynamicScatter has no CPU kernel
         component_patches=PADDED_MIDDLE_ENCODERS,
+    ),
+)
+
+RECIPES += (
+    Recipe(
+        name="votenet",  # VoteNet (SUN RGB-D, ScanNet): a fixed-size point sample in, vote head out
+        matches=lambda m: _type(m, "VoteNet") and _type(m.get("backbone"), "PointNet2SASSG"),
+        patches=(
+            "points.fps",
+            "points.fps_with_dist",
+            "points.vote_head_fps",
+            "points.gather",
+            "points.ball_query",
+            "points.grouping",
+            "points.three_nn",
+            "points.three_interpolate",
+        ),
+        inputs=("inputs.points",),
+        call="self.model._forward(batch_inputs_dict)",
+        head="bbox_head",
+        reference="patched",  # mmcv's point ops are CUDA-only: the original cannot run on a CPU
     ),
 )
 
