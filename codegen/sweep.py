@@ -95,7 +95,7 @@ def cause(error: str | None) -> str:
     if not error:
         return ""
     text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", error)
-    text = re.sub(r"\d+(\.\d+)?", "N", text)
+    text = re.sub(r"\b\d+(\.\d+)?\b", "N", text)
     return text[:140]
 
 
@@ -114,6 +114,15 @@ def write_report(rows: list[dict], kinds: dict[str, tuple[str, str]]) -> Path:
         f"**{len(passed)} / {len(detection)} detection configs pass ({rate:.0f} %)**; "
         f"{len(rows) - len(detection)} segmentation configs listed but out of scope.",
         "",
+    ]
+    total = sum(1 for _, model in kinds.values() if model not in SEGMENTORS)
+    if len(detection) < total:
+        lines += [
+            f"**Partial sweep: {len(detection)} of {total} detection configs recorded so far** "
+            "(rerun `mmdet3d-export sweep` to resume; the pass rate above is over the recorded ones).",
+            "",
+        ]
+    lines += [
         "## Failures by cause",
         "",
         "| configs | cause |",
