@@ -16,7 +16,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-from .errors import ExportError
+from .errors import ExportError, first_line
 
 SUBCOMMANDS = ("generate", "export", "sweep")
 
@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug of ours: one line, details with --verbose
         if args.verbose:
             traceback.print_exc()
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        steps.console.print(f"[red]error:[/] internal error: {type(exc).__name__}: {message}", highlight=False)
+        steps.console.print(f"[red]error:[/] internal error: {type(exc).__name__}: {first_line(exc)}", highlight=False)
         return 3
 
 

@@ -16,11 +16,10 @@ import numpy as np
 import torch
 
 from . import sample as smp
-from .analyze import CHANNELS, analyze, analyze_outputs
 from .configs import resolve_config
-from .errors import ExportError, ValidationFailed
+from .errors import ExportError, ValidationFailed, first_line
 from .boxes import BOX_OUTPUTS
-from .generate import Generated, decode_boxes, reference_context, run_tensor_path
+from .generate import Generated, analyse_inputs, analyse_outputs, reference_context
 from .metadata import build_metadata
 from .progress import Steps
 from .recipes import BY_NAME, recipe_for
@@ -70,8 +69,7 @@ def export_program(module: ModuleType, wrapper: torch.nn.Module, args: tuple[tor
         with torch.no_grad():
             return torch.export.export(wrapper, fresh(args), dynamic_shapes=shapes, strict=False)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ExportError(f"torch.export failed: {type(exc).__name__}: {first}") from exc
+        raise ExportError(f"torch.export failed: {type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def export_onnx(module: ModuleType, program, path: Path) -> None:
@@ -93,8 +91,7 @@ def export_onnx(module: ModuleType, program, path: Path) -> None:
             verbose=False,
         )
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {first}") from exc
+        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {first_line(exc)}") from exc
     model = onnx.load(str(path))
     rename = symbol_names(module, program)
     for value in list(model.graph.input) + list(model.graph.output):
@@ -183,13 +180,9 @@ def run_export(
         if recipe.name != module.RECIPE:
             raise ExportError(f"{Path(wrapper_path).name} is stale: recipe {module.RECIPE}, config now needs {recipe.name}")
         samples = [smp.sample_frame(model, module.FRAME, v, steps.warn) for v in (0, 1)]
-        analysis = analyze(samples[0].data, samples[1].data, recipe.inputs, CHANNELS.get(smp.dataset_type(model.cfg), []))
-        with torch.no_grad(), reference_context(recipe, analysis.batch_size):
-            outputs = run_tensor_path(model, recipe, smp.clone_tree(samples[0].data["inputs"]))
-            if getattr(module, "OUTPUTS", "head") == "boxes":
-                analysis.outputs = analyze_outputs(decode_boxes(model, recipe, outputs), BOX_OUTPUTS, root="decoded")
-            else:
-                analysis.outputs = analyze_outputs(outputs, recipe.output_groups)
+        analysis = analyse_inputs(model, recipe, samples)
+        mode = getattr(module, "OUTPUTS", "head")
+        analysis.outputs = analyse_outputs(model, recipe, samples[0], analysis.batch_size, mode)
         config_ref, frame = module.CONFIG, module.FRAME
     else:
         model, samples, analysis, recipe = generated.model, generated.samples, generated.analysis, generated.recipe

@@ -106,22 +106,11 @@ def generate(
             steps.detail(f"{s.frame}: {s.num_raw_points} points")
 
     with steps.step(5):
-        channels = CHANNELS.get(smp.dataset_type(cfg), [])
-        analysis = analyze(samples[0].data, samples[1].data, recipe.inputs, channels)
-        used = [t.path for t in analysis.used_inputs]
-        missing = [p for p in recipe.inputs if not any(u == p or u.startswith(p + ".") for u in used)]
-        if missing:
-            raise ExportError(f"the sample has no {sorted(missing)} for recipe {recipe.name}")
+        analysis = analyse_inputs(model, recipe, samples)
         for t in analysis.used_inputs:
             steps.detail(f"{t.name:<12} {t.path:<28} {t.symbolic_shape} {t.dtype}")
     with steps.step(6):
-        head_outputs = _run_once(model, recipe, samples[0], analysis.batch_size)
-        if outputs == "boxes":
-            with torch.no_grad():
-                decoded = decode_boxes(model, recipe, head_outputs)
-            analysis.outputs = analyze_outputs(decoded, BOX_OUTPUTS, root="decoded")
-        else:
-            analysis.outputs = analyze_outputs(head_outputs, recipe.output_groups)
+        analysis.outputs = analyse_outputs(model, recipe, samples[0], analysis.batch_size, outputs)
         for spec in analysis.outputs:
             steps.detail(f"{spec.name:<14} {spec.shape} {spec.dtype}")
     with steps.step(7):
@@ -136,6 +125,27 @@ def generate(
             outputs=outputs,
         )
     return Generated(resolved, recipe, model, analysis, ref, samples, source, outputs)
+
+
+def analyse_inputs(model, recipe: Recipe, samples: list[smp.Sample]) -> Analysis:
+    """Step 5: describe the sample (the variant tells the dynamic axes); check the recipe's inputs."""
+    channels = CHANNELS.get(smp.dataset_type(model.cfg), [])
+    analysis = analyze(samples[0].data, samples[1].data, recipe.inputs, channels)
+    used = [t.path for t in analysis.used_inputs]
+    missing = [p for p in recipe.inputs if not any(u == p or u.startswith(p + ".") for u in used)]
+    if missing:
+        raise ExportError(f"the sample has no {sorted(missing)} for recipe {recipe.name}")
+    return analysis
+
+
+def analyse_outputs(model, recipe: Recipe, s: smp.Sample, batch_size: int, outputs: str = "head") -> list:
+    """Step 6: run the reference once and describe its head outputs (or the decoded boxes)."""
+    head_outputs = _run_once(model, recipe, s, batch_size)
+    if outputs == "boxes":
+        with torch.no_grad():
+            decoded = decode_boxes(model, recipe, head_outputs)
+        return analyze_outputs(decoded, BOX_OUTPUTS, root="decoded")
+    return analyze_outputs(head_outputs, recipe.output_groups)
 
 
 def run_tensor_path(model, recipe: Recipe, inputs: dict):
