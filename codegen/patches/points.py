@@ -49,7 +49,8 @@ def grouping_operation(features, indices, features_batch_cnt=None, indices_batch
     return ops.grouping_operation(features, indices)
 
 
-POINT_PATCHES = (
+# what a PointNet++ backbone and a vote head's tensor path need
+POINT_OP_PATCHES = (
     "points.fps",
     "points.fps_with_dist",
     "points.vote_head_fps",
@@ -58,6 +59,6 @@ POINT_PATCHES = (
     "points.grouping",
     "points.three_nn",
     "points.three_interpolate",
-    "points.in_boxes_all",
-    "points.in_boxes_part",
 )
+# plus what predict's box post-processing needs
+POINT_PATCHES = POINT_OP_PATCHES + ("points.in_boxes_all", "points.in_boxes_part")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from ..errors import ExportError
+from ..patches.points import POINT_OP_PATCHES
 
 
 @dataclass(frozen=True)
@@ -118,16 +119,7 @@ RECIPES += (
     Recipe(
         name="votenet",  # VoteNet (SUN RGB-D, ScanNet): a fixed-size point sample in, vote head out
         matches=lambda m: _type(m, "VoteNet") and _type(m.get("backbone"), "PointNet2SASSG"),
-        patches=(
-            "points.fps",
-            "points.fps_with_dist",
-            "points.vote_head_fps",
-            "points.gather",
-            "points.ball_query",
-            "points.grouping",
-            "points.three_nn",
-            "points.three_interpolate",
-        ),
+        patches=POINT_OP_PATCHES,
         inputs=("inputs.points",),
         call="self.model._forward(batch_inputs_dict)",
         head="bbox_head",
