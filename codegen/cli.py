@@ -5,6 +5,7 @@
     mmdet3d-export generate --config NAME_OR_PATH [--frame F|synthetic] [--output F] [--check]
     mmdet3d-export generate --check            # every committed wrapper under generated/
     mmdet3d-export export generated/wrapper_X.py [--checkpoint F] [--output-dir D] [--format ...]
+    mmdet3d-export run EXPORT_DIR_OR_MODEL --points FILE [--format pt2|onnx|vmfb] [--output-dir D]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from .errors import ExportError, first_line
 
-SUBCOMMANDS = ("generate", "export", "sweep")
+SUBCOMMANDS = ("generate", "export", "sweep", "run")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -85,10 +86,31 @@ def sweep_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmdet3d-export run",
+        description="Run an exported model on a point cloud: print the boxes, write <stem>.boxes.json and a "
+        "bird's-eye-view <stem>.bev.png",
+    )
+    p.add_argument("model", type=Path, help="an export directory (with metadata.json) or a model.pt2/.onnx/.vmfb in one")
+    p.add_argument("--points", required=True, type=Path, help="point cloud file (KITTI .bin, nuScenes .pcd.bin, ...)")
+    p.add_argument("--format", choices=("pt2", "onnx", "vmfb"), help="which model of the export directory (default: first present)")
+    p.add_argument("--output-dir", default=Path("."), type=Path, help="where the JSON and PNG go (default .)")
+    p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    p.add_argument("--verbose", "-v", action="store_true")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
-    parser = {"generate": generate_parser, "export": export_parser, "sweep": sweep_parser, None: one_shot_parser}[command]()
+    parser = {
+        "generate": generate_parser,
+        "export": export_parser,
+        "sweep": sweep_parser,
+        "run": run_parser,
+        None: one_shot_parser,
+    }[command]()
     args = parser.parse_args(argv[1:] if command else argv)
     from .progress import Steps
 
@@ -105,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             from .sweep import sweep
 
             return sweep(args.match, args.timeout, args.memory_gib, args.retry_failed, steps.info)
+        if command == "run":
+            from .run import run
+
+            run(args.model, args.points, args.output_dir, args.format, steps.info)
+            return 0
         return cmd_one_shot(args, device, steps)
     except ExportError as exc:
         if args.verbose and exc.__cause__ is not None:

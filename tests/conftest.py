@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,18 +13,52 @@ import pytest
 from codegen.sample import DEFAULT_FRAMES, data_root
 
 REPO = Path(__file__).resolve().parent.parent
-WIDTH = {"KittiDataset": 4, "NuScenesDataset": 5, "SUNRGBDDataset": 6, "ScanNetDataset": 6}
+CONFIG = "pointpillars_hv_secfpn_8xb6-160e_kitti-3d-car"  # the shipped default
+WIDTH = {
+    "KittiDataset": 4,
+    "NuScenesDataset": 5,
+    "SUNRGBDDataset": 6,
+    "ScanNetDataset": 6,
+}
 
 
 def frame_path(dataset: str) -> Path:
     path = data_root() / DEFAULT_FRAMES[dataset]
     if not path.is_file():
-        pytest.skip(f"real frame absent: {path} (set MMDET3D_EXPORT_DATA or provide ../shared/data)")
+        pytest.skip(
+            f"real frame absent: {path} (set MMDET3D_EXPORT_DATA or provide ../shared/data)"
+        )
     return path
 
 
 def load_frame(dataset: str) -> np.ndarray:
-    return np.fromfile(frame_path(dataset), dtype=np.float32).reshape(-1, WIDTH[dataset])
+    return np.fromfile(frame_path(dataset), dtype=np.float32).reshape(
+        -1, WIDTH[dataset]
+    )
+
+
+def cli(
+    *args: str, env: dict | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    """The real command line, in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "codegen", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """The one-shot export of the shipped default (PointPillars, KITTI frame, PT2 + ONNX)."""
+    frame_path("KittiDataset")
+    out = tmp_path_factory.mktemp("export") / "pointpillars"
+    proc = cli("--config", CONFIG, "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
 
 
 @pytest.fixture(scope="session")
