@@ -1,0 +1,320 @@
+"""Benchmark of every exported model on its real frame (run on request).
+
+    .venv/bin/python bench/models.py [--models SUBSTRING ...] [--runs 5] [--cache bench/results]
+
+For each committed head wrapper under generated/ (or those matching ``--models``): export it
+once (PT2 + ONNX, and IREE vmfbs with the default and the tuned preset when codegen.iree is
+available; cached under ``--cache`` and reused while the wrapper is unchanged), then time, each
+in its own child process so that peak memory is per runtime:
+
+- ``predict``: eager mmdet3d ``model.predict`` (mmcv CPU ops; with the recipe's patches for
+  models whose original cannot run on a CPU, marked ``patched``), from preprocessed inputs;
+- ``eager_head``: the wrapper's forward (the model's tensor path) in eager PyTorch;
+- ``pt2``: the reloaded ExportedProgram; ``onnx``: onnxruntime; ``iree_*``: the IREE runtime.
+
+Reports the median latency, its ratio to eager predict (measured in the same run), peak RSS of
+the child (which includes Python + torch, ~0.4 GiB), and the fp32 compute floor (the wrapper's
+FLOPs by torch.utils.flop_counter / a measured fp32 matmul GFLOP/s). Writes
+docs/bench_models.md, docs/bench_models.json and docs/bench_models.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+DOCS = REPO / "docs"
+
+
+def median_ms(fn, runs: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def iree_presets() -> dict[str, list[str]]:
+    """IREE presets to benchmark: {} when the tool has no IREE support."""
+    try:
+        from codegen import iree
+    except ImportError:
+        return {}
+    return dict(iree.PRESETS)
+
+
+# ------------------------------------------------------------------ child: one runtime, one model
+
+
+def _child(export_dir: Path, runtime: str, runs: int) -> dict:
+    import numpy as np
+    import torch
+
+    from codegen import sample as smp
+    from codegen.export import import_wrapper
+    from codegen.generate import reference_context
+    from codegen.recipes import BY_NAME
+
+    meta = json.loads((export_dir / "metadata.json").read_text())
+    module = import_wrapper(next(export_dir.glob("wrapper_*.py")))
+    saved = np.load(export_dir / "inputs.npz")
+    names = list(module.INPUT_NAMES)
+    args = [torch.from_numpy(saved[n]) for n in names]
+    fresh = lambda: [a.clone() for a in args]  # noqa: E731 (the original PillarFeatureNet writes into its input)
+    result: dict = {}
+    if runtime in ("predict", "eager_head", "flops"):
+        wrapper = module.build().eval()
+        recipe = BY_NAME[module.RECIPE]
+        patched = recipe.reference == "patched"
+        result["patched"] = patched
+        if runtime == "predict":
+            model = wrapper.model
+            s = smp.sample_frame(model, module.FRAME)
+
+            def fn():
+                with torch.no_grad(), reference_context(recipe, module.BATCH_SIZE):
+                    model.predict(smp.clone_tree(s.data["inputs"]), s.data["data_samples"])
+
+        elif runtime == "eager_head":
+            wrapper.patched = patched
+
+            def fn():
+                with torch.no_grad():
+                    wrapper(*fresh())
+
+        else:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                wrapper(*fresh())
+            n = 2048
+            a, b = torch.randn(n, n), torch.randn(n, n)
+            ms = median_ms(lambda: a @ b, 10, warmup=2)
+            return {"flops": counter.get_total_flops(), "matmul_gflops": 2 * n**3 / (ms / 1e3) / 1e9}
+    elif runtime == "pt2":
+        program = torch.export.load(str(export_dir / "model.pt2")).module()
+
+        def fn():
+            with torch.no_grad():
+                program(*fresh())
+
+    elif runtime == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+        feeds = {n: saved[n] for n in names}
+        fn = lambda: session.run(None, feeds)  # noqa: E731
+    elif runtime.startswith("iree_"):
+        from codegen.iree import iree_runtime
+
+        vmfb = export_dir / f"model.{runtime[len('iree_'):]}.vmfb"
+        run = iree_runtime(vmfb, names).run
+        fn = lambda: run(tuple(args))  # noqa: E731
+    else:
+        raise SystemExit(f"unknown runtime {runtime}")
+    result["median_ms"] = median_ms(fn, runs)
+    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result["model"] = meta["model_config"]
+    return result
+
+
+# ------------------------------------------------------------------ parent
+
+
+def _spawn(args: list[str], timeout: float = 3600) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(args, -9, "", f"timed out after {timeout:.0f} s")
+
+
+def _export(wrapper: Path, cache: Path, presets: dict) -> tuple[Path, dict]:
+    digest = hashlib.sha256(wrapper.read_bytes() + json.dumps(presets, sort_keys=True).encode()).hexdigest()[:16]
+    out = cache / wrapper.stem.removeprefix("wrapper_")
+    stamp = out / "bench.stamp"
+    if stamp.is_file() and stamp.read_text() == digest:
+        return out, json.loads(stamp.with_suffix(".json").read_text())
+    fmt = "all" if presets else "both"
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codegen", "export", str(wrapper), "--output-dir", str(out), "--format", fmt, "--device", "cpu"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    log = proc.stdout.read()
+    info = {
+        "export_s": round(time.perf_counter() - start, 1),
+        "export_peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),
+        "export_ok": os.waitstatus_to_exitcode(status) == 0,
+    }
+    if not info["export_ok"]:
+        info["error"] = next((line for line in log.splitlines() if line.startswith("error:")), log.strip()[-300:])
+        return out, info
+    stamp.with_suffix(".json").write_text(json.dumps(info))
+    stamp.write_text(digest)
+    return out, info
+
+
+def bench_model(wrapper: Path, cache: Path, runs: int, log=print) -> dict:
+    presets = iree_presets()
+    out, row = _export(wrapper, cache, presets)
+    row["wrapper"] = wrapper.name
+    if not row["export_ok"]:
+        log(f"  export failed: {row['error']}")
+        return row
+    meta = json.loads((out / "metadata.json").read_text())
+    row["model_config"] = meta["model_config"]
+    row["parity"] = meta["validation"]["max_abs_diff"]
+    runtimes = ["predict", "eager_head", "pt2", "onnx"] + [f"iree_{p}" for p in presets if (out / f"model.{p}.vmfb").is_file()]
+    row["latency_ms"], row["peak_rss_gib"] = {}, {}
+    for runtime in ["flops", *runtimes]:
+        proc = _spawn([sys.executable, __file__, "--child", str(out), runtime, "--runs", str(runs)])
+        if proc.returncode != 0:
+            row.setdefault("errors", {})[runtime] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+            log(f"  {runtime}: failed: {row['errors'][runtime]}")
+            continue
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        if runtime == "flops":
+            row["gflop"] = round(got["flops"] / 1e9, 2)
+            row["matmul_gflops"] = round(got["matmul_gflops"], 1)
+            row["fp32_floor_ms"] = round(got["flops"] / (got["matmul_gflops"] * 1e9) * 1e3, 1)
+            continue
+        row["latency_ms"][runtime] = round(got["median_ms"], 1)
+        row["peak_rss_gib"][runtime] = round(got["peak_rss_gib"], 2)
+        if "patched" in got:
+            row["reference_patched"] = got["patched"]
+        log(f"  {runtime:<14} {got['median_ms']:9.1f} ms  {got['peak_rss_gib']:.2f} GiB")
+    base = row["latency_ms"].get("predict")
+    if base:
+        row["ratio_to_predict"] = {k: round(v / base, 2) for k, v in row["latency_ms"].items()}
+    if row.get("fp32_floor_ms"):
+        row["ratio_to_floor"] = {k: round(v / row["fp32_floor_ms"], 2) for k, v in row["latency_ms"].items()}
+    return row
+
+
+def write_report(rows: list[dict], runs: int) -> None:
+    import torch
+
+    DOCS.mkdir(exist_ok=True)
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}
+    (DOCS / "bench_models.json").write_text(json.dumps({"machine": machine, "runs": runs, "models": rows}, indent=2) + "\n")
+    runtimes = sorted({k for r in rows for k in r.get("latency_ms", {})}, key=_runtime_order)
+    lines = [
+        "# Exported models: latency and memory per runtime",
+        "",
+        f"Generated by `bench/models.py` on {machine['cpus']} CPU cores, torch {machine['torch']}; median of {runs} runs "
+        "on each model's real frame (the export's inputs.npz), each runtime in its own process. Cells: median ms "
+        "(ratio to eager `predict` measured in the same run; ratio to the fp32 compute floor). `predict` is "
+        "mmdet3d's eager predict with mmcv CPU ops (*patched*: with the tool's op replacements, the original cannot run "
+        "on a CPU). Peak RSS is the child process's, Python + torch included.",
+        "",
+        "| model | GFLOP | floor ms | " + " | ".join(runtimes) + " | export s / GiB |",
+        "|---|---:|---:|" + "---:|" * len(runtimes) + "---:|",
+    ]
+    for r in rows:
+        name = r["wrapper"].removeprefix("wrapper_").removesuffix(".py")
+        if not r.get("export_ok"):
+            lines.append(f"| {name} | | | " + " | ".join("" for _ in runtimes) + f" | failed: {r.get('error', '')[:80]} |")
+            continue
+        cells = []
+        for k in runtimes:
+            v = r["latency_ms"].get(k)
+            if v is None:
+                cells.append("✗" if k in r.get("errors", {}) else "")
+                continue
+            ratios = [f"{r['ratio_to_predict'][k]}×" if "ratio_to_predict" in r else "?"]
+            if "ratio_to_floor" in r:
+                ratios.append(f"{r['ratio_to_floor'][k]}× floor")
+            mark = "*" if k == "predict" and r.get("reference_patched") else ""
+            cells.append(f"{v}{mark} ({'; '.join(ratios)})")
+        lines.append(
+            f"| {name} | {r.get('gflop', '')} | {r.get('fp32_floor_ms', '')} | " + " | ".join(cells)
+            + f" | {r['export_s']} / {r['export_peak_rss_gib']} |"
+        )
+    lines += ["", "Peak RSS (GiB) per runtime:", "", "| model | " + " | ".join(runtimes) + " |", "|---|" + "---:|" * len(runtimes)]
+    for r in rows:
+        if r.get("export_ok"):
+            name = r["wrapper"].removeprefix("wrapper_").removesuffix(".py")
+            lines.append(f"| {name} | " + " | ".join(str(r["peak_rss_gib"].get(k, "")) for k in runtimes) + " |")
+    errors = [(r["wrapper"], k, e) for r in rows for k, e in r.get("errors", {}).items()]
+    if errors:
+        lines += ["", "Failures:", ""] + [f"- {w} {k}: {e}" for w, k, e in errors]
+    lines += ["", "![latency chart](bench_models.png)", ""]
+    (DOCS / "bench_models.md").write_text("\n".join(lines))
+    _chart(rows, runtimes)
+    print("\n".join(lines))
+
+
+def _runtime_order(name: str) -> tuple[int, str]:
+    order = ["predict", "eager_head", "pt2", "onnx"]
+    return (order.index(name) if name in order else len(order), name)
+
+
+def _chart(rows: list[dict], runtimes: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [r for r in rows if r.get("ratio_to_predict")]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4.5), dpi=110)
+    width = 0.8 / len(runtimes)
+    x = np.arange(len(rows))
+    for i, k in enumerate(runtimes):
+        values = [r["ratio_to_predict"].get(k, np.nan) for r in rows]
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=k)
+    ax.axhline(1.0, color="k", linewidth=0.6)
+    ax.set_xticks(x, [r["wrapper"].removeprefix("wrapper_").removesuffix(".py")[:28] for r in rows], rotation=25, ha="right", fontsize=7)
+    ax.set_ylabel("latency / eager predict (lower is faster)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(DOCS / "bench_models.png")
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="*", default=[], help="only wrappers whose name contains one of these")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--cache", type=Path, default=REPO / "bench" / "results", help="export cache (reused)")
+    parser.add_argument("--child", nargs=2, metavar=("EXPORT_DIR", "RUNTIME"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_child(Path(args.child[0]), args.child[1], args.runs)))
+        return 0
+    wrappers = [
+        p
+        for p in sorted((REPO / "generated").glob("wrapper_*.py"))
+        if not p.stem.endswith("_boxes") and (not args.models or any(m in p.name for m in args.models))
+    ]
+    rows = []
+    for wrapper in wrappers:
+        print(f"{wrapper.name}", flush=True)
+        rows.append(bench_model(wrapper, args.cache, args.runs))
+    write_report(rows, args.runs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
