@@ -25,6 +25,8 @@ class Head:
 HEADS = {
     "Anchor3DHead": Head(("cls_score", "bbox_pred", "dir_cls_pred"), "boxes.anchor3d({head}, *head_outputs)"),
     "FreeAnchor3DHead": Head(("cls_score", "bbox_pred", "dir_cls_pred"), "boxes.anchor3d({head}, *head_outputs)"),
+    # SSN: one small conv head per class group (shape-aware anchors), outputs concatenated per level
+    "ShapeAwareHead": Head(("cls_score", "bbox_pred", "dir_cls_pred")),
     "CenterHead": Head(("task{}",), "boxes.centerpoint({head}, head_outputs)"),
     "VoteHead": Head(()),  # a dict of named tensors
 }
@@ -66,6 +68,9 @@ COMPONENT_PATCHES = {
     "DynamicPillarFeatureNet": ("dynamic_pillar_feature_net.padded",),
     "DynamicVFE": ("dynamic_vfe.padded",),
     "DynamicSimpleVFE": ("dynamic_simple_vfe.padded",),
+    # mmcv's deformable convolutions, wherever nested (DCNSeparateHead's dcn_config, a ResNet's dcn)
+    "DCN": ("dcn.pack",),
+    "DCNv2": ("dcnv2.pack",),
 }
 HARD_VOXEL_ENCODERS = ("PillarFeatureNet", "HardVFE", "HardSimpleVFE")
 DYNAMIC_VOXEL_ENCODERS = ("DynamicPillarFeatureNet", "DynamicVFE", "DynamicSimpleVFE")
@@ -143,6 +148,21 @@ def _describe(model_cfg) -> str:
     return " / ".join(map(str, parts))
 
 
+def _component_types(node) -> list[str]:
+    """The ``type`` of every component in a config tree, depth first: nested components (a DCN
+    inside a head's ``dcn_config``, a backbone's ``dcn``) bring their patches too."""
+    found = []
+    if isinstance(node, dict):
+        if isinstance(node.get("type"), str):
+            found.append(node["type"])
+        for value in node.values():
+            found += _component_types(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            found += _component_types(value)
+    return found
+
+
 def recipe_for(model_cfg) -> Recipe:
     """The recipe for a config's model, completed with its head's output names and decoder."""
     for recipe in RECIPES:
@@ -154,8 +174,8 @@ def recipe_for(model_cfg) -> Recipe:
             boxes = head.boxes.format(head=f"self.model.{recipe.head}") if head.boxes else None
             patches = list(recipe.patches)
             component_patches = {**COMPONENT_PATCHES, **recipe.component_patches}
-            for node in model_cfg.values():
-                for name in component_patches.get(node.get("type") if isinstance(node, dict) else None, ()):
+            for component in _component_types(model_cfg):
+                for name in component_patches.get(component, ()):
                     if name not in patches:
                         patches.append(name)
             return dataclasses.replace(recipe, patches=tuple(patches), output_groups=head.groups, boxes=boxes)

@@ -1,0 +1,96 @@
+"""codegen.ops.deform_conv against mmcv 2.1's CPU kernels (DCN v1 and modulated DCN v2), at the
+feature sizes the zoo runs them on, and exported alone (PT2 reloaded + onnxruntime, two sizes).
+
+The cases are CenterPoint's DCNSeparateHead (``DCN``, 64 -> 64 channels, groups 4, on the
+128 x 128 BEV map of the 0.2 m pillar model) and DCNv2 layers of a ResNet-101 DCN backbone
+(FCOS3D / PGD: 3x3, stride 1 in caffe style, stride 2 in pytorch style, on nuScenes image
+features). Offsets are several pixels large, so taps land between pixels, outside the image
+and across its border, which is where bilinear sampling is easiest to get wrong.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mmcv.ops import DeformConv2dPack, ModulatedDeformConv2dPack
+from mmcv.ops import deform_conv2d as mmcv_deform_conv2d
+from mmcv.ops import modulated_deform_conv2d as mmcv_modulated_deform_conv2d
+from torch.export import Dim
+
+from codegen import patches
+from codegen.ops.deform_conv import deform_conv2d
+from export_check import assert_exports, forbidden_onnx_ops
+
+# (channels in, out, H, W, stride, padding, dilation, groups, deform groups)
+CASES = {
+    "centerpoint_dcn_head": (64, 64, 128, 128, 1, 1, 1, 4, 1),
+    "resnet101_dcnv2_stride1": (128, 128, 116, 200, 1, 1, 1, 1, 1),
+    "resnet101_dcnv2_stride2": (256, 256, 58, 100, 2, 1, 1, 1, 1),
+    "dilated_deform_groups": (32, 48, 37, 53, 1, 2, 2, 2, 4),
+}
+
+
+def _inputs(c_in, c_out, h, w, stride, pad, dil, groups, dg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ho = (h + 2 * pad - (dil * 2 + 1)) // stride + 1
+    wo = (w + 2 * pad - (dil * 2 + 1)) // stride + 1
+    x = torch.randn(1, c_in, h, w, generator=g)
+    offset = torch.randn(1, dg * 18, ho, wo, generator=g) * 4.0
+    mask = torch.rand(1, dg * 9, ho, wo, generator=g)
+    weight = torch.randn(c_out, c_in // groups, 3, 3, generator=g) / (c_in // groups * 9) ** 0.5
+    bias = torch.randn(c_out, generator=g)
+    return x, offset, mask, weight, bias
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_mmcv_cpu(case):
+    c_in, c_out, h, w, stride, pad, dil, groups, dg = CASES[case]
+    x, offset, mask, weight, bias = _inputs(*CASES[case])
+    # most offsets are more than 2 px: border taps land outside the image (zero padding branch)
+    ho, wo = offset.shape[-2:]
+    assert (offset.abs() > 2).float().mean() > 0.5
+    ref = mmcv_deform_conv2d(x, offset, weight, stride, pad, dil, groups, dg)
+    ours = deform_conv2d(x, offset, weight, None, stride, pad, dil, groups, dg)
+    assert ours.shape == ref.shape == (1, c_out, ho, wo)
+    assert (ours - ref).abs().max().item() < 1e-5 * max(1.0, ref.abs().max().item())
+    ref = mmcv_modulated_deform_conv2d(x, offset, mask, weight, bias, stride, pad, dil, groups, dg)
+    ours = deform_conv2d(x, offset, weight, bias, stride, pad, dil, groups, dg, mask=mask)
+    assert (ours - ref).abs().max().item() < 1e-5 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("cls, name", [(DeformConv2dPack, "dcn.pack"), (ModulatedDeformConv2dPack, "dcnv2.pack")])
+def test_patched_pack_modules_equal_mmcv(cls, name):
+    """The registered patches replace the mmcv module forwards one for one (offset conv with
+    random, non-zero weights: mmcv initialises it to zero, which would only test a plain conv)."""
+    torch.manual_seed(0)
+    module = cls(64, 64, kernel_size=3, padding=1, groups=4).eval()
+    torch.nn.init.normal_(module.conv_offset.weight, std=0.05)
+    torch.nn.init.normal_(module.conv_offset.bias, std=1.0)
+    x = torch.randn(1, 64, 96, 80)
+    with torch.no_grad():
+        ref = module(x)
+        with patches.applied((name,)):
+            ours = module(x)
+    assert (ours - ref).abs().max().item() < 1e-5
+
+
+class _Modulated(torch.nn.Module):
+    def __init__(self, weight, bias, stride, pad, dil, groups, dg):
+        super().__init__()
+        self.weight, self.bias = torch.nn.Parameter(weight), torch.nn.Parameter(bias)
+        self.args = (stride, pad, dil, groups, dg)
+
+    def forward(self, x, offset, mask):
+        return deform_conv2d(x, offset, self.weight, self.bias, *self.args, mask=mask)
+
+
+def test_export_alone(tmp_path):
+    """PT2 and ONNX with dynamic height and width, run at two sizes; only gathers in the graph."""
+    c_in, c_out, _, _, stride, pad, dil, groups, dg = CASES["dilated_deform_groups"]
+    small = _inputs(c_in, c_out, 37, 53, stride, pad, dil, groups, dg, seed=1)
+    large = _inputs(c_in, c_out, 64, 45, stride, pad, dil, groups, dg, seed=2)
+    module = _Modulated(small[3], small[4], stride, pad, dil, groups, dg)
+    h, w = Dim("h", min=4), Dim("w", min=4)
+    shapes = ({2: h, 3: w}, {2: h, 3: w}, {2: h, 3: w})
+    assert_exports(module, [s[:3] for s in (small, large)], shapes, tmp_path, atol=1e-5)
+    assert forbidden_onnx_ops(tmp_path / "op.onnx") == []
