@@ -33,6 +33,7 @@ from torch import Tensor
 from ..ops.dynamic_scatter import dynamic_scatter, dynamic_scatter_padded
 from ..ops.scatter import scatter_to_bev
 from ..ops.voxelize import _iota
+from .voxelnet import dense_tail
 from . import register, static_batch_size
 
 # max reduction of DynamicScatter: "sort" (two sorts, no max-scatter; compiles with IREE) or
@@ -98,11 +99,7 @@ def _decorations(self, features: Tensor, coors: Tensor) -> Tensor:
 def dynamic_voxelnet_extract_feat(self, batch_inputs_dict: dict):
     voxel_dict = batch_inputs_dict["voxels"]
     voxel_features, feature_coors = self.voxel_encoder(voxel_dict["voxels"], voxel_dict["coors"])
-    x = self.middle_encoder(voxel_features, feature_coors, static_batch_size())
-    x = self.backbone(x)
-    if self.with_neck:
-        x = self.neck(x)
-    return x
+    return dense_tail(self, voxel_features, feature_coors)
 
 
 @register(

@@ -17,10 +17,16 @@ from . import register, static_batch_size
 def voxelnet_extract_feat(self, batch_inputs_dict: dict):
     voxel_dict = batch_inputs_dict["voxels"]
     voxel_features = self.voxel_encoder(voxel_dict["voxels"], voxel_dict["num_points"], voxel_dict["coors"])
-    x = self.middle_encoder(voxel_features, voxel_dict["coors"], static_batch_size())
-    x = self.backbone(x)
-    if self.with_neck:
-        x = self.neck(x)
+    return dense_tail(self, voxel_features, voxel_dict["coors"])
+
+
+def dense_tail(detector, voxel_features: Tensor, coors: Tensor, prefix: str = ""):
+    """Middle encoder (with the wrapper's static batch size) -> backbone -> optional neck: the part
+    every voxel detector's ``extract_feat`` shares; ``prefix="pts_"`` for the MVX detectors."""
+    x = getattr(detector, prefix + "middle_encoder")(voxel_features, coors, static_batch_size())
+    x = getattr(detector, prefix + "backbone")(x)
+    if getattr(detector, f"with_{prefix}neck"):
+        x = getattr(detector, prefix + "neck")(x)
     return x
 
 
@@ -35,11 +41,7 @@ def mvx_extract_pts_feat(self, voxel_dict: dict, points=None, img_feats=None, ba
     voxel_features = self.pts_voxel_encoder(
         voxel_dict["voxels"], voxel_dict["num_points"], voxel_dict["coors"], img_feats, batch_input_metas
     )
-    x = self.pts_middle_encoder(voxel_features, voxel_dict["coors"], static_batch_size())
-    x = self.pts_backbone(x)
-    if self.with_pts_neck:
-        x = self.pts_neck(x)
-    return x
+    return dense_tail(self, voxel_features, voxel_dict["coors"], prefix="pts_")
 
 
 @register(
