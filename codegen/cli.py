@@ -1,7 +1,7 @@
 """Command line: ``generate``, ``export`` and the one-shot form with the original flags.
 
     mmdet3d-export --config NAME_OR_PATH [--checkpoint F] [--output-dir D] [--format pt2|onnx|both]
-                   [--device cuda:0] [--verbose]
+                   [--device cuda:0] [--source-root CHECKOUT] [--verbose]
     mmdet3d-export generate --config NAME_OR_PATH [--frame F|synthetic] [--output F] [--check]
     mmdet3d-export generate --check            # every committed wrapper under generated/
     mmdet3d-export export generated/wrapper_X.py [--checkpoint F] [--output-dir D] [--format ...]
@@ -26,6 +26,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="checkpoint file (.pth); random weights when omitted")
     p.add_argument("--device", default="cuda:0", help="torch device (default cuda:0; cpu when CUDA is absent)")
     p.add_argument("--verbose", "-v", action="store_true", help="show details of every step")
+    p.add_argument(
+        "--source-root",
+        metavar="PATH",
+        help="mmdetection3d source checkout (the folder holding projects/) for project configs such as "
+        "projects/BEVFusion/configs/*.py: put on sys.path before the config's custom_imports (default: the "
+        "checkout holding --config, else $MMDET3D_EXPORT_SOURCE_ROOT or ../shared/third_party/mmdetection3d)",
+    )
 
 
 def _outputs_flag(p: argparse.ArgumentParser) -> None:
@@ -119,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         from .sample import pick_device
 
         device = pick_device(args.device, steps.warn)
+        if getattr(args, "source_root", None):
+            from .checkout import activate
+
+            steps.detail(f"source root: {activate(args.source_root)}")
         if command == "generate":
             return cmd_generate(args, device, steps)
         if command == "export":

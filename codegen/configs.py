@@ -5,6 +5,8 @@ Accepted forms of ``--config``:
   * a shipped config name, ``pointpillars_hv_secfpn_8xb6-160e_kitti-3d-car`` (``.py`` optional),
     or a metafile alias (``pointpillars_kitti-3class``);
   * ``mmdet3d::pointpillars/<file>.py``;
+  * a config of an mmdetection3d source checkout (``projects/BEVFusion/configs/<file>.py``, a path
+    or relative to ``--source-root``; see ``codegen.checkout``);
   * a 0.x-era name or path (``configs/pointpillars/hv_pointpillars_secfpn_6x8_160e_kitti-3d-car.py``),
     mapped to its 1.x file through the wheel's ``metafile.yml`` files, whose weights URLs carry
     the old names.
@@ -84,6 +86,11 @@ def resolve_config(spec: str) -> ResolvedConfig:
     """Turn whatever the user wrote into a config file, or raise ExportError."""
     if not spec:
         raise ExportError("--config is empty")
+    from .checkout import find_config
+
+    in_checkout = find_config(spec)  # projects/... of a source checkout: ref relative to its root
+    if in_checkout is not None:
+        return ResolvedConfig(*in_checkout)
     path = Path(spec).expanduser()
     if path.is_file():
         return ResolvedConfig(path.resolve(), spec)

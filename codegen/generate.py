@@ -61,9 +61,10 @@ def _eval_as_wrapper(expression: str, model, **names):
     so generation runs exactly the code the wrapper will hold."""
     from types import SimpleNamespace
 
-    from . import boxes
+    from . import boxes, patches
 
-    return eval(expression, {"boxes": boxes}, {"self": SimpleNamespace(model=model), **names})
+    patches._load_all()  # the wrapper's forward has them loaded (patches.applied) when it calls
+    return eval(expression, {"boxes": boxes, "patches": patches}, {"self": SimpleNamespace(model=model), **names})
 
 
 def decode_boxes(model, recipe: Recipe, head_outputs):
@@ -90,7 +91,7 @@ def generate(
             raise ExportError(f"--outputs boxes is not available for recipe {recipe.name} yet (head outputs are)")
         steps.detail(f"{resolved.path} -> recipe {recipe.name}")
     with steps.step(2, str(cfg.model.get("type"))):
-        model = smp.build_model(cfg, device)
+        model = smp.build_model(cfg, device, steps.detail)
         steps.detail(f"{sum(p.numel() for p in model.parameters()):,} parameters on {device}")
     if checkpoint:
         with steps.step(3):

@@ -42,21 +42,50 @@ def data_root() -> Path:
 def load_config(resolved: ResolvedConfig):
     from mmengine.config import Config
 
+    from .checkout import import_custom_modules
+
     try:
-        cfg = Config.fromfile(str(resolved.path))
+        cfg = Config.fromfile(str(resolved.path), import_custom_modules=False)
     except Exception as exc:  # syntax errors, missing _base_ files, ...
         raise ExportError(f"cannot load config {resolved.path}: {type(exc).__name__}: {exc}") from None
     if "model" not in cfg:
         raise ExportError(f"config {resolved.path} defines no 'model'")
+    # custom_imports (projects.BEVFusion.bevfusion, ...) with one clear error when they fail
+    import_custom_modules(cfg, resolved.path)
     return cfg
 
 
-def build_model(cfg, device: str = "cpu") -> torch.nn.Module:
-    """Build the detector from the registry, randomly initialised with a fixed seed."""
+def strip_pretrained(node, path: str = "model") -> list[str]:
+    """Drop every ``init_cfg=dict(type='Pretrained', ...)`` from a model config, in place; return
+    where. Building would download those weights (BEVFusion's Swin backbone: a GitHub URL): the
+    export runs offline with random weights or the full ``--checkpoint`` instead."""
+    stripped = []
+    if isinstance(node, dict):
+        init = node.get("init_cfg")
+        inits = init if isinstance(init, (list, tuple)) else [init]
+        if any(isinstance(i, dict) and i.get("type") == "Pretrained" for i in inits):
+            kept = [i for i in inits if not (isinstance(i, dict) and i.get("type") == "Pretrained")]
+            what = next(i for i in inits if isinstance(i, dict) and i.get("type") == "Pretrained")
+            node["init_cfg"] = kept[0] if len(kept) == 1 else (kept or None)
+            stripped.append(f"{path}.init_cfg (Pretrained {what.get('checkpoint')})")
+        for key, value in node.items():
+            stripped += strip_pretrained(value, f"{path}.{key}")
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            stripped += strip_pretrained(value, f"{path}[{i}]")
+    return stripped
+
+
+def build_model(cfg, device: str = "cpu", log=None) -> torch.nn.Module:
+    """Build the detector from the registry, randomly initialised with a fixed seed (pretrained
+    sub-model weights named in the config are not fetched: ``strip_pretrained``)."""
     from mmengine.registry import init_default_scope
 
     cfg = copy.deepcopy(cfg)
     cfg.model.train_cfg = None
+    for where in strip_pretrained(cfg.model):
+        if log:
+            log(f"not fetched: {where}")
     init_default_scope(cfg.get("default_scope", "mmdet3d"))
     from mmdet3d.registry import MODELS
     from mmdet3d.utils import register_all_modules
@@ -206,6 +235,60 @@ def synthetic_points(cfg, n: int = 20000) -> np.ndarray:
     return np.concatenate([xyz, extra], axis=1).astype(np.float32)
 
 
+# metainfo matrices that multi-view camera models read (BEVFusion's view transform): the sample
+# carries them as tensors, inputs["cam"][key] [batch, views, 4, 4] ([batch, 4, 4] for the lidar one)
+CAMERA_META = ("lidar2img", "cam2img", "cam2lidar", "img_aug_matrix", "lidar_aug_matrix")
+
+
+def loads_cameras(cfg) -> bool:
+    """Does the test pipeline load multi-view camera images (``*MultiViewImage*`` loaders)?"""
+    return any("MultiViewImage" in str(step.get("type")) for step in _pipeline_cfg(cfg))
+
+
+def frame_info(frame: Path) -> dict:
+    """The mmdet3d info entry of a frame: from a ``.pkl`` beside it whose ``data_list`` names the
+    frame's lidar file (nuScenes: calibrations and the six camera images)."""
+    import mmengine
+
+    for pkl in sorted(frame.parent.glob("*.pkl")):
+        try:
+            infos = mmengine.load(str(pkl))
+        except Exception:
+            continue
+        for info in (infos.get("data_list") if isinstance(infos, dict) else None) or []:
+            lidar = (info.get("lidar_points") or {}).get("lidar_path") or ""
+            if Path(lidar).name == frame.name:
+                return info
+    raise ExportError(
+        f"the test pipeline loads camera images: no info .pkl beside {frame} describes the frame "
+        "(its camera files and calibrations)"
+    )
+
+
+def camera_item(frame: Path) -> dict:
+    """``images`` for the pipeline's multi-view loader, image paths made absolute (as
+    ``mmdet3d.apis.inference_multi_modality_detector`` does)."""
+    images = copy.deepcopy(frame_info(frame).get("images") or {})
+    if not images:
+        raise ExportError(f"the info entry of {frame} has no camera images")
+    for cam in images.values():
+        cam["img_path"] = str(frame.parent / Path(cam["img_path"]).name)
+        if not Path(cam["img_path"]).is_file():
+            raise ExportError(f"camera image not found: {cam['img_path']}")
+    return {"images": images}
+
+
+def camera_tensors(data_samples) -> dict[str, torch.Tensor]:
+    """The ``CAMERA_META`` matrices present in every sample's metainfo, float32 (what the models
+    make of them with ``imgs.new_tensor(np.asarray(...))``)."""
+    metas = [s.metainfo for s in data_samples]
+    return {
+        key: torch.as_tensor(np.asarray([np.asarray(m[key]) for m in metas]), dtype=torch.float32)
+        for key in CAMERA_META
+        if all(key in m for m in metas)
+    }
+
+
 @dataclass
 class Sample:
     """One frame as the model sees it."""
@@ -243,6 +326,10 @@ def make_sample(model, cfg, frame: Path | None, keep_every: int = 1) -> Sample:
             box_type_3d=box_type_3d,
             box_mode_3d=box_mode_3d,
         )
+        if loads_cameras(cfg):
+            if frame is None:
+                raise ExportError("the test pipeline loads camera images: a real frame is needed, not a synthetic cloud")
+            item.update(camera_item(Path(frame)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
@@ -258,6 +345,8 @@ def make_sample(model, cfg, frame: Path | None, keep_every: int = 1) -> Sample:
     device = next(model.parameters()).device
     with torch.no_grad():
         data = model.data_preprocessor(batch, training=False)
+    if "imgs" in data["inputs"]:
+        data["inputs"]["cam"] = camera_tensors(data["data_samples"])
     voxels = data["inputs"].get("voxels")
     if isinstance(voxels, dict) and voxels.get("coors") is not None and voxels["coors"].shape[0] == 0:
         raise ExportError(f"no points of {label} fall inside the point-cloud range {point_cloud_range(cfg)}")

@@ -82,4 +82,4 @@ def applied(names: tuple[str, ...] | list[str], batch_size: int | None = None) -
 
 def _load_all() -> None:
     """Import the modules that register patches (kept lazy: they import mmdet3d)."""
-    from . import deform_conv, dynamic_voxel, points, sparse, voxelnet  # noqa: F401
+    from . import bevfusion, deform_conv, dynamic_voxel, points, sparse, voxelnet  # noqa: F401

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from ..errors import ExportError
+from ..patches.bevfusion import CAMERA_PATCHES as BEVFUSION_CAMERA_PATCHES
+from ..patches.bevfusion import LIDAR_PATCHES as BEVFUSION_LIDAR_PATCHES
 from ..patches.points import POINT_OP_PATCHES
 
 
@@ -29,6 +31,7 @@ HEADS = {
     "ShapeAwareHead": Head(("cls_score", "bbox_pred", "dir_cls_pred")),
     "CenterHead": Head(("task{}",), "boxes.centerpoint({head}, head_outputs)"),
     "VoteHead": Head(()),  # a dict of named tensors
+    "TransFusionHead": Head(()),  # BEVFusion: a dict of named tensors (patches.bevfusion.head_outputs)
 }
 
 
@@ -129,6 +132,29 @@ RECIPES += (
         call="self.model._forward(batch_inputs_dict)",
         head="bbox_head",
         reference="patched",  # mmcv's point ops are CUDA-only: the original cannot run on a CPU
+    ),
+)
+
+RECIPES += (
+    # BEVFusion (projects/ of an mmdetection3d checkout, codegen.checkout): points in, voxelized in
+    # the graph; the original runs here with codegen.checkout's stand-ins for its compiled ops
+    Recipe(
+        name="bevfusion_lidar",
+        matches=lambda m: _type(m, "BEVFusion") and not m.get("img_backbone"),
+        patches=BEVFUSION_LIDAR_PATCHES,
+        inputs=("inputs.points",),
+        call="patches.bevfusion.head_outputs(self.model, batch_inputs_dict)",
+        head="bbox_head",
+        reference="patched",  # the original's heatmap argsort has no tie rule (patches.bevfusion.top_k_by_score)
+    ),
+    Recipe(
+        name="bevfusion",  # lidar + six cameras (their calibrations are inputs too)
+        matches=lambda m: _type(m, "BEVFusion") and _type(m.get("view_transform"), "DepthLSSTransform"),
+        patches=BEVFUSION_LIDAR_PATCHES + BEVFUSION_CAMERA_PATCHES,
+        inputs=("inputs.points", "inputs.imgs", "inputs.cam"),
+        call="patches.bevfusion.head_outputs(self.model, batch_inputs_dict)",
+        head="bbox_head",
+        reference="patched",  # the original's heatmap argsort has no tie rule (patches.bevfusion.top_k_by_score)
     ),
 )
 
