@@ -88,6 +88,7 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=900, help="seconds per config (default 900)")
     p.add_argument("--memory-gib", type=float, default=12, help="address-space limit per config (default 12)")
     p.add_argument("--retry-failed", action="store_true", help="rerun configs recorded as failed")
+    p.add_argument("--jobs", type=int, default=1, help="configs at once, each with cores/jobs threads (default 1)")
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     p.add_argument("--verbose", "-v", action="store_true")
     return p
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "sweep":
             from .sweep import sweep
 
-            return sweep(args.match, args.timeout, args.memory_gib, args.retry_failed, steps.info)
+            return sweep(args.match, args.timeout, args.memory_gib, args.retry_failed, steps.info, args.jobs)
         if command == "run":
             from .run import run
 

@@ -1,10 +1,11 @@
 """Zoo sweep: generate + export + validate every shipped config, one subprocess each.
 
-    mmdet3d-export sweep [--match SUBSTRING ...] [--timeout 900] [--memory-gib 12] [--retry-failed]
+    mmdet3d-export sweep [--match SUBSTRING ...] [--timeout 900] [--memory-gib 12] [--retry-failed] [--jobs N]
 
 Each config runs the one-shot command in its own process with a wall-time and an address-space
-limit. Results are appended to ``docs/coverage.json`` as they come (a rerun resumes and skips
-what is there), then ``docs/coverage.md`` is rewritten: one row per config and the failures
+limit; ``--jobs N`` runs N at once, each with cores/N threads (much of an export is single-threaded
+Python: the ONNX conversion, the tracing), so 2 jobs on 2 cores finish sooner than 1. Results
+are appended to ``docs/coverage.json`` as they come (a rerun resumes and skips what is there), then ``docs/coverage.md`` is rewritten: one row per config and the failures
 grouped by cause.
 """
 
@@ -19,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,12 +56,12 @@ def _limits(memory_gib: float):
     return apply
 
 
-def run_one(config: str, timeout: float, memory_gib: float) -> dict:
+def run_one(config: str, timeout: float, memory_gib: float, threads: int | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
         out = Path(tmp) / "out"
         start = time.perf_counter()
         cmd = [sys.executable, "-m", "codegen", "--config", config, "--output-dir", str(out), "--device", "cpu"]
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads) if threads else os.environ.get("OMP_NUM_THREADS", "2"))
         try:
             proc = subprocess.run(
                 cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=_limits(memory_gib), env=env, cwd=REPO
@@ -145,7 +147,7 @@ def write_report(rows: list[dict], kinds: dict[str, tuple[str, str]]) -> Path:
     return path
 
 
-def sweep(matches: list[str], timeout: float, memory_gib: float, retry_failed: bool, log=print) -> int:
+def sweep(matches: list[str], timeout: float, memory_gib: float, retry_failed: bool, log=print, jobs: int = 1) -> int:
     state = DOCS / "coverage.json"
     rows: dict[str, dict] = {}
     if state.is_file():
@@ -163,14 +165,18 @@ def sweep(matches: list[str], timeout: float, memory_gib: float, retry_failed: b
         if model in SEGMENTORS and name not in rows:
             rows[name] = {"config": name, "ok": False, "wrapper": False, "pt2": False, "onnx": False, "parity": None,
                           "error": "segmentation model: out of scope", "wall_s": 0.0}
-    log(f"sweep: {len(todo)} configs to run, {len(rows)} already recorded")
-    for i, name in enumerate(todo, 1):
-        row = run_one(name, timeout, memory_gib)
-        rows[name] = row
-        log(f"[{i}/{len(todo)}] {'✓' if row['ok'] else '✗'} {name} ({row['wall_s']} s) {row['error'] or ''}")
-        DOCS.mkdir(exist_ok=True)
-        state.write_text(json.dumps({"results": sorted(rows.values(), key=lambda r: r["config"])}, indent=1) + "\n")
-        write_report(list(rows.values()), kinds)
+    log(f"sweep: {len(todo)} configs to run, {len(rows)} already recorded, {jobs} at a time")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run_one, name, timeout, memory_gib, threads) for name in todo]
+        for i, future in enumerate(as_completed(futures), 1):
+            row = future.result()
+            name = row["config"]
+            rows[name] = row
+            log(f"[{i}/{len(todo)}] {'✓' if row['ok'] else '✗'} {name} ({row['wall_s']} s) {row['error'] or ''}")
+            DOCS.mkdir(exist_ok=True)
+            state.write_text(json.dumps({"results": sorted(rows.values(), key=lambda r: r["config"])}, indent=1) + "\n")
+            write_report(list(rows.values()), kinds)
     path = write_report(list(rows.values()), kinds)
     log(f"wrote {path} and {state}")
     return 0
