@@ -146,7 +146,9 @@ def describe(path: list[str], shape: list[int], channels: list[str]) -> str:
             return table[key]
     table = {
         "points": f"point cloud after the test pipeline, one row per point{chans}",
-        "imgs": "camera images after normalisation (batch, views, C, H, W)",
+        "imgs": "camera images after normalisation (batch, views, C, H, W)"
+        if len(shape) == 5
+        else "camera image after normalisation (batch, C, H, W)",
         "img": "camera image after normalisation (C, H, W)",
     }
     return table.get(key, f"tensor at {'.'.join(path)}")
@@ -247,8 +249,11 @@ def analyze(
     return Analysis(inputs, constants, [], structure, batch_size)
 
 
-def analyze_outputs(outputs: Any, groups: tuple[str, ...], root: str = "head_outputs") -> list[TensorSpec]:
-    """Flatten an output pytree into named tensors with access expressions below ``root``."""
+def analyze_outputs(
+    outputs: Any, groups: tuple[str, ...], root: str = "head_outputs", descriptions: dict | None = None
+) -> list[TensorSpec]:
+    """Flatten an output pytree into named tensors with access expressions below ``root``
+    (``descriptions``: the head's own meaning of its output names, before HEAD_DESCRIPTIONS)."""
     leaves, _ = walk(outputs, root=root)
     namer = Namer()
     specs = []
@@ -270,7 +275,7 @@ def analyze_outputs(outputs: Any, groups: tuple[str, ...], root: str = "head_out
                 continue
             kept.append(shown)
         name = namer.name(["_".join(kept)])
-        table = BOX_DESCRIPTIONS if root == "decoded" else HEAD_DESCRIPTIONS
+        table = BOX_DESCRIPTIONS if root == "decoded" else {**HEAD_DESCRIPTIONS, **(descriptions or {})}
         key = next((p for p in reversed(kept) if p in table), name)
         what = table.get(key, f"head output {name}")
         specs.append(TensorSpec(".".join(parts), name, list(value.shape), dtype_name(value.dtype), what, access))

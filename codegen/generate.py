@@ -146,7 +146,7 @@ def analyse_outputs(model, recipe: Recipe, s: smp.Sample, batch_size: int, outpu
         with torch.no_grad():
             decoded = decode_boxes(model, recipe, head_outputs)
         return analyze_outputs(decoded, BOX_OUTPUTS, root="decoded")
-    return analyze_outputs(head_outputs, recipe.output_groups)
+    return analyze_outputs(head_outputs, recipe.output_groups, descriptions=recipe.output_descriptions)
 
 
 def run_tensor_path(model, recipe: Recipe, inputs: dict):

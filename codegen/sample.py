@@ -31,6 +31,13 @@ DEFAULT_FRAMES = {
     "SUNRGBDDataset": "sunrgbd/000017.bin",
     "ScanNetDataset": "scannet/scene0000_00.bin",
 }
+# the camera image each dataset's monocular models are sampled on (cam2img from the info .pkl
+# beside it); a dataset without one here (Waymo) falls back to the nuScenes front camera
+DEFAULT_IMAGES = {
+    "KittiDataset": "kitti/000008.png",
+    "NuScenesDataset": "nuscenes/n015-2018-07-24-11-22-45+0800__CAM_FRONT__1532402927612460.jpg",
+}
+FALLBACK_IMAGE = DEFAULT_IMAGES["NuScenesDataset"]
 SEED = 0
 
 
@@ -167,7 +174,10 @@ def dataset_type(cfg) -> str:
 
 
 def default_frame_ref(cfg) -> str | None:
-    """The shared real frame for this config's dataset, relative to the data root."""
+    """The shared real frame for this config's dataset, relative to the data root (a camera
+    image for monocular models)."""
+    if loads_mono_image(cfg):
+        return DEFAULT_IMAGES.get(dataset_type(cfg), FALLBACK_IMAGE)
     return DEFAULT_FRAMES.get(dataset_type(cfg))
 
 
@@ -354,6 +364,80 @@ def make_sample(model, cfg, frame: Path | None, keep_every: int = 1) -> Sample:
     return Sample(label, int(points.shape[0]), data)
 
 
+# ---------------------------------------------------------------- monocular models: one camera image
+
+
+def loads_mono_image(cfg) -> bool:
+    """Does the test pipeline load one camera image (``LoadImageFromFileMono3D``: FCOS3D, PGD, SMOKE)?"""
+    return any(step.get("type") == "LoadImageFromFileMono3D" for step in _pipeline_cfg(cfg))
+
+
+def resolve_image(ref: str | None, cfg, log=print) -> Path:
+    """The camera image behind a frame reference; monocular models have no synthetic input."""
+    if ref is None:
+        raise ExportError("a monocular model needs a real camera image (--frame IMAGE), not a synthetic cloud")
+    path = Path(ref) if Path(ref).is_file() else data_root() / ref
+    if not path.is_file():
+        raise ExportError(f"camera image not found: {ref} (data root {data_root()})")
+    if ref == FALLBACK_IMAGE and dataset_type(cfg) not in DEFAULT_IMAGES:
+        log(f"warning: no {dataset_type(cfg)} camera image in the shared data; sampling on {ref}")
+    return path
+
+
+def image_item(image: Path) -> dict:
+    """``images`` for ``LoadImageFromFileMono3D``: the entry naming this image in an info .pkl
+    beside it (its cam2img), alone, as ``mmdet3d.apis.inference_mono_3d_detector`` passes it."""
+    import mmengine
+
+    for pkl in sorted(image.parent.glob("*.pkl")):
+        try:
+            infos = mmengine.load(str(pkl))
+        except Exception:
+            continue
+        for info in (infos.get("data_list") if isinstance(infos, dict) else None) or []:
+            for cam, entry in (info.get("images") or {}).items():
+                if Path(entry.get("img_path") or "").name == image.name:
+                    return {"images": {cam: dict(copy.deepcopy(entry), img_path=str(image))}}
+    raise ExportError(f"no info .pkl beside {image} describes the image (its cam2img): mmdet3d's mono pipeline needs it")
+
+
+def make_image_sample(model, cfg, image: Path, mirrored: bool = False) -> Sample:
+    """One camera image (mirrored left-right if asked: a second sample of the same size)
+    through the config's test pipeline and the data preprocessor."""
+    import mmcv
+    from mmengine.dataset import Compose, pseudo_collate
+    from mmdet3d.structures import get_box_type
+
+    item = image_item(image)
+    box_type_3d, box_mode_3d = get_box_type(cfg.test_dataloader.dataset.get("box_type_3d", "Camera"))
+    item.update(box_type_3d=box_type_3d, box_mode_3d=box_mode_3d)
+    label = f"{image} (mirrored)" if mirrored else str(image)
+    with tempfile.TemporaryDirectory(prefix="mmdet3d-export-") as tmp:
+        if mirrored:
+            pixels = mmcv.imread(str(image), flag="unchanged")
+            if pixels is None:
+                raise ExportError(f"cannot read camera image {image}")
+            path = Path(tmp) / "mirrored.png"
+            mmcv.imwrite(np.ascontiguousarray(pixels[:, ::-1]), str(path))
+            next(iter(item["images"].values()))["img_path"] = str(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                packed = Compose(_pipeline_cfg(cfg))(item)
+            except ExportError:
+                raise
+            except Exception as exc:
+                raise ExportError(f"the test pipeline failed on {label}: {type(exc).__name__}: {exc}") from None
+    if packed is None:
+        raise ExportError(f"the test pipeline dropped the image {label}")
+    batch = pseudo_collate([packed])
+    with torch.no_grad():
+        data = model.data_preprocessor(batch, training=False)
+    device = next(model.parameters()).device
+    data["inputs"] = map_tensors(data["inputs"], lambda t: t.to(device))
+    return Sample(label, 0, data)
+
+
 def load_model(config: str, checkpoint: str | None = None, device: str = "cpu", log=print):
     """Config reference (path or shipped name) -> built model with optional weights."""
     from .configs import resolve_config
@@ -365,7 +449,10 @@ def load_model(config: str, checkpoint: str | None = None, device: str = "cpu", 
 
 
 def sample_frame(model, ref: str | None, variant: int = 0, log=print) -> Sample:
-    """Sample ``ref`` (see resolve_frame); variant k keeps every (k+1)-th point."""
+    """Sample ``ref`` (see resolve_frame); variant k keeps every (k+1)-th point (monocular
+    models: variant k > 0 is the image mirrored left-right, same size, other content)."""
+    if loads_mono_image(model.cfg):
+        return make_image_sample(model, model.cfg, resolve_image(ref, model.cfg, log), mirrored=variant > 0)
     return make_sample(model, model.cfg, resolve_frame(ref, log), keep_every=1 + variant)
 
 

@@ -22,7 +22,19 @@ from ..patches.points import POINT_OP_PATCHES
 class Head:
     groups: tuple[str, ...]  # names of the head's top-level outputs ("task{}": one per task)
     boxes: str | None = None  # codegen.boxes decoder, "{head}" is the head module expression
+    # output name -> meaning, where analyze.HEAD_DESCRIPTIONS (written for BEV heads) does not fit
+    descriptions: Mapping[str, str] = field(default_factory=dict)
 
+
+MONO_OUTPUTS = {
+    "cls_score": "class scores per image location of the level (logits; SMOKE: sigmoid, clamped)",
+    "bbox_pred": "encoded 3D box per image location (offset, depth, size, yaw; PGD adds 2D box / keypoints)",
+    "dir_cls_pred": "direction-bin logits per image location",
+    "attr_pred": "attribute logits per image location",
+    "centerness": "centerness logit per image location",
+    "depth_cls_pred": "depth-bin logits per image location (PGD's probabilistic depth)",
+    "weight": "location-aware depth weight per image location",
+}
 
 HEADS = {
     "Anchor3DHead": Head(("cls_score", "bbox_pred", "dir_cls_pred"), "boxes.anchor3d({head}, *head_outputs)"),
@@ -31,6 +43,13 @@ HEADS = {
     "ShapeAwareHead": Head(("cls_score", "bbox_pred", "dir_cls_pred")),
     "CenterHead": Head(("task{}",), "boxes.centerpoint({head}, head_outputs)"),
     "VoteHead": Head(()),  # a dict of named tensors
+    # monocular heads: one list per output kind, one map per FPN level (None kinds are left out)
+    "FCOSMono3DHead": Head(("cls_score", "bbox_pred", "dir_cls_pred", "attr_pred", "centerness"), descriptions=MONO_OUTPUTS),
+    "PGDHead": Head(
+        ("cls_score", "bbox_pred", "dir_cls_pred", "depth_cls_pred", "weight", "attr_pred", "centerness"),
+        descriptions=MONO_OUTPUTS,
+    ),
+    "SMOKEMono3DHead": Head(("cls_score", "bbox_pred"), descriptions=MONO_OUTPUTS),
     "TransFusionHead": Head(()),  # BEVFusion: a dict of named tensors (patches.bevfusion.head_outputs)
 }
 
@@ -55,6 +74,7 @@ class Recipe:
     # filled from HEADS by recipe_for()
     output_groups: tuple[str, ...] = ()
     boxes: str | None = None
+    output_descriptions: Mapping[str, str] = field(default_factory=dict)
 
 
 def _type(node, *names: str) -> bool:
@@ -74,6 +94,7 @@ COMPONENT_PATCHES = {
     # mmcv's deformable convolutions, wherever nested (DCNSeparateHead's dcn_config, a ResNet's dcn)
     "DCN": ("dcn.pack",),
     "DCNv2": ("dcnv2.pack",),
+    "DLANeck": ("dcnv2.pack",),  # SMOKE: DCNv2 by the code's default (use_dcn=True), not in the config
 }
 HARD_VOXEL_ENCODERS = ("PillarFeatureNet", "HardVFE", "HardSimpleVFE")
 DYNAMIC_VOXEL_ENCODERS = ("DynamicPillarFeatureNet", "DynamicVFE", "DynamicSimpleVFE")
@@ -158,6 +179,17 @@ RECIPES += (
     ),
 )
 
+RECIPES += (
+    Recipe(
+        name="mono3d",  # FCOS3D, PGD (nuScenes, KITTI, Waymo), SMOKE: one camera image in, head maps out
+        matches=lambda m: _type(m, "FCOSMono3D", "SMOKEMono3D"),
+        patches=(),  # DCN backbones get theirs from COMPONENT_PATCHES
+        inputs=("inputs.imgs",),
+        call="self.model._forward(batch_inputs_dict)",
+        head="bbox_head",
+    ),
+)
+
 BY_NAME = {r.name: r for r in RECIPES}
 assert len(BY_NAME) == len(RECIPES), "recipe names must be unique"
 assert all(r.reference in ("original", "patched") for r in RECIPES), "reference: 'original' or 'patched'"
@@ -204,5 +236,7 @@ def recipe_for(model_cfg) -> Recipe:
                 for name in component_patches.get(component, ()):
                     if name not in patches:
                         patches.append(name)
-            return dataclasses.replace(recipe, patches=tuple(patches), output_groups=head.groups, boxes=boxes)
+            return dataclasses.replace(
+                recipe, patches=tuple(patches), output_groups=head.groups, boxes=boxes, output_descriptions=head.descriptions
+            )
     raise ExportError(f"unsupported model: no export recipe for {_describe(model_cfg)}")
