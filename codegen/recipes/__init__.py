@@ -94,7 +94,6 @@ COMPONENT_PATCHES = {
     # mmcv's deformable convolutions, wherever nested (DCNSeparateHead's dcn_config, a ResNet's dcn)
     "DCN": ("dcn.pack",),
     "DCNv2": ("dcnv2.pack",),
-    "DLANeck": ("dcnv2.pack",),  # SMOKE: DCNv2 by the code's default (use_dcn=True), not in the config
 }
 HARD_VOXEL_ENCODERS = ("PillarFeatureNet", "HardVFE", "HardSimpleVFE")
 DYNAMIC_VOXEL_ENCODERS = ("DynamicPillarFeatureNet", "DynamicVFE", "DynamicSimpleVFE")
@@ -183,7 +182,8 @@ RECIPES += (
     Recipe(
         name="mono3d",  # FCOS3D, PGD (nuScenes, KITTI, Waymo), SMOKE: one camera image in, head maps out
         matches=lambda m: _type(m, "FCOSMono3D", "SMOKEMono3D"),
-        patches=(),  # DCN backbones get theirs from COMPONENT_PATCHES
+        # DCNv2 in code, not in the config: the heads' dcn_on_last_conv, SMOKE's DLANeck (use_dcn=True)
+        patches=("dcnv2.pack",),
         inputs=("inputs.imgs",),
         call="self.model._forward(batch_inputs_dict)",
         head="bbox_head",
