@@ -221,3 +221,85 @@ def three_interpolate(features: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
     f = torch.gather(features, 2, index).reshape(batch, channels, n, 3)
     w = weight.unsqueeze(1)  # [B, 1, N, 3]
     return (w[..., 0] * f[..., 0] + w[..., 1] * f[..., 1]) + w[..., 2] * f[..., 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# stacked variants (PV-RCNN): clouds concatenated along dim 0, sizes in *_batch_cnt
+# ---------------------------------------------------------------------------------------------
+
+
+def _segments(counts: Tensor, n: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """For ``n`` stacked rows split by ``counts [B]``: the batch of every row (``[n]`` int64, ``B``
+    for rows past the total) and the first row of every batch (``[B]`` int64).  One ``[n, B]``
+    comparison with the running ends, no searchsorted, no data-dependent shapes."""
+    ends = torch.cumsum(counts.to(torch.int64), 0)
+    rows = torch.cumsum(torch.ones_like(like[:, 0], dtype=torch.int64), 0) - 1  # arange(n)
+    batch = (rows.unsqueeze(1) >= ends.unsqueeze(0)).sum(1)
+    return batch, ends - counts.to(torch.int64)
+
+
+def stack_ball_query(
+    radius: float, sample_num: int, xyz: Tensor, xyz_batch_cnt: Tensor, center_xyz: Tensor, center_xyz_batch_cnt: Tensor
+) -> Tensor:
+    """``mmcv.ops.ball_query(min_r, radius, sample_num, xyz [N, 3], center_xyz [M, 3], xyz_batch_cnt [B],
+    center_xyz_batch_cnt [B]) -> idx [M, sample_num]`` int32 (the stacked form PV-RCNN uses).
+
+    Kernel semantics (``stack_ball_query_cuda_kernel.cuh``), which differ from the batched
+    ``ball_query`` above: the minimum radius is ignored and there is no ``d2 == 0`` rule, a point
+    is taken when ``d2 < radius^2`` (radius squared in float32); points are scanned in order
+    *within the centre's own cloud* and the index is relative to that cloud's first row; free
+    slots repeat the first hit; a ball without hits is ``[-1, 0, 0, ...]`` (slot 0 set to -1,
+    the zero-initialised rest untouched).
+    Vectorised as ``ball_query``: keys ``k`` (hit) / ``N + k`` (miss) over all ``[M, N]`` pairs
+    (other clouds' points are misses), ``sample_num`` sentinels ``2N + j`` appended so that
+    ``N < sample_num`` works, and the smallest keys (TopK over distinct keys) are the first hits."""
+    n = xyz.shape[0]
+    r2 = float(torch.tensor(radius, dtype=torch.float32) ** 2)
+    point_batch, point_start = _segments(xyz_batch_cnt, n, xyz)
+    center_batch, _ = _segments(center_xyz_batch_cnt, center_xyz.shape[0], center_xyz)
+    c = center_xyz.unsqueeze(1)  # [M, 1, 3]
+    p = xyz.unsqueeze(0)  # [1, N, 3]
+    dx = c[..., 0] - p[..., 0]
+    dy = c[..., 1] - p[..., 1]
+    dz = c[..., 2] - p[..., 2]
+    d2 = (dx * dx + dy * dy) + dz * dz  # [M, N]
+    hit = (d2 < r2) & (center_batch.unsqueeze(1) == point_batch.unsqueeze(0))
+    order = (torch.cumsum(torch.ones_like(xyz[:, 0]), 0) - 1).unsqueeze(0)  # arange(N) as float, exact below 2**24
+    key = torch.where(hit, order, order + n)
+    sentinel = (torch.arange(sample_num, device=xyz.device, dtype=key.dtype) + 2 * n).expand(key.shape[0], sample_num)
+    first = torch.topk(torch.cat((key, sentinel), 1), sample_num, dim=1, largest=False, sorted=True).values
+    found = first < n
+    start = point_start.to(key.dtype).index_select(0, center_batch.clamp(max=point_start.shape[0] - 1)).unsqueeze(1)
+    local = torch.where(found, first, first[:, :1]) - start  # free slots repeat the first hit
+    none = ~found[:, :1]  # no hit at all: [-1, 0, 0, ...]
+    slot0 = torch.where(none, torch.full_like(local[:, :1], -1), local[:, :1])
+    rest = torch.where(none, torch.zeros_like(local[:, 1:]), local[:, 1:])
+    return torch.cat((slot0, rest), 1).to(torch.int32)
+
+
+def stack_grouping_operation(
+    features: Tensor, features_batch_cnt: Tensor, idx: Tensor, idx_batch_cnt: Tensor
+) -> Tensor:
+    """``mmcv.ops.grouping_operation(features [N, C], idx [M, S], features_batch_cnt [B],
+    idx_batch_cnt [B]) -> [M, C, S]``: ``out[m, c, s] = features[start(b) + idx[m, s], c]`` with
+    ``b`` the cloud of row ``m`` (``stack_group_points_cuda_kernel.cuh``; rows past the total
+    count belong to the last cloud, as in the kernel), 0 where ``idx`` is out of the cloud.
+
+    Out of range means ``idx < 0`` or ``idx >= count(b)`` here.  The kernel only defines the
+    in-range case: its bound check compares the cloud-relative index with the absolute end of the
+    cloud (reads past the cloud for b > 0) and it reads before the cloud for negative indices;
+    mmdet3d's ``StackQueryAndGroup`` replaces the -1 of empty balls by 0 first, so only in-range
+    indices reach it."""
+    n, channels = features.shape
+    m, s = idx.shape
+    batch, _ = _segments(idx_batch_cnt, m, idx)
+    batch = batch.clamp(max=idx_batch_cnt.shape[0] - 1)
+    counts = features_batch_cnt.to(torch.int64)
+    start = (torch.cumsum(counts, 0) - counts).index_select(0, batch).unsqueeze(1)  # [M, 1]
+    count = counts.index_select(0, batch).unsqueeze(1)
+    local = idx.to(torch.int64)
+    valid = (local >= 0) & (local < count)
+    rows = torch.where(valid, start + local, torch.zeros_like(local)).reshape(-1)
+    out = features.index_select(0, rows).reshape(m, s, channels)
+    out = torch.where(valid.unsqueeze(-1), out, torch.zeros_like(out))
+    return out.permute(0, 2, 1)

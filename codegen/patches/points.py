@@ -1,7 +1,9 @@
 """Patches for point-set models (VoteNet, PointNet++ family): mmcv's CUDA-only point ops -> codegen.ops.points.
 
 mmcv 2.1.0 has no CPU kernel for furthest point sampling, ball query, grouping, gathering,
-three-NN interpolation or points_in_boxes part/all (used by VoteHead's NMS), so these models cannot even run eagerly on a CPU. The callers import the
+three-NN interpolation or points_in_boxes part/all (used by VoteHead's NMS), nor for the stacked
+ball query / grouping (clouds concatenated with batch counts) of PV-RCNN, so these models cannot
+even run eagerly on a CPU. The callers import the
 functions by name, so the patches replace those names in the modules that use them.
 """
 
@@ -37,16 +39,27 @@ register("points.in_boxes_part", "mmdet3d.structures.bbox_3d.base_box3d:points_i
 
 @register("points.ball_query", "mmcv.ops.group_points:ball_query", _WHY)
 def ball_query(min_radius, max_radius, sample_num, xyz, center_xyz, xyz_batch_cnt=None, center_xyz_batch_cnt=None):
-    if xyz_batch_cnt is not None or center_xyz_batch_cnt is not None:
-        raise NotImplementedError("stacked ball query (PV-RCNN) has no pure-torch replacement yet")
+    """mmcv's ``ball_query``: batched ``[B, N, 3]``, or stacked ``[N1 + N2 ..., 3]`` with counts."""
+    if xyz_batch_cnt is not None and center_xyz_batch_cnt is not None:
+        return ops.stack_ball_query(max_radius, sample_num, xyz, xyz_batch_cnt, center_xyz, center_xyz_batch_cnt)
     return ops.ball_query(min_radius, max_radius, sample_num, xyz, center_xyz)
 
 
 @register("points.grouping", "mmcv.ops.group_points:grouping_operation", _WHY)
 def grouping_operation(features, indices, features_batch_cnt=None, indices_batch_cnt=None):
-    if features_batch_cnt is not None or indices_batch_cnt is not None:
-        raise NotImplementedError("stacked grouping (PV-RCNN) has no pure-torch replacement yet")
+    """mmcv's ``grouping_operation``: batched ``[B, C, N]``, or stacked ``[N1 + N2 ..., C]`` with counts."""
+    if features_batch_cnt is not None and indices_batch_cnt is not None:
+        return ops.stack_grouping_operation(features, features_batch_cnt, indices, indices_batch_cnt)
     return ops.grouping_operation(features, indices)
+
+
+# PV-RCNN's modules bind the same functions under their own names
+_STACK = "mmdet3d.models.layers.pointnet_modules.stack_point_sa_module"
+register("points.stack_ball_query", f"{_STACK}:ball_query", _WHY)(ball_query)
+register("points.stack_grouping", f"{_STACK}:grouping_operation", _WHY)(grouping_operation)
+register("points.vsa_fps", "mmdet3d.models.middle_encoders.voxel_set_abstraction:furthest_point_sample", _WHY)(
+    ops.furthest_point_sample
+)
 
 
 # what a PointNet++ backbone and a vote head's tensor path need
@@ -62,3 +75,5 @@ POINT_OP_PATCHES = (
 )
 # plus what predict's box post-processing needs
 POINT_PATCHES = POINT_OP_PATCHES + ("points.in_boxes_all", "points.in_boxes_part")
+# what PV-RCNN's VoxelSetAbstraction and RoI-grid pooling need (stacked clouds with batch counts)
+STACKED_POINT_PATCHES = ("points.vsa_fps", "points.stack_ball_query", "points.stack_grouping")
