@@ -100,3 +100,20 @@ def pillar_feature_net_forward(self, features: Tensor, num_points: Tensor, coors
     for pfn in self.pfn_layers:
         features = pfn(features, num_points)
     return features.squeeze(1)
+
+
+@register(
+    "sassd.static_batch_size",
+    "mmdet3d.models.detectors.sassd:SASSD.extract_feat",
+    "batch size is coors[-1, 0].item() + 1: data-dependent, breaks torch.export",
+)
+def sassd_extract_feat(self, batch_inputs_dict: dict, test_mode: bool = True):
+    """SASSD's extract_feat at inference: its middle encoder in test mode returns the dense BEV
+    features and no auxiliary point outputs (those only feed the training loss)."""
+    voxel_dict = batch_inputs_dict["voxels"]
+    voxel_features = self.voxel_encoder(voxel_dict["voxels"], voxel_dict["num_points"], voxel_dict["coors"])
+    x, _ = self.middle_encoder(voxel_features, voxel_dict["coors"], static_batch_size(), test_mode=True)
+    x = self.backbone(x)
+    if self.with_neck:
+        x = self.neck(x)
+    return x

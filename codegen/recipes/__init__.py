@@ -88,6 +88,7 @@ COMPONENT_PATCHES = {
     "PillarFeatureNet": ("pillar_feature_net.functional",),
     "PointPillarsScatter": ("pillar_scatter.vectorized",),
     "SparseEncoder": ("spconv.conv", "spconv.dense"),
+    "SparseEncoderSASSD": ("spconv.conv", "spconv.dense"),
     "DynamicPillarFeatureNet": ("dynamic_pillar_feature_net.padded",),
     "DynamicVFE": ("dynamic_vfe.padded",),
     "DynamicSimpleVFE": ("dynamic_simple_vfe.padded",),
@@ -179,6 +180,16 @@ RECIPES += (
 )
 
 RECIPES += (
+    Recipe(
+        name="sassd",  # SA-SSD (KITTI): SECOND with an auxiliary point branch that only trains
+        matches=lambda m: _type(m, "SASSD")
+        and _type(m.get("voxel_encoder"), *HARD_VOXEL_ENCODERS)
+        and _type(m.get("middle_encoder"), "SparseEncoderSASSD"),
+        patches=("sassd.static_batch_size",),
+        inputs=VOXELS,
+        call="self.model._forward(batch_inputs_dict)",
+        head="bbox_head",
+    ),
     Recipe(
         name="mono3d",  # FCOS3D, PGD (nuScenes, KITTI, Waymo), SMOKE: one camera image in, head maps out
         matches=lambda m: _type(m, "FCOSMono3D", "SMOKEMono3D"),
