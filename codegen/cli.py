@@ -1,6 +1,7 @@
 """Command line: ``generate``, ``export`` and the one-shot form with the original flags.
 
-    mmdet3d-export --config NAME_OR_PATH [--checkpoint F] [--output-dir D] [--format pt2|onnx|both]
+    mmdet3d-export --config NAME_OR_PATH [--checkpoint F] [--output-dir D] [--format pt2|onnx|iree|both|all]
+                   [--iree-preset host|default] [--iree-static N]
                    [--device cuda:0] [--source-root CHECKOUT] [--verbose]
     mmdet3d-export generate --config NAME_OR_PATH [--frame F|synthetic] [--output F] [--check]
     mmdet3d-export generate --check            # every committed wrapper under generated/
@@ -44,15 +45,54 @@ def _outputs_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _format(spec: str) -> str:
+    from .metadata import parse_formats
+
+    try:
+        parse_formats(spec)
+    except ExportError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return spec
+
+
+def _static_size(text: str) -> int:
+    if not text.isdigit() or int(text) < 2:
+        raise argparse.ArgumentTypeError(f"--iree-static needs a row count >= 2, got {text!r}")
+    return int(text)
+
+
 def _export_flags(p: argparse.ArgumentParser) -> None:
+    from .iree import DEFAULT_PRESET, PRESETS
+
     p.add_argument("--output-dir", default="./exported_models", type=Path, help="default ./exported_models")
-    p.add_argument("--format", default="both", choices=("pt2", "onnx", "both"), help="default both")
+    p.add_argument(
+        "--format",
+        default="both",
+        type=_format,
+        metavar="pt2|onnx|iree|both|all",
+        help="default both (pt2+onnx); all = pt2+onnx+iree; or a comma list, e.g. onnx,iree. "
+        "iree compiles model.onnx into model.vmfb (llvm-cpu), so it implies onnx",
+    )
+    p.add_argument(
+        "--iree-preset",
+        default=DEFAULT_PRESET,
+        choices=tuple(PRESETS),
+        help=f"IREE flags (default {DEFAULT_PRESET}): host = tuned for this machine's CPU (the vmfb needs its "
+        "instruction set), default = IREE's defaults for any x86-64 CPU; see docs/iree.md",
+    )
+    p.add_argument(
+        "--iree-static",
+        type=_static_size,
+        metavar="N",
+        help="compile the vmfb for exactly N voxels/points (inputs padded to N; see docs/iree.md) "
+        "instead of dynamic shapes",
+    )
 
 
 def one_shot_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mmdet3d-export",
-        description="Export an MMDetection3D model to PT2 and ONNX, validated against the eager model. "
+        description="Export an MMDetection3D model to PT2, ONNX and IREE (vmfb), validated against the eager model. "
         f"Subcommands: {', '.join(SUBCOMMANDS)} (see 'mmdet3d-export generate -h').",
     )
     p.add_argument("--config", required=True, help="config path, shipped config name, mmdet3d::dir/file.py, or 0.x name")
@@ -175,6 +215,7 @@ def committed_wrappers() -> list[tuple[Path, str, str | None, str]]:
 
 
 def cmd_generate(args, device: str, steps) -> int:
+    from . import checkout
     from .configs import resolve_config
     from .generate import default_wrapper_path, generate
     from .render import diff, write_if_changed
@@ -190,6 +231,9 @@ def cmd_generate(args, device: str, steps) -> int:
         raise ExportError("generate needs --config (or --check alone to check every committed wrapper)")
     stale = 0
     for target, config, frame, outputs in jobs:
+        if not args.config and checkout.is_missing(config):
+            steps.warn(f"skipped: {target} ({config} is in an mmdetection3d checkout that is not here: --source-root)")
+            continue
         result = generate(config, args.checkpoint, frame, device, steps, outputs)
         if args.check:
             old = target.read_text() if target.is_file() else ""
@@ -212,10 +256,16 @@ def _regen_hint(result) -> str:
     return "python -m codegen generate --config ..."
 
 
+def _iree(args):
+    from .iree import IreeOptions
+
+    return IreeOptions(args.iree_preset, args.iree_static)
+
+
 def cmd_export(args, device: str, steps) -> int:
     from .export import run_export
 
-    meta = run_export(args.wrapper, args.output_dir, args.format, args.checkpoint, device, steps)
+    meta = run_export(args.wrapper, args.output_dir, args.format, args.checkpoint, device, steps, iree=_iree(args))
     steps.info(f"wrote {args.output_dir}: {', '.join(meta['formats'].values())}, metadata.json")
     return 0
 
@@ -228,7 +278,9 @@ def cmd_one_shot(args, device: str, steps) -> int:
     with tempfile.TemporaryDirectory(prefix="mmdet3d-export-") as tmp:
         wrapper = Path(tmp) / f"wrapper_{result.model_name}.py"
         wrapper.write_text(result.source)
-        meta = run_export(wrapper, args.output_dir, args.format, args.checkpoint, device, steps, generated=result)
+        meta = run_export(
+            wrapper, args.output_dir, args.format, args.checkpoint, device, steps, generated=result, iree=_iree(args)
+        )
     steps.info(f"wrote {args.output_dir}: {', '.join(meta['formats'].values())}, metadata.json, {wrapper.name}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Stage 2 (steps 8-9): import a generated wrapper, export PT2 + ONNX, validate, write outputs."""
+"""Stage 2 (steps 8-9): import a generated wrapper, export PT2 + ONNX (+ IREE vmfb), validate, write outputs."""
 
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ from .configs import resolve_config
 from .errors import ExportError, ValidationFailed, first_line
 from .boxes import BOX_OUTPUTS
 from .generate import Generated, analyse_inputs, analyse_outputs, reference_context
-from .metadata import build_metadata
+from .metadata import build_metadata, parse_formats
 from .progress import Steps
 from .recipes import BY_NAME, recipe_for
+from .iree import Compiled, IreeOptions, compile_onnx, iree_runtime, padding_rule
 from .validate import Runtime, onnx_runtime, render_report, validate
 
 ONNX_OPSET = 18
 OPTIMIZE_MAX_NODES = 1500
-FORMATS = {"pt2": ("pt2",), "onnx": ("onnx",), "both": ("pt2", "onnx")}
 
 
 def import_wrapper(path: str | os.PathLike) -> ModuleType:
@@ -136,6 +136,35 @@ def valid_boxes_by_score(outputs) -> list[np.ndarray]:
     return canonical_boxes(bboxes[:n], scores[:n], labels[:n])
 
 
+def iree_static(module: ModuleType, iree: IreeOptions, args) -> tuple[dict, str | None]:
+    """``--iree-static N``: every dynamic dim pinned to N rows, and how inputs are padded to it."""
+    if iree.static is None or not module.DYNAMIC_DIMS:
+        return {}, None
+    padding = padding_rule(module.PATCHES, module.INPUT_NAMES)
+    if padding is None:
+        raise ExportError(
+            f"--iree-static is not offered for recipe {module.RECIPE}: its inputs cannot be padded without "
+            "changing its outputs (see docs/iree.md)"
+        )
+    static = {dim: {"size": iree.static, "inputs": dict(members)} for dim, members in module.DYNAMIC_DIMS.items()}
+    for dim, members in module.DYNAMIC_DIMS.items():
+        name, axis = next(iter(members.items()))
+        largest = max(int(a[module.INPUT_NAMES.index(name)].shape[axis]) for a in args)
+        if largest > iree.static:
+            raise ExportError(f"--iree-static {iree.static} is smaller than the sample's {dim} ({largest})")
+    return static, padding
+
+
+def compile_iree(out: Path, module: ModuleType, iree: IreeOptions, static: dict, padding: str | None) -> Compiled:
+    try:
+        return compile_onnx(out / "model.onnx", out / "model.vmfb", iree.preset, static, padding)
+    except ExportError as exc:
+        hint = ""
+        if not static and module.DYNAMIC_DIMS and padding_rule(module.PATCHES, module.INPUT_NAMES):
+            hint = f" (dynamic {', '.join(module.DYNAMIC_DIMS)}; --iree-static N compiles for a fixed size instead)"
+        raise ExportError(f"IREE: {exc}{hint}") from exc
+
+
 @contextlib.contextmanager
 def staged_output(output_dir: Path) -> Iterator[Path]:
     """A staging folder beside ``output_dir``; its files move in only if the block succeeds."""
@@ -164,10 +193,12 @@ def run_export(
     device: str = "cpu",
     steps: Steps | None = None,
     generated: Generated | None = None,
+    iree: IreeOptions | None = None,
 ) -> dict:
     """Export the wrapper at ``wrapper_path``; reuse the one-shot's model and samples if given."""
     steps = steps or Steps()
-    formats = FORMATS[fmt]
+    formats = parse_formats(fmt)
+    iree = iree or IreeOptions()
     module = import_wrapper(wrapper_path)
     if module.RECIPE not in BY_NAME:
         raise ExportError(f"wrapper names an unknown recipe {module.RECIPE!r}")
@@ -191,6 +222,8 @@ def run_export(
         raise ExportError(f"{Path(wrapper_path).name} is stale: its inputs differ from the sample's; regenerate it")
     wrapper = module.ExportWrapper(model).eval()
     args = [input_args(module, module.flat_inputs(s.data)) for s in samples]
+    static, padding = iree_static(module, iree, args) if "iree" in formats else ({}, None)
+    compiled = None
 
     with staged_output(output_dir) as out:
         shutil.copyfile(wrapper_path, out / Path(wrapper_path).name)
@@ -205,6 +238,14 @@ def run_export(
                 export_onnx(module, program, out / "model.onnx")
                 runtimes.append(onnx_runtime(out / "model.onnx", module.INPUT_NAMES))
             steps.detail(f"graph: {len(program.graph.nodes)} nodes; dynamic: {module.DYNAMIC_DIMS}")
+            if "iree" in formats:
+                compiled = compile_iree(out, module, iree, static, padding)
+                runtimes.append(iree_runtime(out / "model.vmfb", module.INPUT_NAMES, static, padding))
+                steps.detail(
+                    f"iree: preset {compiled.preset}{f', static {static}' if static else ''}, "
+                    f"{len(compiled.rewrites)} graph rewrites (metadata.json iree.graph_rewrites); "
+                    f"import {compiled.import_s:.1f} s, compile {compiled.compile_s:.1f} s"
+                )
         with steps.step(9):
             if getattr(module, "OUTPUTS", "head") == "boxes":
                 report = validate(
@@ -243,6 +284,7 @@ def run_export(
             samples=samples,
             formats=formats,
             opset=ONNX_OPSET if "onnx" in formats else None,
+            iree=compiled.to_json() if compiled else None,
             report=report,
             wrapper_file=Path(wrapper_path).name,
             timings=steps.timings,

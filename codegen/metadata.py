@@ -6,8 +6,33 @@ import importlib.metadata
 import platform
 
 from . import __version__
+from .errors import ExportError
 
-PACKAGES = ("torch", "mmcv", "mmdet", "mmdet3d", "mmengine", "onnx", "onnxruntime", "onnxscript", "numpy")
+PACKAGES = (
+    "torch", "mmcv", "mmdet", "mmdet3d", "mmengine", "onnx", "onnxruntime", "onnxscript",
+    "iree-base-compiler", "iree-base-runtime", "numpy",
+)  # fmt: skip
+# format -> file in the output directory
+MODEL_FILES = {"pt2": "model.pt2", "onnx": "model.onnx", "iree": "model.vmfb"}
+FORMATS = tuple(MODEL_FILES)
+FORMAT_ALIASES = {"both": ("pt2", "onnx"), "all": FORMATS}
+
+
+def parse_formats(spec: str) -> tuple[str, ...]:
+    """``pt2``, ``onnx``, ``iree``, ``both`` (pt2+onnx), ``all`` or a comma list (``onnx,iree``)
+    -> the formats in canonical order. ``iree`` implies ``onnx``: the vmfb is compiled from it."""
+    chosen = set()
+    for part in (p.strip() for p in spec.split(",")):
+        if part in FORMAT_ALIASES:
+            chosen.update(FORMAT_ALIASES[part])
+        elif part in FORMATS:
+            chosen.add(part)
+        else:
+            choices = ", ".join([*FORMATS, *FORMAT_ALIASES])
+            raise ExportError(f"unknown format {part!r} in --format {spec} (choose from {choices}, or a comma list)")
+    if "iree" in chosen:
+        chosen.add("onnx")
+    return tuple(f for f in FORMATS if f in chosen)
 
 
 def versions() -> dict[str, str]:
@@ -21,7 +46,8 @@ def versions() -> dict[str, str]:
 
 
 def build_metadata(
-    *, config_ref, checkpoint, model, recipe, analysis, frame, samples, formats, opset, report, wrapper_file, timings
+    *, config_ref, checkpoint, model, recipe, analysis, frame, samples, formats, opset, report, wrapper_file, timings,
+    iree=None,
 ) -> dict:
     used = analysis.used_inputs
     return {
@@ -54,8 +80,10 @@ def build_metadata(
         "dynamic_dims": {
             dim: {"min": recipe.min_dim, "inputs": members} for dim, members in analysis.dynamic_dims().items()
         },
-        "formats": {f: f"model.{f}" for f in formats},
+        "formats": {f: MODEL_FILES[f] for f in formats},
         "onnx_opset": opset,
+        # how model.vmfb was compiled (preset, flags, graph rewrites, static shapes): codegen/iree.py
+        **({"iree": iree} if iree else {}),
         "batch_size": analysis.batch_size,
         "versions": versions(),
         "timings_s": timings,

@@ -1,0 +1,419 @@
+"""IREE target: compile the exported ONNX for llvm-cpu into ``model.vmfb`` and run it.
+
+The vmfb is compiled from ``model.onnx`` (the same program the other formats come from):
+
+1. ``iree_onnx``: IREE-friendly graph forms on a copy of the ONNX graph (numerically the same
+   model; see ``rewrite_deconvs``), optionally with the dynamic axis pinned (``static``);
+2. ``iree-import-onnx`` (``iree.compiler.tools.import_onnx``) to MLIR;
+3. ``iree-compile`` with a flags preset (``PRESETS``) for llvm-cpu.
+
+The runtime (``iree_runtime``) loads the vmfb with iree-base-runtime's ``local-task`` driver and
+is validated against the eager model like every other format. docs/iree.md has the
+measurements behind the graph forms and the presets.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from .errors import ExportError
+
+if TYPE_CHECKING:
+    from .validate import Runtime
+
+# iree-compile flags shared by every preset: the local llvm-cpu HAL target, ONNX input
+BASE_FLAGS = (
+    "--iree-hal-target-device=local",
+    "--iree-hal-local-target-device-backends=llvm-cpu",
+    "--iree-input-type=onnx",
+)
+
+CHANNELS_LAST = "--iree-preprocessing-pass-pipeline=builtin.module(util.func(iree-preprocessing-convert-conv-to-channels-last))"
+
+# preset -> extra iree-compile flags. Every preset is validated against eager on each export.
+PRESETS: dict[str, tuple[str, ...]] = {
+    # IREE's defaults for a generic x86-64 CPU: runs on any x86-64 machine, slow
+    "default": ("--iree-llvmcpu-target-cpu=generic",),
+    # the host CPU's ISA (AVX-512 where present), NHWC convolutions, data tiling + ukernels
+    "host": (
+        "--iree-llvmcpu-target-cpu=host",
+        "--iree-opt-data-tiling",
+        "--iree-llvmcpu-enable-ukernels=all",
+        CHANNELS_LAST,
+    ),
+}
+DEFAULT_PRESET = "host"
+
+
+@dataclass
+class Compiled:
+    """What one IREE compilation did (recorded in metadata.json)."""
+
+    preset: str
+    flags: list[str]
+    static: dict[str, dict] = field(default_factory=dict)  # pinned dims: {dim: {size, inputs}}
+    padding: str | None = None  # PADDINGS key when static
+    rewrites: list[str] = field(default_factory=list)  # graph forms applied
+    function: str = "main_graph"
+    import_s: float = 0.0
+    compile_s: float = 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "preset": self.preset,
+            "flags": self.flags,
+            "static": self.static or None,
+            "padding": self.padding,
+            "padding_rule": PADDINGS.get(self.padding) if self.static else None,
+            "function": self.function,
+            "graph_rewrites": self.rewrites,
+            "import_s": self.import_s,
+            "compile_s": self.compile_s,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# graph forms
+
+
+def _static_shape(shapes: dict, name: str) -> list[int] | None:
+    dims = shapes.get(name)
+    if dims is None or any(not isinstance(d, int) or d <= 0 for d in dims):
+        return None
+    return dims
+
+
+def rewrite_deconvs(model) -> list[str]:
+    """Replace each ConvTranspose whose kernel equals its stride (no padding, no groups) by a
+    MatMul and a pixel shuffle (Reshape, Transpose, Reshape).
+
+    Such a deconvolution writes every output pixel from exactly one input pixel:
+    ``y[n, co, i*s + a, j*s + b] = sum_ci x[n, ci, i, j] * w[ci, co, a, b]``. IREE lowers
+    ConvTranspose to a convolution over the zero-stuffed input, i.e. s*s times the work, most
+    of it multiplying zeros: SECONDFPN's 4x4/stride-4 deblock took 7.9 of 11.5 s of the
+    PointPillars head. The MatMul form is the same sum over ``ci`` (only the summation order
+    may differ). Nodes with other attributes, or unknown input shapes, are left alone.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    shapes = _shapes(graph)
+    done = []
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight = inits.get(node.input[1]) if node.op_type == "ConvTranspose" and len(node.input) > 1 else None
+        x_shape = _static_shape(shapes, node.input[0]) if weight is not None else None
+        kernel = list(weight.dims[2:]) if weight is not None else []
+        if (
+            weight is None
+            or x_shape is None
+            or len(kernel) != 2
+            or list(attrs.get("strides", [1, 1])) != kernel
+            or any(attrs.get("pads", [0] * 4))
+            or any(attrs.get("output_padding", [0, 0]))
+            or list(attrs.get("dilations", [1, 1])) != [1, 1]
+            or attrs.get("group", 1) != 1
+            or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+        ):
+            nodes.append(node)
+            continue
+        n, ci, h, w = x_shape
+        _, co, kh, kw = weight.dims
+        p = f"{node.name or node.output[0]}_iree"
+        # columns ordered (kh, kw, co): the pixel shuffle then moves whole channel vectors
+        w2 = numpy_helper.to_array(weight).transpose(0, 2, 3, 1).reshape(ci, kh * kw * co)
+        consts = {
+            f"{p}_w": w2,
+            f"{p}_6d_shape": np.array([n, h, w, kh, kw, co], np.int64),
+            f"{p}_nhwc_shape": np.array([n, h * kh, w * kw, co], np.int64),
+        }
+        for name, value in consts.items():
+            graph.initializer.append(numpy_helper.from_array(value, name))
+        nodes += [
+            helper.make_node("Transpose", [node.input[0]], [f"{p}_nhwc"], perm=[0, 2, 3, 1], name=f"{p}_nhwc"),
+            helper.make_node("MatMul", [f"{p}_nhwc", f"{p}_w"], [f"{p}_mm"], name=f"{p}_mm"),
+            helper.make_node("Reshape", [f"{p}_mm", f"{p}_6d_shape"], [f"{p}_6d"], name=f"{p}_6d"),
+            # [n, h, w, kh, kw, co] -> [n, h, kh, w, kw, co] -> [n, h*kh, w*kw, co]
+            helper.make_node("Transpose", [f"{p}_6d"], [f"{p}_shuf"], perm=[0, 1, 3, 2, 4, 5], name=f"{p}_shuf"),
+            helper.make_node("Reshape", [f"{p}_shuf", f"{p}_nhwc_shape"], [f"{p}_out_nhwc"], name=f"{p}_out_nhwc"),
+        ]
+        out = node.output[0]
+        if len(node.input) > 2 and node.input[2]:
+            bias = numpy_helper.to_array(inits[node.input[2]]).reshape(co)
+            graph.initializer.append(numpy_helper.from_array(bias, f"{p}_bias"))
+            nodes.append(helper.make_node("Add", [f"{p}_out_nhwc", f"{p}_bias"], [f"{p}_biased"], name=f"{p}_bias"))
+            last = f"{p}_biased"
+        else:
+            last = f"{p}_out_nhwc"
+        # back to NCHW: IREE's transpose propagation folds this into the consumer's layout
+        nodes.append(helper.make_node("Transpose", [last], [out], perm=[0, 3, 1, 2], name=f"{p}_nchw"))
+        done.append(f"ConvTranspose {node.name} {kh}x{kw}/{kh} {ci}->{co} as MatMul + pixel shuffle")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    return done
+
+
+def _is_pointwise_conv(node, inits, helper) -> bool:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    weight = inits.get(node.input[1]) if len(node.input) > 1 else None
+    return (
+        node.op_type == "Conv"
+        and weight is not None
+        and list(weight.dims[2:]) == [1, 1]
+        and (len(node.input) < 3 or not node.input[2] or node.input[2] in inits)
+        and attrs.get("group", 1) == 1
+        and not any(attrs.get("pads", [0] * 4))
+        and list(attrs.get("strides", [1, 1])) == [1, 1]
+        and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+    )
+
+
+def split_concat_heads(model) -> list[str]:
+    """A channel Concat read only by 1x1 Convs (SECONDFPN's output and the Anchor3DHead's
+    cls/reg/dir convs) becomes one 1x1 Conv per concatenated input, summed, with the heads'
+    output channels side by side, and a Split into the heads' outputs.
+
+    ``conv(concat(a, b, c), W) = conv(a, W_a) + conv(b, W_b) + conv(c, W_c)``: the same dot
+    products, split along the input channels. IREE otherwise materialises the concat with
+    strided copies (channels are the innermost NHWC axis) and reads the 384-channel result once
+    per head; here each branch is read once, straight from the deconvolution that wrote it.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    shapes = _shapes(graph)
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    replaced: dict[int, list] = {}  # id(node) -> nodes replacing it (empty: dropped)
+    done = []
+    for node in graph.node:
+        if node.op_type != "Concat" or helper.get_attribute_value(node.attribute[0]) != 1:
+            continue
+        users = consumers.get(node.output[0], [])
+        widths = [(_static_shape(shapes, name) or [None, None])[1] for name in node.input]
+        if (
+            not users
+            or node.output[0] in outputs
+            or None in widths
+            or not all(_is_pointwise_conv(u, inits, helper) for u in users)
+        ):
+            continue
+        p = f"{node.name or node.output[0]}_iree"
+        weights = [numpy_helper.to_array(inits[u.input[1]]) for u in users]
+        biases = [
+            numpy_helper.to_array(inits[u.input[2]]) if len(u.input) > 2 and u.input[2] else np.zeros(w.shape[0], w.dtype)
+            for u, w in zip(users, weights)
+        ]
+        weight, bias = np.concatenate(weights), np.concatenate(biases)
+        new = []
+        start = 0
+        for j, (name, width) in enumerate(zip(node.input, widths)):
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight[:, start : start + width]), f"{p}_w{j}"))
+            ins = [name, f"{p}_w{j}"] + ([f"{p}_b"] if j == 0 else [])
+            new.append(helper.make_node("Conv", ins, [f"{p}_part{j}"], kernel_shape=[1, 1], name=f"{p}_part{j}"))
+            if j:
+                total = f"{p}_sum{j}" if j < len(widths) - 1 else f"{p}_sum"
+                prev = f"{p}_part0" if j == 1 else f"{p}_sum{j - 1}"
+                new.append(helper.make_node("Add", [prev, f"{p}_part{j}"], [total], name=total))
+            start += width
+        graph.initializer.append(numpy_helper.from_array(bias, f"{p}_b"))
+        graph.initializer.append(numpy_helper.from_array(np.array([w.shape[0] for w in weights], np.int64), f"{p}_split"))
+        new.append(helper.make_node("Split", [f"{p}_sum", f"{p}_split"], [u.output[0] for u in users], axis=1, name=f"{p}_split"))
+        replaced[id(node)] = new
+        for u in users:
+            replaced[id(u)] = []
+        done.append(
+            f"Concat {node.name} of {len(widths)} ({'+'.join(map(str, widths))} channels) into "
+            f"{len(users)} 1x1 Convs as {len(widths)} summed 1x1 Convs + Split"
+        )
+    nodes = [n for node in graph.node for n in replaced.get(id(node), [node])]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return done
+
+
+def _shapes(graph) -> dict[str, list]:
+    shapes = {}
+    for value in list(graph.value_info) + list(graph.input) + list(graph.output):
+        t = value.type.tensor_type
+        if t.HasField("shape"):
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return shapes
+
+
+def iree_onnx(onnx_path: Path, out_path: Path, static: dict[str, int] | None = None) -> tuple[list[str], str]:
+    """Write the IREE form of ``onnx_path`` to ``out_path``; return the rewrites applied and
+    the graph's name (the vmfb's function)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    if static:
+        for value in model.graph.input:
+            for d in value.type.tensor_type.shape.dim:
+                if d.dim_param in static:
+                    d.dim_value = static[d.dim_param]
+    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    rewrites = rewrite_deconvs(model)
+    rewrites += split_concat_heads(model)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out_path))
+    return rewrites, model.graph.name
+
+
+# ---------------------------------------------------------------------------------------------
+# static shapes
+
+
+# how padding rows are made harmless -> what metadata.json and docs say about it
+PADDINGS = {
+    "repeat": "padding rows repeat row 0 (a real voxel: same points, count and coordinates); each voxel's "
+    "features depend only on its own row and the BEV scatter writes them to that pillar's cell again, "
+    "so the canvas and every output are those of the unpadded input",
+    "invalid": "padding rows are zeros with coordinates -1, which the padded DynamicScatter and BEV scatter "
+    "ignore (as mmcv ignores points outside the range), so every output is that of the unpadded input",
+}
+
+
+def padding_rule(patches: Sequence[str], input_names: Sequence[str]) -> str | None:
+    """How this wrapper's inputs can be padded to a fixed row count without changing its outputs,
+    or None. Hard-voxel pillar models scatter each voxel independently (``repeat``); the
+    dynamic-voxel patches ignore rows with negative coordinates (``invalid``). Sparse-convolution
+    models on hard voxels would see a repeated voxel as a duplicate site: not offered."""
+    sparse = any(p.startswith("spconv.") for p in patches)
+    if "pillar_scatter.vectorized" in patches and not sparse and "num_points" in input_names:
+        return "repeat"
+    if any(p.endswith(".padded") for p in patches) and "coors" in input_names:
+        return "invalid"
+    return None
+
+
+def pad_inputs(
+    arrays: dict[str, np.ndarray], static: dict[str, dict], padding: str
+) -> dict[str, np.ndarray]:
+    """Pad each input along its pinned axis to the static size (see ``PADDINGS``)."""
+    out = dict(arrays)
+    for dim, spec in static.items():
+        size = spec["size"]
+        for name, axis in spec["inputs"].items():
+            a = np.asarray(out[name])
+            n = a.shape[axis]
+            if n > size:
+                raise ExportError(f"{name} has {n} rows ({dim}); the vmfb was compiled for at most {size}")
+            if n == size:
+                continue
+            if padding == "repeat":
+                fill = np.repeat(np.take(a, [0], axis=axis), size - n, axis=axis)
+            else:
+                shape = list(a.shape)
+                shape[axis] = size - n
+                fill = np.full(shape, -1 if name == "coors" else 0, a.dtype)
+            out[name] = np.concatenate([a, fill], axis=axis)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# compile
+
+
+@dataclass
+class IreeOptions:
+    """What the user asked for: a flags preset and, optionally, a static size for the dynamic dims."""
+
+    preset: str = DEFAULT_PRESET
+    static: int | None = None  # pin every dynamic dim to this many rows (inputs padded)
+
+
+def compile_onnx(
+    onnx_path: Path,
+    vmfb_path: Path,
+    preset: str = DEFAULT_PRESET,
+    static: dict[str, dict] | None = None,
+    padding: str | None = None,
+    extra_flags: Sequence[str] = (),
+) -> Compiled:
+    """``model.onnx`` -> ``model.vmfb`` for llvm-cpu; an ExportError names what failed.
+
+    ``static``: ``{dim: {"size": N, "inputs": {name: axis}}}`` pins those dims (the caller pads
+    inputs with ``pad_inputs`` and ``padding``)."""
+    if preset not in PRESETS:
+        raise ExportError(f"unknown IREE preset {preset!r} (choose from {', '.join(PRESETS)})")
+    flags = [*BASE_FLAGS, *PRESETS[preset], *extra_flags]
+    info = Compiled(preset, flags[len(BASE_FLAGS) :], dict(static or {}), padding)
+    with tempfile.TemporaryDirectory(prefix="mmdet3d-iree-") as tmp:
+        rewritten, mlir = Path(tmp) / "model.onnx", Path(tmp) / "model.mlir"
+        start = time.perf_counter()
+        sizes = {dim: spec["size"] for dim, spec in info.static.items()}
+        info.rewrites, info.function = iree_onnx(onnx_path, rewritten, sizes)
+        _run([sys.executable, "-m", "iree.compiler.tools.import_onnx", str(rewritten), "-o", str(mlir)], "iree-import-onnx")
+        info.import_s = round(time.perf_counter() - start, 3)
+        start = time.perf_counter()
+        _run([_tool("iree-compile"), str(mlir), *flags, "-o", str(vmfb_path)], "iree-compile")
+        info.compile_s = round(time.perf_counter() - start, 3)
+    return info
+
+
+def _tool(name: str) -> str:
+    """The IREE tool installed beside this Python (the .venv's bin), else from PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+def _run(cmd: list[str], what: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        errors = [line.strip() for line in lines if "error:" in line]
+        reason = errors[0].split("error:", 1)[1].strip() if errors else (lines[-1] if lines else f"exit {proc.returncode}")
+        raise ExportError(f"{what} failed: {reason}")
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+
+
+def iree_runtime(
+    vmfb_path: Path, input_names: Sequence[str], static: dict | None = None, padding: str | None = None
+) -> Runtime:
+    """A Runtime running the vmfb's entry function on iree-base-runtime's ``local-task`` driver.
+
+    A vmfb compiled for static shapes gets its inputs padded first; without ``static`` the
+    ``iree`` section of the metadata.json beside the vmfb says whether it was."""
+    import iree.runtime as ireert
+
+    from .validate import Runtime
+
+    vmfb_path = Path(vmfb_path)
+    if static is None:
+        meta = vmfb_path.parent / "metadata.json"
+        section = json.loads(meta.read_text()).get("iree", {}) if meta.is_file() else {}
+        static, padding = section.get("static") or {}, section.get("padding")
+    module = ireert.load_vm_flatbuffer_file(str(vmfb_path), driver="local-task")
+    names = [n for n in module.vm_module.function_names if not n.startswith("__") and not n.endswith("$async")]
+    entry = module["main_graph"] if "main_graph" in names else module[names[0]]
+
+    def run(args):
+        arrays = {n: a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a) for n, a in zip(input_names, args)}
+        if static:
+            arrays = pad_inputs(arrays, static, padding)
+        out = entry(*(arrays[n] for n in input_names))
+        out = out if isinstance(out, (tuple, list)) else [out]
+        return [np.asarray(o.to_host()) for o in out]
+
+    return Runtime("iree", run)
