@@ -96,6 +96,15 @@ def find_config(spec: str) -> tuple[Path, str] | None:
     raise ExportError(f"config {spec} not found in {where}")
 
 
+def is_missing(spec: str) -> bool:
+    """Is ``spec`` a checkout-relative config (``projects/...``) with no checkout holding it?
+    (``generate --check`` skips such committed wrappers on a machine without the checkout.)"""
+    path = Path(spec)
+    if path.is_absolute() or not path.parts or path.parts[0] != "projects":
+        return False
+    return not ((_active or default_root()) / path).is_file()
+
+
 def import_custom_modules(cfg, config_path: Path) -> None:
     """Import the config's ``custom_imports`` (what mmengine would do), with one clear error.
 
