@@ -150,6 +150,12 @@ def describe(path: list[str], shape: list[int], channels: list[str]) -> str:
         if len(shape) == 5
         else "camera image after normalisation (batch, C, H, W)",
         "img": "camera image after normalisation (C, H, W)",
+        # multi-view camera models (sample.CAMERA_META): [batch, views, 4, 4]
+        "lidar2img": "per camera: lidar -> image projection (4x4, pixels of the original image)",
+        "cam2img": "per camera: intrinsics (4x4, pixels of the original image)",
+        "cam2lidar": "per camera: camera -> lidar transform (4x4)",
+        "img_aug_matrix": "per camera: the test pipeline's image resize/crop (4x4)",
+        "lidar_aug_matrix": "lidar augmentation (4x4, identity at test time)",
     }
     return table.get(key, f"tensor at {'.'.join(path)}")
 

@@ -6,15 +6,15 @@ Flat inputs (as sampled on nuscenes/n015-2018-07-24-11-22-45+0800__LIDAR_TOP__15
     points: [num_cloud_points, 5] float32, point cloud after the test pipeline, one row per point (x, y, z, intensity, ring/time)
 
 Outputs:
-    center: [1, 2, 200] float32, head output center
-    dense_heatmap: [1, 10, 180, 180] float32, head output dense_heatmap
-    dim: [1, 3, 200] float32, log box size (x_size, y_size, z_size)
-    heatmap: [1, 10, 200] float32, class-centre heatmap logits per BEV cell
-    height: [1, 1, 200] float32, box centre height z
-    query_heatmap_score: [1, 10, 200] float32, head output query_heatmap_score
-    query_labels: [1, 200] int64, head output query_labels
-    rot: [1, 2, 200] float32, yaw as (sin, cos)
-    vel: [1, 2, 200] float32, velocity (vx, vy)
+    center: [1, 2, 200] float32, box centre (x, y) of each query in BEV feature cells (query cell + offset)
+    dense_heatmap: [1, 10, 180, 180] float32, class heatmap logits per BEV cell (the queries are its top scores)
+    dim: [1, 3, 200] float32, log box size (x_size, y_size, z_size) of each query
+    heatmap: [1, 10, 200] float32, class logits of each query
+    height: [1, 1, 200] float32, box centre height z of each query
+    query_heatmap_score: [1, 10, 200] float32, heatmap score of each query's cell (non-maxima zeroed), per class
+    query_labels: [1, 200] int64, class of each query (the heatmap class it was selected from)
+    rot: [1, 2, 200] float32, yaw of each query as (sin, cos)
+    vel: [1, 2, 200] float32, velocity (vx, vy) of each query
 
 """
 

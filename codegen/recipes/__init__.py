@@ -36,6 +36,18 @@ MONO_OUTPUTS = {
     "weight": "location-aware depth weight per image location",
 }
 
+TRANSFUSION_OUTPUTS = {  # per query: [batch, channels, num_proposals]
+    "center": "box centre (x, y) of each query in BEV feature cells (query cell + offset)",
+    "height": "box centre height z of each query",
+    "dim": "log box size (x_size, y_size, z_size) of each query",
+    "rot": "yaw of each query as (sin, cos)",
+    "vel": "velocity (vx, vy) of each query",
+    "heatmap": "class logits of each query",
+    "query_heatmap_score": "heatmap score of each query's cell (non-maxima zeroed), per class",
+    "dense_heatmap": "class heatmap logits per BEV cell (the queries are its top scores)",
+    "query_labels": "class of each query (the heatmap class it was selected from)",
+}
+
 HEADS = {
     "Anchor3DHead": Head(("cls_score", "bbox_pred", "dir_cls_pred"), "boxes.anchor3d({head}, *head_outputs)"),
     "FreeAnchor3DHead": Head(("cls_score", "bbox_pred", "dir_cls_pred"), "boxes.anchor3d({head}, *head_outputs)"),
@@ -50,7 +62,7 @@ HEADS = {
         descriptions=MONO_OUTPUTS,
     ),
     "SMOKEMono3DHead": Head(("cls_score", "bbox_pred"), descriptions=MONO_OUTPUTS),
-    "TransFusionHead": Head(()),  # BEVFusion: a dict of named tensors (patches.bevfusion.head_outputs)
+    "TransFusionHead": Head((), descriptions=TRANSFUSION_OUTPUTS),  # BEVFusion: patches.bevfusion.head_outputs
 }
 
 

@@ -1,0 +1,233 @@
+"""BEVFusion (``projects/BEVFusion`` of the mmdetection3d source checkout in ../shared/third_party).
+
+The checkout is used as a user would: ``--source-root`` puts it on ``sys.path`` for the config's
+``custom_imports``; its compiled ops are not built here, ``codegen.checkout`` provides stand-ins.
+Checked here: the flag and its errors, the stand-ins against mmcv's CPU kernel / codegen's
+bev_pool, the pretrained-weights URL never being fetched, the export patches against BEVFusion's
+own code on the nuScenes frame (lidar path bit-exact; head bit-exact where no scores tie) and the
+end-to-end exports (lidar-only PT2 in CI; its ONNX and the lidar-camera model are slow).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from codegen import checkout
+from codegen import sample as smp
+from conftest import REPO, cli, frame_path
+from test_pipeline import error_lines
+
+LIDAR = "bevfusion_lidar_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d"
+LIDAR_CAM = "bevfusion_lidar-cam_voxel0075_second_secfpn_8xb4-cyclic-20e_nus-3d"
+
+
+def source_root() -> Path:
+    root = checkout.default_root()
+    if not (root / "projects" / "BEVFusion").is_dir():
+        pytest.skip(f"mmdetection3d checkout absent: {root} (set {checkout.ENV} or provide ../shared/third_party)")
+    return root
+
+
+def config_path(name: str) -> Path:
+    return source_root() / "projects" / "BEVFusion" / "configs" / f"{name}.py"
+
+
+@pytest.fixture(scope="module")
+def lidar_model():
+    frame_path("NuScenesDataset")
+    model = smp.load_model(str(config_path(LIDAR)))
+    return model, smp.sample_frame(model, smp.default_frame_ref(model.cfg))
+
+
+# ------------------------------------------------------------------------------ --source-root
+
+
+@pytest.mark.parametrize(
+    "root, needle",
+    [("missing", "no such folder"), ("empty", "not an mmdetection3d checkout"), ("no_bevfusion", "not found in --source-root")],
+)
+def test_bad_source_root_is_one_clear_error(root, needle, tmp_path):
+    config = "projects/BEVFusion/configs/" + LIDAR + ".py"
+    folder = tmp_path / root
+    if root != "missing":
+        folder.mkdir()
+    if root == "no_bevfusion":
+        (folder / "projects").mkdir()
+    out = tmp_path / "out"
+    proc = cli("--config", config, "--source-root", str(folder), "--device", "cpu", "--output-dir", str(out))
+    assert proc.returncode == 2
+    errors = error_lines(proc)
+    assert len(errors) == 1 and needle in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_project_config_without_a_checkout_says_to_pass_source_root(tmp_path):
+    """A BEVFusion config copied out of its checkout, no default checkout: one error naming the flag."""
+    copied = tmp_path / "bevfusion.py"
+    text = config_path(LIDAR).read_text().replace("../../../configs/_base_/default_runtime.py", str(source_root() / "configs/_base_/default_runtime.py"))
+    copied.write_text(text)
+    proc = cli("generate", "--config", str(copied), "--device", "cpu", env={checkout.ENV: str(tmp_path / "none")})
+    errors = error_lines(proc)
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert "imports projects.BEVFusion.bevfusion" in errors[0] and "--source-root" in errors[0]
+
+
+def test_checkout_configs_are_recorded_relative_to_the_root():
+    from codegen.configs import resolve_config
+
+    rel = f"projects/BEVFusion/configs/{LIDAR}.py"
+    by_path = resolve_config(str(config_path(LIDAR)))
+    assert by_path.ref == rel and by_path.path == config_path(LIDAR).resolve()
+    assert resolve_config(rel).path == by_path.path  # relative to the (default) root
+
+
+# ------------------------------------------------------------------------ stand-ins, weights
+
+
+def test_stand_ins_equal_the_kernels(lidar_model, nuscenes_points):
+    """BEVFusion's ``Voxelization`` on the stand-in = mmcv's CPU kernel with (x, y, z) coors;
+    BEVFusion's own ``bev_pool`` (sort, intervals, stand-in kernel) = codegen's on the frame."""
+    import mmcv.ops
+    from projects.BEVFusion.bevfusion.ops import Voxelization, bev_pool
+
+    assert checkout.is_stand_in("projects.BEVFusion.bevfusion.ops.voxel.voxel_layer")
+    points = torch.from_numpy(nuscenes_points.copy())
+    cfg = dict(voxel_size=[0.075, 0.075, 0.2], point_cloud_range=[-54.0, -54.0, -5.0, 54.0, 54.0, 3.0], max_num_points=10)
+    ours = Voxelization(**cfg, max_voxels=(120000, 160000)).eval()(points)
+    mmcv_out = mmcv.ops.Voxelization(**cfg, max_voxels=(120000, 160000)).eval()(points)
+    assert ours[0].shape[0] > 10000
+    assert torch.equal(ours[0], mmcv_out[0]) and torch.equal(ours[2], mmcv_out[2])
+    assert torch.equal(ours[1], mmcv_out[1].flip(1))
+
+    from codegen.ops.bev_pool import bev_pool as codegen_bev_pool
+
+    # cells from the frame's points on a 0.3 m grid; small integer features sum exactly in any order
+    cells = torch.floor((points[:, :3] + torch.tensor([54.0, 54.0, 10.0])) / torch.tensor([0.3, 0.3, 20.0])).long()
+    coords = torch.cat([cells, torch.zeros_like(cells[:, :1])], 1)
+    coords = coords[((cells >= 0) & (cells < torch.tensor([360, 360, 1]))).all(1)]
+    feats = torch.randint(-8, 8, (coords.shape[0], 16), generator=torch.Generator().manual_seed(0)).float()
+    assert torch.equal(bev_pool(feats, coords, 1, 1, 360, 360), codegen_bev_pool(feats, coords, 1, 1, 360, 360))
+
+
+def test_pretrained_backbone_url_is_not_fetched():
+    from codegen.configs import resolve_config
+
+    cfg = smp.load_config(resolve_config(str(config_path(LIDAR_CAM))))
+    logged: list[str] = []
+    model = smp.build_model(cfg, "cpu", logged.append)  # would download the Swin weights otherwise
+    assert len(logged) == 1 and "model.img_backbone.init_cfg" in logged[0] and "https://" in logged[0]
+    assert type(model.img_backbone).__name__ == "SwinTransformer"
+    assert cfg.model.img_backbone.init_cfg["type"] == "Pretrained"  # the caller's config is untouched
+
+
+# ----------------------------------------------------------------------- patches vs original
+
+
+def test_patched_lidar_path_equals_bevfusion(lidar_model):
+    """extract_feat (in-graph voxelization, sparse encoder) is bit-exact; the head patch too once
+    the BEV features have no tied scores (random weights give large equal-score regions, where the
+    original's argsort has no tie rule: see patches.bevfusion.top_k_by_score)."""
+    from codegen import patches
+    from codegen.patches.bevfusion import LIDAR_PATCHES, batch_metas
+
+    model, s = lidar_model
+    metas = batch_metas(s.data["inputs"])
+    with torch.no_grad():
+        original = model.extract_feat(smp.clone_tree(s.data["inputs"]), metas)
+        with patches.applied(LIDAR_PATCHES, batch_size=1):
+            patched = model.extract_feat(smp.clone_tree(s.data["inputs"]), metas)
+        assert original[0].shape == (1, 512, 180, 180) and torch.equal(original[0], patched[0])
+        feats = [original[0] + torch.randn(original[0].shape, generator=torch.Generator().manual_seed(0))]
+        (ref,) = model.bbox_head(feats, metas)
+        ref_labels = model.bbox_head.query_labels
+        with patches.applied(LIDAR_PATCHES, batch_size=1):
+            (got,) = model.bbox_head(feats, metas)
+        assert torch.equal(model.bbox_head.query_labels, ref_labels)
+    assert set(got[0]) == set(ref[0])
+    for key in ref[0]:
+        assert torch.equal(got[0][key], ref[0][key]), key
+
+
+def test_top_k_breaks_ties_by_lower_index():
+    from codegen.patches.bevfusion import top_k_by_score
+
+    scores = torch.tensor([[0.5, 0.9, 0.5, 0.9, 0.0, 0.7, 0.5]])
+    assert top_k_by_score(scores, 5).tolist() == [[1, 3, 5, 0, 2]]
+
+
+@pytest.mark.slow
+def test_patched_camera_branch_equals_bevfusion():
+    """Camera branch on the six nuScenes images: the lidar depth image is bit-exact; the fused
+    features differ only through the cofactor 3x3 inverse (torch.inverse has no ONNX form)."""
+    from codegen import patches
+    from codegen.patches.bevfusion import CAMERA_PATCHES, LIDAR_PATCHES, batch_metas
+
+    frame_path("NuScenesDataset")
+    model = smp.load_model(str(config_path(LIDAR_CAM)))
+    s = smp.sample_frame(model, smp.default_frame_ref(model.cfg))
+    depths = []
+    original_cam_feats = type(model.view_transform).get_cam_feats
+
+    def keep_depth(self, x, d):
+        depths.append(d)
+        return original_cam_feats(self, x, d)
+
+    metas = batch_metas(s.data["inputs"])
+    with torch.no_grad():
+        type(model.view_transform).get_cam_feats = keep_depth
+        try:
+            original = model.extract_feat(smp.clone_tree(s.data["inputs"]), metas)
+            with patches.applied(LIDAR_PATCHES + CAMERA_PATCHES, batch_size=1):
+                patched = model.extract_feat(smp.clone_tree(s.data["inputs"]), metas)
+        finally:
+            type(model.view_transform).get_cam_feats = original_cam_feats
+    assert depths[0].shape == (1, 6, 1, 256, 704) and int((depths[0] > 0).sum()) > 1000
+    assert torch.equal(depths[0], depths[1])
+    torch.testing.assert_close(patched[0], original[0], atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def _export(name: str, fmt: str, tmp_path) -> dict:
+    frame_path("NuScenesDataset")
+    out = tmp_path / "out"
+    root = source_root()
+    proc = cli("--config", str(config_path(name)), "--source-root", str(root), "--output-dir", str(out), "--device", "cpu", "--format", fmt)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["model_config"] == f"projects/BEVFusion/configs/{name}.py"
+    assert meta["validation"]["passed"] and meta["validation"]["reference"] == "patched"
+    runtimes = {"eager-patched", "pt2", "onnx"} if fmt == "both" else {"eager-patched", fmt}
+    assert set(meta["validation"]["max_abs_diff"]) == runtimes
+    assert max(meta["validation"]["max_abs_diff"].values()) < 1e-4
+    assert len({r["size"] for r in meta["validation"]["rows"]}) == 2, "two point counts validated"
+    names = [o["name"] for o in meta["outputs"]]
+    assert {"center", "heatmap", "query_labels", "dense_heatmap"} <= set(names)
+    wrapper = next(out.glob("wrapper_*.py"))
+    assert wrapper.read_text() == (REPO / "generated" / wrapper.name).read_text()
+    return meta
+
+
+def test_bevfusion_lidar_exports_pt2_and_matches(tmp_path):
+    """``mmdet3d-export --config <checkout>/projects/BEVFusion/configs/<lidar>.py --source-root
+    <checkout>``: points in (voxelized in the graph), TransFusion head out."""
+    meta = _export(LIDAR, "pt2", tmp_path)
+    assert meta["export_info"]["input_names"] == ["points"]
+
+
+@pytest.mark.slow
+def test_bevfusion_lidar_onnx(tmp_path):
+    _export(LIDAR, "both", tmp_path)
+
+
+@pytest.mark.slow
+def test_bevfusion_lidar_camera_exports_and_matches(tmp_path):
+    """Points, the six images and their calibrations in; same head out."""
+    meta = _export(LIDAR_CAM, "both", tmp_path)
+    assert meta["export_info"]["input_names"] == ["points", "imgs", "cam2img", "cam2lidar", "img_aug_matrix", "lidar2img"]
