@@ -1,0 +1,192 @@
+"""IREE target: ``--format iree`` compiles model.onnx into model.vmfb (llvm-cpu) and validates it
+against the eager model like every other format; the IREE graph forms are the same functions;
+static shapes pad exactly. docs/iree.md has the measurements."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from codegen.errors import ExportError
+from codegen.iree import PADDINGS, iree_onnx, pad_inputs, padding_rule
+from codegen.metadata import parse_formats
+from conftest import CONFIG, REPO, cli, frame_path
+
+# ------------------------------------------------------------------ formats
+
+
+def test_format_spec():
+    assert parse_formats("both") == ("pt2", "onnx")
+    assert parse_formats("iree") == ("onnx", "iree")  # the vmfb is compiled from model.onnx
+    assert parse_formats("all") == ("pt2", "onnx", "iree")
+    assert parse_formats("iree,pt2") == ("pt2", "onnx", "iree")
+    with pytest.raises(ExportError, match="unknown format 'tflite'"):
+        parse_formats("onnx,tflite")
+
+
+def test_bad_format_is_one_error_line():
+    proc = cli("--config", CONFIG, "--format", "vmfb", "--device", "cpu")
+    assert proc.returncode == 2
+    assert [line for line in proc.stderr.splitlines() if "error:" in line] == [
+        "mmdet3d-export: error: argument --format: unknown format 'vmfb' in --format vmfb "
+        "(choose from pt2, onnx, iree, both, all, or a comma list)"
+    ]
+
+
+# ------------------------------------------------------------------ graph forms
+
+
+def _secondfpn_like(path, seed=0):
+    """SECONDFPN + Anchor3DHead in miniature: three ConvTranspose upsamplings (kernel = stride,
+    with bias) of three scales, ReLU, a channel Concat read by three 1x1 Convs; plus a
+    ConvTranspose whose kernel is not its stride (must be left alone)."""
+    rng = np.random.default_rng(seed)
+    f32 = lambda *s: (rng.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
+    inits = {
+        "w0": f32(8, 6, 1, 1), "b0": f32(6),
+        "w1": f32(8, 6, 2, 2), "b1": f32(6),
+        "w2": f32(8, 6, 4, 4), "b2": f32(6),
+        "wc": f32(2, 18, 1, 1), "bc": f32(2),
+        "wr": f32(7, 18, 1, 1), "br": f32(7),
+        "wd": f32(4, 18, 1, 1),
+        "wx": f32(8, 3, 3, 3),
+    }  # fmt: skip
+    nodes = [
+        helper.make_node("ConvTranspose", ["x0", "w0", "b0"], ["u0"], kernel_shape=[1, 1], strides=[1, 1]),
+        helper.make_node("ConvTranspose", ["x1", "w1", "b1"], ["u1"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("ConvTranspose", ["x2", "w2", "b2"], ["u2"], kernel_shape=[4, 4], strides=[4, 4]),
+        *[helper.make_node("Relu", [f"u{i}"], [f"r{i}"]) for i in range(3)],
+        helper.make_node("Concat", ["r0", "r1", "r2"], ["cat"], axis=1),
+        helper.make_node("Conv", ["cat", "wc", "bc"], ["cls"], kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["cat", "wr", "br"], ["reg"], kernel_shape=[1, 1]),
+        helper.make_node("Conv", ["cat", "wd"], ["dir"], kernel_shape=[1, 1]),
+        helper.make_node("ConvTranspose", ["x1", "wx"], ["other"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+    ]
+    shapes = {"x0": [1, 8, 12, 8], "x1": [1, 8, 6, 4], "x2": [1, 8, 3, 2]}  # all upsampled to 12 x 8
+    graph = helper.make_graph(
+        nodes,
+        "main_graph",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes.items()],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("cls", "reg", "dir", "other")],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+
+
+def test_graph_forms_compute_the_same_function(tmp_path):
+    """The rewritten graph (what IREE compiles) equals the exported one in onnxruntime."""
+    feeds = _secondfpn_like(tmp_path / "model.onnx")
+    rewrites, function = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx")
+    assert function == "main_graph"
+    assert len(rewrites) == 4, rewrites  # three deconvolutions and the concatenated head
+    rewritten = onnx.load(str(tmp_path / "iree.onnx"))
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert ops.count("ConvTranspose") == 1  # the 3x3 / stride-2 one is not a pixel shuffle
+    assert "Concat" not in ops and ops.count("Split") == 1
+    before = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
+    after = ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, feeds)
+    for b, a in zip(before, after):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ static shapes
+
+
+def _wrapper_attrs(path) -> dict:
+    import ast
+
+    found = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id in ("PATCHES", "INPUT_NAMES"):
+                found[node.targets[0].id] = ast.literal_eval(node.value)
+    return found
+
+
+@pytest.mark.parametrize(
+    "wrapper, rule",
+    [
+        ("wrapper_pointpillars_hv_secfpn_8xb6_160e_kitti_3d_car.py", "repeat"),
+        ("wrapper_centerpoint_pillar02_second_secfpn_8xb4_cyclic_20e_nus_3d.py", "repeat"),
+        ("wrapper_pointpillars_dv_secfpn_8xb6_160e_kitti_3d_car.py", "invalid"),
+        ("wrapper_second_dv_secfpn_8xb6_80e_kitti_3d_car.py", "invalid"),
+        ("wrapper_second_hv_secfpn_8xb6_80e_kitti_3d_car.py", None),  # a repeated voxel = a duplicate sparse site
+    ],
+)
+def test_padding_rule_per_model(wrapper, rule):
+    attrs = _wrapper_attrs(REPO / "generated" / wrapper)
+    assert padding_rule(attrs["PATCHES"], attrs["INPUT_NAMES"]) == rule
+
+
+def test_padding_fills_exactly_as_documented():
+    voxels = np.arange(3 * 2 * 4, dtype=np.float32).reshape(3, 2, 4)
+    coors = np.array([[0, 0, 5, 7], [0, 0, 5, 8], [0, 0, 6, 1]], np.int32)
+    static = {"num_voxels": {"size": 5, "inputs": {"voxels": 0, "coors": 0}}}
+    repeated = pad_inputs({"voxels": voxels, "coors": coors}, static, "repeat")
+    assert repeated["coors"].tolist()[3:] == [[0, 0, 5, 7]] * 2
+    np.testing.assert_array_equal(repeated["voxels"][3:], voxels[[0, 0]])
+    invalid = pad_inputs({"voxels": voxels, "coors": coors}, static, "invalid")
+    assert (invalid["coors"][3:] == -1).all() and (invalid["voxels"][3:] == 0).all()
+    np.testing.assert_array_equal(invalid["voxels"][:3], voxels)
+    assert set(PADDINGS) == {"repeat", "invalid"}
+    with pytest.raises(ExportError, match="compiled for at most 2"):
+        pad_inputs({"voxels": voxels, "coors": coors}, {"num_voxels": {"size": 2, "inputs": {"coors": 0}}}, "repeat")
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def _iree_export(tmp_path, config, *flags, dataset="KittiDataset"):
+    frame_path(dataset)
+    out = tmp_path / "out"
+    proc = cli("--config", config, "--output-dir", str(out), "--device", "cpu", "--format", "iree", *flags)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["formats"] == {"onnx": "model.onnx", "iree": "model.vmfb"} and (out / "model.vmfb").is_file()
+    assert meta["validation"]["passed"], meta["validation"]["summary"]
+    assert set(meta["validation"]["max_abs_diff"]) == {"eager-patched", "onnx", "iree"}
+    assert len({r["size"] for r in meta["validation"]["rows"] if r["runtime"] == "iree"}) == 2
+    assert meta["versions"]["iree-base-compiler"] == meta["versions"]["iree-base-runtime"]
+    return out, meta
+
+
+def test_pointpillars_compiles_in_iree_and_matches_eager(tmp_path):
+    """The shipped default, dynamic voxel count, tuned preset: graph forms applied, parity."""
+    out, meta = _iree_export(tmp_path, CONFIG)
+    iree = meta["iree"]
+    assert iree["preset"] == "host" and "--iree-llvmcpu-target-cpu=host" in iree["flags"]
+    assert iree["static"] is None and iree["function"] == "main_graph"
+    assert sum("ConvTranspose" in r for r in iree["graph_rewrites"]) == 3
+    assert meta["validation"]["max_abs_diff"]["iree"] < 1e-5  # measured 5.6e-8
+    assert "iree" in (out / "validation.txt").read_text()
+
+
+def test_static_size_smaller_than_the_sample_is_one_error_line(tmp_path):
+    frame_path("KittiDataset")
+    proc = cli("--config", CONFIG, "--output-dir", str(tmp_path / "o"), "--device", "cpu", "--format", "iree", "--iree-static", "100")
+    assert proc.returncode == 2 and not (tmp_path / "o").exists()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --iree-static 100 is smaller than the sample's num_voxels (3945)"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, static", [("host", "12000"), ("default", None)])
+def test_pointpillars_static_shapes_and_the_default_preset(tmp_path, preset, static):
+    """Every preset is validated; static shapes (inputs padded to 12000 voxels) give the same outputs."""
+    flags = ["--iree-preset", preset] + (["--iree-static", static] if static else [])
+    _, meta = _iree_export(tmp_path, CONFIG, *flags)
+    iree = meta["iree"]
+    assert iree["preset"] == preset
+    if static:
+        assert iree["static"] == {"num_voxels": {"size": 12000, "inputs": {"voxels": 0, "num_points": 0, "coors": 0}}}
+        assert iree["padding"] == "repeat" and iree["padding_rule"] == PADDINGS["repeat"]
+    assert meta["validation"]["max_abs_diff"]["iree"] < 1e-5
