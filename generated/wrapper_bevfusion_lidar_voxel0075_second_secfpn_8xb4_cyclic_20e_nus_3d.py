@@ -12,6 +12,7 @@ Outputs:
     heatmap: [1, 10, 200] float32, class logits of each query
     height: [1, 1, 200] float32, box centre height z of each query
     query_heatmap_score: [1, 10, 200] float32, heatmap score of each query's cell (non-maxima zeroed), per class
+    query_index: [1, 200] int64, heatmap index of each query: class * cells + BEV cell (row-major); -1 if unpatched
     query_labels: [1, 200] int64, class of each query (the heatmap class it was selected from)
     rot: [1, 2, 200] float32, yaw of each query as (sin, cos)
     vel: [1, 2, 200] float32, velocity (vx, vy) of each query
@@ -46,6 +47,7 @@ OUTPUT_NAMES = (
     "heatmap",
     "height",
     "query_heatmap_score",
+    "query_index",
     "query_labels",
     "rot",
     "vel",
@@ -73,6 +75,7 @@ class ExportWrapper(torch.nn.Module):
         heatmap = head_outputs["heatmap"]  # [1, 10, 200] float32
         height = head_outputs["height"]  # [1, 1, 200] float32
         query_heatmap_score = head_outputs["query_heatmap_score"]  # [1, 10, 200] float32
+        query_index = head_outputs["query_index"]  # [1, 200] int64
         query_labels = head_outputs["query_labels"]  # [1, 200] int64
         rot = head_outputs["rot"]  # [1, 2, 200] float32
         vel = head_outputs["vel"]  # [1, 2, 200] float32
@@ -83,6 +86,7 @@ class ExportWrapper(torch.nn.Module):
             heatmap,
             height,
             query_heatmap_score,
+            query_index,
             query_labels,
             rot,
             vel,

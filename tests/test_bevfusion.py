@@ -160,6 +160,49 @@ def test_top_k_breaks_ties_by_lower_index():
     assert top_k_by_score(scores, 5).tolist() == [[1, 3, 5, 0, 2]]
 
 
+def test_validation_accepts_another_choice_among_tied_queries(lidar_model):
+    """Random weights make most of the 200 selected scores ties (empty BEV cells): a runtime that
+    picks other cells among them (onnxruntime does) is compared with the eager model run on its
+    choice (patches.bevfusion.reselect_queries); a choice that is not a top-k is not accepted."""
+    from codegen.export import import_wrapper
+    from codegen.patches.bevfusion import forced_queries, reselect_queries
+
+    model, s = lidar_model
+    module = import_wrapper(REPO / "generated" / "wrapper_bevfusion_lidar_voxel0075_second_secfpn_8xb4_cyclic_20e_nus_3d.py")
+    wrapper = module.ExportWrapper(model).eval()
+    args = tuple(module.flat_inputs(s.data).values())
+    names = list(module.OUTPUT_NAMES)
+    at = names.index("query_index")
+    with torch.no_grad():
+        ref = [o.numpy() for o in wrapper(*args)]
+        index = torch.from_numpy(ref[at])
+        scores = np.take_along_axis(ref[names.index("query_heatmap_score")], ref[names.index("query_labels")][:, None], 1)
+        assert len(np.unique(scores)) < 20, "the frame's selection is dominated by tied scores"
+        # another valid top-k: the queries in another order, one swapped for an unselected cell of equal score
+        heat = torch.sigmoid(torch.from_numpy(ref[names.index("dense_heatmap")])).flatten()
+        cells, selected = 180 * 180, index[0].tolist()
+        other_index, swapped = index.flip(-1).clone(), False
+        for q, i in enumerate(selected):
+            if i // cells in (8, 9):  # classes whose every cell is a local maximum (nuScenes)
+                same = torch.nonzero(heat == heat[i]).flatten().tolist()
+                twin = next((j for j in same if j // cells == i // cells and j not in selected), None)
+                if twin is not None:
+                    other_index[0, len(selected) - 1 - q], swapped = twin, True
+                    break
+        assert swapped, "no unselected cell ties with a selected one"
+        with forced_queries(other_index):
+            other = [o.numpy() for o in wrapper(*args)]
+        alt = reselect_queries(wrapper, names, args, other, ref, 1e-4, 1e-4)
+        assert alt is not None
+        for name, a, b in zip(names, alt, other):
+            np.testing.assert_array_equal(a.numpy(), b, err_msg=name)
+        # the lowest-scoring cells are no top-k
+        bad_index = torch.argsort(heat, stable=True)[:200][None]
+        with forced_queries(bad_index):
+            bad = [o.numpy() for o in wrapper(*args)]
+        assert reselect_queries(wrapper, names, args, bad, ref, 1e-4, 1e-4) is None
+
+
 @pytest.mark.slow
 def test_patched_camera_branch_equals_bevfusion():
     """Camera branch on the six nuScenes images: the lidar depth image is bit-exact; the fused

@@ -20,6 +20,10 @@ equals the original bit for bit where the data allow; the exceptions are named w
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator, Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -50,13 +54,61 @@ def head_outputs(model, inputs: dict) -> dict:
 
     The head's outputs (one level, one decoder layer: a dict of ``[B, ch, num_proposals]`` tensors
     and the ``dense_heatmap``) plus ``query_labels`` (class of each query, which the head keeps in
-    an attribute for ``predict_by_feat``)."""
+    an attribute for ``predict_by_feat``) and ``query_index`` (the selected flat heatmap index,
+    ``class * cells + cell``; -1 from the unpatched head, which does not keep it)."""
     metas = batch_metas(inputs)
     feats = model.extract_feat(inputs, metas)
     (levels,) = model.bbox_head(feats, metas)
     out = dict(levels[0])
     out["query_labels"] = model.bbox_head.query_labels
+    index = model.bbox_head.__dict__.pop("query_index", None)  # set by the patched head only
+    out["query_index"] = index if index is not None else torch.full_like(out["query_labels"], -1)
     return out
+
+
+# ---------------------------------------------------------------- validation of the query choice
+
+_FORCED_QUERIES: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("forced_queries", default=None)
+
+
+@contextlib.contextmanager
+def forced_queries(index: Tensor) -> Iterator[None]:
+    """Make the patched head select ``index`` (``[B, num_proposals]`` flat heatmap indices)."""
+    token = _FORCED_QUERIES.set(index)
+    try:
+        yield
+    finally:
+        _FORCED_QUERIES.reset(token)
+
+
+def _selected_scores(out: dict) -> np.ndarray:
+    """Each query's heatmap score (at its own class), sorted per sample."""
+    scores = np.asarray(out["query_heatmap_score"], dtype=np.float64)
+    labels = np.asarray(out["query_labels"])
+    return np.sort(np.take_along_axis(scores, labels[:, None, :], axis=1)[:, 0], axis=-1)
+
+
+def reselect_queries(wrapper, output_names: Sequence[str], args, outputs, reference, atol: float, rtol: float):
+    """The eager reference for the queries a runtime selected (``validate``'s ``reselect``).
+
+    Which 200 of the 324,000 heatmap cells become queries is a discrete choice: where scores tie
+    or nearly tie (every empty BEV cell has the same score), a runtime whose floats differ in the
+    last bits (onnxruntime's convolutions) picks other cells, and every per-query output differs.
+    When the runtime's ``query_index`` differs from the reference's, the patched eager model is
+    run again with the runtime's queries forced; that is the reference for the runtime, provided
+    the runtime's choice is a valid top-k: its queries' eager scores equal the reference's
+    selected scores (sorted) within the tolerance. Otherwise None (the normal comparison fails)."""
+    got = dict(zip(output_names, outputs))
+    ref = dict(zip(output_names, reference))
+    index = np.asarray(got["query_index"])
+    if np.array_equal(index, np.asarray(ref["query_index"])):
+        return None
+    with forced_queries(torch.from_numpy(index.astype(np.int64))):
+        alt = wrapper(*args)
+    chosen, natural = _selected_scores(dict(zip(output_names, alt))), _selected_scores(ref)
+    if not np.all(np.abs(chosen - natural) <= atol + rtol * np.abs(natural)):
+        return None
+    return alt
 
 
 # ------------------------------------------------------------------------------- lidar branch
@@ -98,6 +150,9 @@ def top_k_by_score(scores: Tensor, k: int) -> Tensor:
     the 200 selected scores are ties (the constant heatmap of empty BEV cells: 7 distinct values
     on the nuScenes frame); a plain ``topk`` has no tie rule either. Scores below the exact range
     are ordered by their truncated key (a tie there goes to the lower index)."""
+    forced = _FORCED_QUERIES.get()
+    if forced is not None:  # validation: the queries another runtime selected (reselect_queries)
+        return forced.to(scores.device)
     n = scores.shape[-1]
     bits = max(int(n - 1).bit_length(), 1)
     code = (scores * float(2 ** (61 - bits))).to(torch.int64)
@@ -149,6 +204,7 @@ def transfusion_forward_single(self, inputs: Tensor, metas):
         index=top_proposals_index[:, None, :].expand(-1, fusion_feat_flatten.shape[1], -1), dim=-1
     )
     self.query_labels = top_proposals_class
+    self.query_index = top_proposals  # read (and removed) by head_outputs
 
     one_hot = F.one_hot(top_proposals_class, num_classes=self.num_classes).permute(0, 2, 1)
     query_feat = query_feat + self.class_encoding(one_hot.float())

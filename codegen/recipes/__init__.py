@@ -15,6 +15,7 @@ from typing import Callable, Mapping
 from ..errors import ExportError
 from ..patches.bevfusion import CAMERA_PATCHES as BEVFUSION_CAMERA_PATCHES
 from ..patches.bevfusion import LIDAR_PATCHES as BEVFUSION_LIDAR_PATCHES
+from ..patches.bevfusion import reselect_queries
 from ..patches.points import POINT_OP_PATCHES
 
 
@@ -46,6 +47,7 @@ TRANSFUSION_OUTPUTS = {  # per query: [batch, channels, num_proposals]
     "query_heatmap_score": "heatmap score of each query's cell (non-maxima zeroed), per class",
     "dense_heatmap": "class heatmap logits per BEV cell (the queries are its top scores)",
     "query_labels": "class of each query (the heatmap class it was selected from)",
+    "query_index": "heatmap index of each query: class * cells + BEV cell (row-major); -1 if unpatched",
 }
 
 HEADS = {
@@ -83,6 +85,9 @@ class Recipe:
     reference: str = "original"
     # component type -> patches, replacing COMPONENT_PATCHES' entry for this recipe only
     component_patches: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # validate.validate's reselect, bound by export: for outputs that hang on a choice among tied
+    # scores, the reference re-run with the runtime's choice (patches.bevfusion.reselect_queries)
+    reselect: Callable | None = None
     # filled from HEADS by recipe_for()
     output_groups: tuple[str, ...] = ()
     boxes: str | None = None
@@ -179,6 +184,7 @@ RECIPES += (
         call="patches.bevfusion.head_outputs(self.model, batch_inputs_dict)",
         head="bbox_head",
         reference="patched",  # the original's heatmap argsort has no tie rule (patches.bevfusion.top_k_by_score)
+        reselect=reselect_queries,
     ),
     Recipe(
         name="bevfusion",  # lidar + six cameras (their calibrations are inputs too)
@@ -188,6 +194,7 @@ RECIPES += (
         call="patches.bevfusion.head_outputs(self.model, batch_inputs_dict)",
         head="bbox_head",
         reference="patched",  # the original's heatmap argsort has no tie rule (patches.bevfusion.top_k_by_score)
+        reselect=reselect_queries,
     ),
 )
 
