@@ -131,7 +131,7 @@ def rewrite_deconvs(model) -> list[str]:
             continue
         n, ci, h, w = x_shape
         _, co, kh, kw = weight.dims
-        p = f"{node.name or node.output[0]}_iree"
+        p = f"{_label(node)}_iree"
         # columns ordered (kh, kw, co): the pixel shuffle then moves whole channel vectors
         w2 = numpy_helper.to_array(weight).transpose(0, 2, 3, 1).reshape(ci, kh * kw * co)
         consts = {
@@ -159,7 +159,7 @@ def rewrite_deconvs(model) -> list[str]:
             last = f"{p}_out_nhwc"
         # back to NCHW: IREE's transpose propagation folds this into the consumer's layout
         nodes.append(helper.make_node("Transpose", [last], [out], perm=[0, 3, 1, 2], name=f"{p}_nchw"))
-        done.append(f"ConvTranspose {node.name} {kh}x{kw}/{kh} {ci}->{co} as MatMul + pixel shuffle")
+        done.append(f"ConvTranspose {_label(node)} {kh}x{kw}/{kh} {ci}->{co} as MatMul + pixel shuffle")
     del graph.node[:]
     graph.node.extend(nodes)
     onnx.checker.check_model(model)
@@ -215,7 +215,7 @@ def split_concat_heads(model) -> list[str]:
             or not all(_is_pointwise_conv(u, inits, helper) for u in users)
         ):
             continue
-        p = f"{node.name or node.output[0]}_iree"
+        p = f"{_label(node)}_iree"
         weights = [numpy_helper.to_array(inits[u.input[1]]) for u in users]
         biases = [
             numpy_helper.to_array(inits[u.input[2]]) if len(u.input) > 2 and u.input[2] else np.zeros(w.shape[0], w.dtype)
@@ -240,13 +240,107 @@ def split_concat_heads(model) -> list[str]:
         for u in users:
             replaced[id(u)] = []
         done.append(
-            f"Concat {node.name} of {len(widths)} ({'+'.join(map(str, widths))} channels) into "
+            f"Concat {_label(node)} of {len(widths)} ({'+'.join(map(str, widths))} channels) into "
             f"{len(users)} 1x1 Convs as {len(widths)} summed 1x1 Convs + Split"
         )
     nodes = [n for node in graph.node for n in replaced.get(id(node), [node])]
     del graph.node[:]
     graph.node.extend(nodes)
     return done
+
+
+def split_concat_matmuls(model) -> list[str]:
+    """``MatMul(Concat(a, Tile(m), axis=-1), W)`` -> ``MatMul(a, W_a) + MatMul(m, W_m)``.
+
+    VFE layers (HardVFE, the SECOND/MVX voxel encoders) concatenate each point's features with
+    the voxel's max feature repeated over the points, then apply a linear layer. Split along the
+    concatenated channels the product is the same sum; the repeated part is then multiplied once
+    per voxel instead of once per point, and the repeat and the concat (strided copies in IREE)
+    disappear: the sum broadcasts ``m`` back over the points. Tile/Expand inputs are only
+    looked through when they repeat size-1 axes (so broadcasting restores them exactly).
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    shapes = _shapes(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def unrepeated(name: str) -> str:
+        node = producer.get(name)
+        if node is not None and node.op_type == "Tile" and node.input[1] in inits:
+            repeats = numpy_helper.to_array(inits[node.input[1]]).tolist()
+            src = shapes.get(node.input[0])
+            if src and len(src) == len(repeats) and repeats[-1] == 1 and all(r == 1 or s == 1 for r, s in zip(repeats, src)):
+                return unrepeated(node.input[0])
+        if node is not None and node.op_type == "Expand":
+            src, out = shapes.get(node.input[0]), shapes.get(name)
+            if src and out and len(src) == len(out) and src[-1] is not None and src[-1] == out[-1]:
+                return unrepeated(node.input[0])
+        return name
+
+    done = []
+    nodes = []
+    for node in graph.node:
+        concat = producer.get(node.input[0]) if node.op_type == "MatMul" else None
+        weight = inits.get(node.input[1]) if concat is not None else None
+        rank = len(shapes.get(node.input[0]) or [])
+        axis = next((helper.get_attribute_value(a) for a in concat.attribute if a.name == "axis"), None) if concat else None
+        widths = [(shapes.get(name) or [None])[-1] for name in concat.input] if concat is not None else []
+        if (
+            concat is None
+            or concat.op_type != "Concat"
+            or weight is None
+            or len(weight.dims) != 2
+            or rank < 2
+            or axis not in (-1, rank - 1)
+            or None in widths
+            or sum(widths) != weight.dims[0]
+        ):
+            nodes.append(node)
+            continue
+        p = f"{_label(node)}_iree"
+        w = numpy_helper.to_array(weight)
+        start, parts = 0, []
+        for j, (name, width) in enumerate(zip(concat.input, widths)):
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w[start : start + width]), f"{p}_w{j}"))
+            nodes.append(helper.make_node("MatMul", [unrepeated(name), f"{p}_w{j}"], [f"{p}_part{j}"], name=f"{p}_part{j}"))
+            parts.append(f"{p}_part{j}")
+            start += width
+        total = parts[0]
+        for j, part in enumerate(parts[1:], 1):
+            out = node.output[0] if j == len(parts) - 1 else f"{p}_sum{j}"
+            nodes.append(helper.make_node("Add", [total, part], [out], name=f"{p}_sum{j}"))
+            total = out
+        repeated = sum(unrepeated(n) != n for n in concat.input)
+        done.append(
+            f"MatMul {_label(node)} of Concat {_label(concat)} ({'+'.join(map(str, widths))} channels) as {len(parts)} "
+            f"summed MatMuls{f' ({repeated} on the unrepeated input)' if repeated else ''}"
+        )
+    del graph.node[:]
+    graph.node.extend(nodes)
+    remove_dead_nodes(model)
+    return done
+
+
+def remove_dead_nodes(model) -> None:
+    """Drop nodes and initializers nothing reads any more (what a rewrite replaced)."""
+    graph = model.graph
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    unused = [t for t in graph.initializer if t.name not in needed]
+    for t in unused:
+        graph.initializer.remove(t)
+
+
+def _label(node) -> str:
+    return node.name or node.output[0]
 
 
 def _shapes(graph) -> dict[str, list]:
@@ -272,6 +366,7 @@ def iree_onnx(onnx_path: Path, out_path: Path, static: dict[str, int] | None = N
     model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     rewrites = rewrite_deconvs(model)
     rewrites += split_concat_heads(model)
+    rewrites += split_concat_matmuls(model)
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
     return rewrites, model.graph.name

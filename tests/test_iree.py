@@ -98,6 +98,49 @@ def test_graph_forms_compute_the_same_function(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def _vfe_like(path, seed=1):
+    """A VFE layer in miniature (HardVFE): per-point features concatenated with the voxel's max
+    repeated over its points, then a linear layer; the voxel count is dynamic."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("ReduceMax", ["r", "axis1"], ["m"], keepdims=1),
+        helper.make_node("Tile", ["m", "repeats"], ["rep"]),
+        helper.make_node("Concat", ["r", "rep"], ["cat"], axis=-1),
+        helper.make_node("MatMul", ["cat", "w1"], ["y"]),
+    ]
+    inits = {
+        "w0": rng.standard_normal((5, 6)).astype(np.float32),
+        "w1": rng.standard_normal((12, 7)).astype(np.float32),
+        "axis1": np.array([1], np.int64),
+        "repeats": np.array([1, 4, 1], np.int64),
+    }
+    graph = helper.make_graph(
+        nodes,
+        "main_graph",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["num_voxels", 4, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return {"x": rng.standard_normal((9, 4, 5)).astype(np.float32)}
+
+
+def test_vfe_concat_matmul_form_is_the_same_function(tmp_path):
+    feeds = _vfe_like(tmp_path / "model.onnx")
+    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx")
+    assert rewrites == ["MatMul y of Concat cat (6+6 channels) as 2 summed MatMuls (1 on the unrepeated input)"]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
+    assert "Tile" not in ops and "Concat" not in ops
+    before = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)[0]
+    after = ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, feeds)[0]
+    assert after.shape == before.shape == (9, 4, 7)
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------ static shapes
 
 
