@@ -258,6 +258,37 @@ def test_ties_follow_the_stable_order(kitti_points):
     check_keep(keep, num, ref, 300)
 
 
+def test_eager_pairs_equal_the_dense_greedy(kitti_points):
+    """The eager form (candidate pairs from axis-aligned bounds, exact IoU on those, greedy by
+    fixed-point iteration) keeps exactly what the exported form (dense [N, N] overlap, unrolled
+    argmax greedy) keeps: thresholds 0 (every pair a candidate) to 0.7, a cluster of near
+    duplicates (long suppression chains), tied scores, a valid mask and pre_max_size."""
+    from codegen.ops.nms import greedy_nms
+
+    boxes, scores = kitti_boxes(kitti_points, 500, seed=60, score_step=0.02)
+    g = torch.Generator().manual_seed(61)
+    cluster = boxes[:1].repeat(80, 1) + torch.randn(80, 5, generator=g) * torch.tensor([0.4, 0.4, 0.1, 0.1, 0.3])
+    boxes = torch.cat([boxes, cluster])
+    scores = torch.cat([scores, torch.rand(80, generator=g)])
+    valid = scores > 0.1
+    xyxy = to_xyxy(boxes)
+    for thr in (0.0, 0.01, 0.3, 0.7):
+        for mask in (None, valid):
+            dense = box_iou_rotated(boxes, boxes) >= thr
+            want = greedy_nms(dense, priority_weight(scores), mask, 120)
+            got = nms_rotated_fixed(boxes, scores, thr, 120, valid=mask)
+            assert torch.equal(got[0], want[0]) and int(got[1]) == int(want[1]), (thr, mask is None)
+            dense = box_iou_aligned(xyxy, xyxy) > thr
+            want = greedy_nms(dense, priority_weight(scores), mask, 120)
+            got = nms_fixed(xyxy, scores, thr, 120, valid=mask)
+            assert torch.equal(got[0], want[0]) and int(got[1]) == int(want[1]), (thr, mask is None)
+    assert int(nms_rotated_fixed(boxes, scores, 0.0, 120)[1]) == 1  # thr 0: the best box suppresses all
+    # pairwise IoU is bitwise the matrix entry (the eager test and the exported one agree)
+    i, j = torch.randint(0, len(boxes), (2, 3000), generator=g)
+    assert torch.equal(box_iou_rotated(boxes[i], boxes[j], aligned=True), box_iou_rotated(boxes, boxes)[i, j])
+    assert torch.equal(box_iou_aligned(xyxy[i], xyxy[j], aligned=True), box_iou_aligned(xyxy, xyxy)[i, j])
+
+
 # ---------------------------------------------------------------------------------------------
 # export (torch.export + ONNX, dynamic number of boxes)
 # ---------------------------------------------------------------------------------------------
