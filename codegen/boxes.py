@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .ops.nms import box_iou_rotated, nms_bev_fixed, nms_normal_bev_fixed, xyxyr_to_xywhr
+from .ops.nms import box_iou_rotated, nms_bev_fixed, nms_normal_bev_fixed, top_k_indices, xyxyr_to_xywhr
 
 BOX_OUTPUTS = ("bboxes_3d", "scores_3d", "labels_3d", "num_boxes")
 
@@ -103,6 +103,53 @@ def anchor3d(head, cls_scores: list[Tensor], bbox_preds: list[Tensor], dir_cls_p
     valid = torch.arange(boxes.shape[0], device=boxes.device) < count
     boxes = torch.cat([boxes[:, :6], torch.where(valid, yaw, torch.zeros_like(yaw)).unsqueeze(1), boxes[:, 7:]], dim=1)
     return boxes, scores, labels, count
+
+
+def parta2_proposals(head, cls_scores: list[Tensor], bbox_preds: list[Tensor], dir_cls_preds: list[Tensor], cfg=None):
+    """``PartA2RPNHead.predict_by_feat`` (PartA2, PV-RCNN proposals) for one sample with fixed shapes.
+
+    Per level: direction bin, sigmoid scores, best class; the ``nms_pre`` best anchors by that
+    score (``top_k_indices``: ties by lower anchor index, also at the cut), decoded.  Then the
+    class-agnostic ``nms_bev`` (rotated IoU ``>= nms_thr``) over the anchors with
+    ``score > score_thr``, keeping ``K = nms_post`` boxes in score order (the original sorts the
+    kept boxes by score and cuts them at ``nms_post``: the same rows), and the direction fix of
+    the yaw.  Equal scores are visited by lower anchor index (the original's sorts leave their
+    order unspecified; with random weights whole empty regions of the BEV map tie).
+    Returns ``bboxes [K, code_size]``, ``scores [K]``, ``labels [K]`` (int64) and ``num`` (int64
+    scalar); rows past ``num`` are zero.  (The original's ``cls_preds``, which PV-RCNN's RoI head
+    does not read, is left out.)"""
+    cfg = head.test_cfg if cfg is None else cfg
+    sizes = [c.shape[-2:] for c in cls_scores]
+    priors = [p.reshape(-1, head.box_code_size) for p in head.prior_generator.grid_anchors(sizes, device=cls_scores[0].device)]
+    all_boxes, all_max, all_labels, all_dirs = [], [], [], []
+    for cls_score, bbox_pred, dir_pred, prior in zip(cls_scores, bbox_preds, dir_cls_preds, priors):
+        dir_score = torch.max(dir_pred[0].permute(1, 2, 0).reshape(-1, 2), dim=-1)[1]
+        cls = cls_score[0].permute(1, 2, 0).reshape(-1, head.num_classes)
+        scores = cls.sigmoid() if head.use_sigmoid_cls else cls.softmax(-1)
+        bbox = bbox_pred[0].permute(1, 2, 0).reshape(-1, head.box_code_size)
+        max_scores, labels = scores.max(dim=1) if head.use_sigmoid_cls else scores[:, :-1].max(dim=1)
+        nms_pre = cfg.get("nms_pre", -1)
+        if 0 < nms_pre < scores.shape[0]:
+            top = top_k_indices(max_scores, nms_pre)
+            prior, bbox, dir_score = prior[top], bbox[top], dir_score[top]
+            max_scores, labels = max_scores[top], labels[top]
+        all_boxes.append(head.bbox_coder.decode(prior, bbox))
+        all_max.append(max_scores)
+        all_labels.append(labels)
+        all_dirs.append(dir_score)
+    boxes, max_scores, labels = torch.cat(all_boxes), torch.cat(all_max), torch.cat(all_labels)
+    dirs = torch.cat(all_dirs)
+    bev = xywhr_to_xyxyr(boxes[:, [0, 1, 3, 4, 6]])
+    nms = nms_bev_fixed if cfg.use_rotate_nms else nms_normal_bev_fixed
+    keep, num = nms(bev, max_scores, cfg.nms_thr, cfg.nms_post, valid=max_scores > cfg.get("score_thr", 0))
+    valid = keep >= 0
+    safe = keep.clamp(min=0)
+    boxes, max_scores, labels, dirs = boxes[safe], max_scores[safe], labels[safe], dirs[safe]
+    rot = limit_period(boxes[:, 6] - head.dir_offset, head.dir_limit_offset, np.pi)
+    yaw = rot + head.dir_offset + np.pi * dirs.to(boxes.dtype)
+    boxes = torch.cat([boxes[:, :6], yaw.unsqueeze(1), boxes[:, 7:]], dim=1)
+    zero = lambda t: torch.where(valid.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros_like(t))
+    return zero(boxes), zero(max_scores), zero(labels), num
 
 
 # ---------------------------------------------------------------------------------------------

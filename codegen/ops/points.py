@@ -250,24 +250,29 @@ def stack_ball_query(
     *within the centre's own cloud* and the index is relative to that cloud's first row; free
     slots repeat the first hit; a ball without hits is ``[-1, 0, 0, ...]`` (slot 0 set to -1,
     the zero-initialised rest untouched).
-    Vectorised as ``ball_query``: keys ``k`` (hit) / ``N + k`` (miss) over all ``[M, N]`` pairs
-    (other clouds' points are misses), ``sample_num`` sentinels ``2N + j`` appended so that
-    ``N < sample_num`` works, and the smallest keys (TopK over distinct keys) are the first hits."""
+    Vectorised as ``ball_query``: over all ``[M, N]`` pairs the key is the point's row for a hit
+    and ``N`` for a miss (other clouds' points are misses), and the ``sample_num`` smallest keys
+    (a values-only TopK; the tied miss keys are never read) are the first hits in row order.
+    ``sample_num`` points at infinity (never a hit) are appended so that ``N < sample_num``
+    works without copying the ``[M, N]`` keys.  With one cloud (``B == 1``, static) the batch
+    comparison is skipped.  Cost: about ten passes over ``[M, N]`` float32/bool tensors (PV-RCNN's
+    RoI grid: 21600 x 2048)."""
     n = xyz.shape[0]
     r2 = float(torch.tensor(radius, dtype=torch.float32) ** 2)
-    point_batch, point_start = _segments(xyz_batch_cnt, n, xyz)
-    center_batch, _ = _segments(center_xyz_batch_cnt, center_xyz.shape[0], center_xyz)
+    padded = torch.cat((xyz, torch.full_like(xyz[:1], float("inf")).expand(sample_num, 3)))  # [N + S, 3]
     c = center_xyz.unsqueeze(1)  # [M, 1, 3]
-    p = xyz.unsqueeze(0)  # [1, N, 3]
+    p = padded.unsqueeze(0)  # [1, N + S, 3]
     dx = c[..., 0] - p[..., 0]
     dy = c[..., 1] - p[..., 1]
     dz = c[..., 2] - p[..., 2]
-    d2 = (dx * dx + dy * dy) + dz * dz  # [M, N]
-    hit = (d2 < r2) & (center_batch.unsqueeze(1) == point_batch.unsqueeze(0))
-    order = (torch.cumsum(torch.ones_like(xyz[:, 0]), 0) - 1).unsqueeze(0)  # arange(N) as float, exact below 2**24
-    key = torch.where(hit, order, order + n)
-    sentinel = (torch.arange(sample_num, device=xyz.device, dtype=key.dtype) + 2 * n).expand(key.shape[0], sample_num)
-    first = torch.topk(torch.cat((key, sentinel), 1), sample_num, dim=1, largest=False, sorted=True).values
+    hit = ((dx * dx + dy * dy) + dz * dz) < r2  # [M, N + S]
+    point_batch, point_start = _segments(xyz_batch_cnt, n + sample_num, padded)  # padding: batch B
+    center_batch, _ = _segments(center_xyz_batch_cnt, center_xyz.shape[0], center_xyz)
+    if xyz_batch_cnt.shape[0] > 1:
+        hit = hit & (center_batch.unsqueeze(1) == point_batch.unsqueeze(0))
+    order = torch.cumsum(torch.ones_like(padded[:, 0]), 0) - 1  # arange(N + S) as float, exact below 2**24
+    key = torch.where(hit, order.unsqueeze(0), torch.full_like(order[:1], n).unsqueeze(0))
+    first = torch.topk(key, sample_num, dim=1, largest=False, sorted=True).values  # [M, S]
     found = first < n
     start = point_start.to(key.dtype).index_select(0, center_batch.clamp(max=point_start.shape[0] - 1)).unsqueeze(1)
     local = torch.where(found, first, first[:, :1]) - start  # free slots repeat the first hit

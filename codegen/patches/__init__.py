@@ -38,6 +38,7 @@ class Patch:
 
 
 REGISTRY: dict[str, Patch] = {}
+_INHERITED = object()  # marks a patched attribute that the class itself did not define
 
 
 def register(name: str, target: str, why: str) -> Callable[[Callable], Callable]:
@@ -71,15 +72,19 @@ def applied(names: tuple[str, ...] | list[str], batch_size: int | None = None) -
     try:
         for name in names:
             owner, attr = REGISTRY[name].resolve()
-            saved.append((owner, attr, owner.__dict__[attr]))
+            # an inherited method (not in the class's own __dict__) is shadowed, then removed again
+            saved.append((owner, attr, owner.__dict__.get(attr, _INHERITED)))
             setattr(owner, attr, REGISTRY[name].replacement)
         yield
     finally:
         for owner, attr, original in reversed(saved):
-            setattr(owner, attr, original)
+            if original is _INHERITED:
+                delattr(owner, attr)
+            else:
+                setattr(owner, attr, original)
         _BATCH_SIZE.reset(token)
 
 
 def _load_all() -> None:
     """Import the modules that register patches (kept lazy: they import mmdet3d)."""
-    from . import bevfusion, deform_conv, dynamic_voxel, points, sparse, voxelnet  # noqa: F401
+    from . import bevfusion, deform_conv, dynamic_voxel, points, pv_rcnn, sparse, voxelnet  # noqa: F401

@@ -16,7 +16,8 @@ from ..errors import ExportError
 from ..patches.bevfusion import CAMERA_PATCHES as BEVFUSION_CAMERA_PATCHES
 from ..patches.bevfusion import LIDAR_PATCHES as BEVFUSION_LIDAR_PATCHES
 from ..patches.bevfusion import reselect_queries
-from ..patches.points import POINT_OP_PATCHES
+from ..patches.points import POINT_OP_PATCHES, STACKED_POINT_PATCHES
+from ..patches.pv_rcnn import PV_RCNN_PATCHES
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,15 @@ TRANSFUSION_OUTPUTS = {  # per query: [batch, channels, num_proposals]
     "query_index": "heatmap index of each query: class * cells + BEV cell (row-major); -1 if unpatched",
 }
 
+PV_RCNN_OUTPUTS = {  # patches.pv_rcnn.forward_fixed_proposals: RPN maps, K proposal slots, RoI head per slot
+    "rois": "proposal boxes (x, y, z, x_size, y_size, z_size, yaw) from the RPN's fixed-K NMS, by score; zero after num_rois",
+    "roi_scores": "proposal scores (best class sigmoid), descending; zero after num_rois",
+    "roi_labels": "proposal class index (best class); zero after num_rois",
+    "num_rois": "number of valid proposal rows",
+    "roi_cls_score": "RoI head confidence logit of each proposal slot (rows past num_rois: zero boxes, meaningless)",
+    "roi_bbox_pred": "RoI head box deltas of each proposal slot, in the proposal's frame (DeltaXYZWLHRBBoxCoder)",
+}
+
 HEADS = {
     "Anchor3DHead": Head(("cls_score", "bbox_pred", "dir_cls_pred"), "boxes.anchor3d({head}, *head_outputs)"),
     "FreeAnchor3DHead": Head(("cls_score", "bbox_pred", "dir_cls_pred"), "boxes.anchor3d({head}, *head_outputs)"),
@@ -65,6 +75,7 @@ HEADS = {
     ),
     "SMOKEMono3DHead": Head(("cls_score", "bbox_pred"), descriptions=MONO_OUTPUTS),
     "TransFusionHead": Head((), descriptions=TRANSFUSION_OUTPUTS),  # BEVFusion: patches.bevfusion.head_outputs
+    "PartA2RPNHead": Head((), descriptions=PV_RCNN_OUTPUTS),  # PV-RCNN: patches.pv_rcnn's two-stage forward
 }
 
 
@@ -170,6 +181,18 @@ RECIPES += (
         call="self.model._forward(batch_inputs_dict)",
         head="bbox_head",
         reference="patched",  # mmcv's point ops are CUDA-only: the original cannot run on a CPU
+    ),
+)
+
+RECIPES += (
+    Recipe(
+        name="pv_rcnn",  # PV-RCNN (KITTI): voxels + points in; RPN head, K proposals, RoI head out
+        matches=lambda m: _type(m, "PointVoxelRCNN") and _type(m.get("points_encoder"), "VoxelSetAbstraction"),
+        patches=STACKED_POINT_PATCHES + PV_RCNN_PATCHES,
+        inputs=VOXELS + ("inputs.points",),
+        call="self.model._forward(batch_inputs_dict)",  # patches.pv_rcnn: fixed-K two-stage forward
+        head="rpn_head",
+        reference="patched",  # mmcv's stacked point ops are CUDA-only: the original cannot run on a CPU
     ),
 )
 

@@ -100,6 +100,16 @@ def test_stack_ball_query_kitti(stacked, radius, nsample):
     assert want[ctr_cnt[0] :].max() < xyz_cnt[1]
 
 
+def test_stack_ball_query_one_cloud(stacked):
+    """PV-RCNN's case (batch size 1: the batch comparison is skipped), on the whole front half."""
+    clouds, centres = stacked
+    xyz, xyz_cnt = _stack([clouds[0][:, :3]])
+    ctr, ctr_cnt = _stack([centres[0]])
+    args = [torch.from_numpy(a) for a in (xyz, xyz_cnt, ctr, ctr_cnt)]
+    got = stack_ball_query(0.8, 16, *args)
+    np.testing.assert_array_equal(got.numpy(), stack_ball_query_reference(0.8, 16, xyz, xyz_cnt, ctr, ctr_cnt))
+
+
 def test_stack_ball_query_fewer_points_than_samples(stacked):
     """A cloud smaller than ``nsample`` (TopK needs the sentinel padding)."""
     clouds, centres = stacked
