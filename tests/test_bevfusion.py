@@ -165,7 +165,7 @@ def test_validation_accepts_another_choice_among_tied_queries(lidar_model):
     picks other cells among them (onnxruntime does) is compared with the eager model run on its
     choice (patches.bevfusion.reselect_queries); a choice that is not a top-k is not accepted."""
     from codegen.export import import_wrapper
-    from codegen.patches.bevfusion import forced_queries, reselect_queries
+    from codegen.patches.bevfusion import _mask_ties, forced_queries, reselect_queries
 
     model, s = lidar_model
     module = import_wrapper(REPO / "generated" / "wrapper_bevfusion_lidar_voxel0075_second_secfpn_8xb4_cyclic_20e_nus_3d.py")
@@ -195,7 +195,17 @@ def test_validation_accepts_another_choice_among_tied_queries(lidar_model):
         alt = reselect_queries(wrapper, names, args, other, ref, 1e-4, 1e-4)
         assert alt is not None
         for name, a, b in zip(names, alt, other):
-            np.testing.assert_array_equal(a.numpy(), b, err_msg=name)
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        # "is this cell a local maximum" ties in flat regions: a zeroed score there is accepted,
+        # a zeroed score at a strict maximum is not
+        ties = _mask_ties(model.bbox_head, ref[names.index("dense_heatmap")], ref[at], 1e-4, 1e-4)
+        qscore = ref[names.index("query_heatmap_score")]
+        for wanted in (True, False):
+            spot = tuple(np.argwhere((ties == wanted) & (qscore > 0))[0])
+            masked = [o.copy() for o in ref]
+            masked[names.index("query_heatmap_score")][spot] = 0.0
+            alt = reselect_queries(wrapper, names, args, masked, ref, 1e-4, 1e-4)
+            assert (alt is not None) == wanted
         # the lowest-scoring cells are no top-k
         bad_index = torch.argsort(heat, stable=True)[:200][None]
         with forced_queries(bad_index):

@@ -88,27 +88,66 @@ def _selected_scores(out: dict) -> np.ndarray:
     return np.sort(np.take_along_axis(scores, labels[:, None, :], axis=1)[:, 0], axis=-1)
 
 
+def _identity_classes(head) -> tuple[int, ...]:
+    """Classes whose local maximum is the cell itself (kernel-1 pools in ``forward_single``)."""
+    return {"nuScenes": (8, 9), "Waymo": (1, 2)}.get(head.test_cfg["dataset"], ())
+
+
+def _mask_ties(head, dense_heatmap: np.ndarray, index: np.ndarray, atol: float, rtol: float) -> np.ndarray:
+    """``[B, classes, num_proposals]``: is the local-maximum test of the queries' cells a tie, per
+    class (the cell's score equals its largest neighbour's within the tolerance)? There the
+    non-maximum mask of ``query_heatmap_score`` is a coin toss between runtimes."""
+    heat = 1.0 / (1.0 + np.exp(-dense_heatmap.astype(np.float64)))  # [B, C, H, W]
+    b, c, h, w = heat.shape
+    k = head.nms_kernel_size
+    pad = k // 2
+    padded = np.pad(heat, ((0, 0), (0, 0), (pad, pad), (pad, pad)), constant_values=-np.inf)
+    neighbours = np.full_like(heat, -np.inf)
+    for dy in range(k):
+        for dx in range(k):
+            if (dy, dx) != (pad, pad):
+                neighbours = np.maximum(neighbours, padded[:, :, dy : dy + h, dx : dx + w])
+    tie = np.abs(heat - neighbours) <= atol + rtol * np.abs(heat)
+    tie[:, list(_identity_classes(head))] = False
+    if pad:  # the border is never a local maximum in either runtime
+        tie[:, :, :pad], tie[:, :, -pad:], tie[:, :, :, :pad], tie[:, :, :, -pad:] = False, False, False, False
+    cells = index % (h * w)
+    return np.take_along_axis(tie.reshape(b, c, h * w), np.broadcast_to(cells[:, None, :], (b, c, cells.shape[-1])), 2)
+
+
 def reselect_queries(wrapper, output_names: Sequence[str], args, outputs, reference, atol: float, rtol: float):
-    """The eager reference for the queries a runtime selected (``validate``'s ``reselect``).
+    """The eager reference for the choices a runtime made among tied scores (``validate``'s
+    ``reselect``), or None when it made the reference's.
 
     Which 200 of the 324,000 heatmap cells become queries is a discrete choice: where scores tie
     or nearly tie (every empty BEV cell has the same score), a runtime whose floats differ in the
     last bits (onnxruntime's convolutions) picks other cells, and every per-query output differs.
     When the runtime's ``query_index`` differs from the reference's, the patched eager model is
-    run again with the runtime's queries forced; that is the reference for the runtime, provided
-    the runtime's choice is a valid top-k: its queries' eager scores equal the reference's
-    selected scores (sorted) within the tolerance. Otherwise None (the normal comparison fails)."""
-    got = dict(zip(output_names, outputs))
-    ref = dict(zip(output_names, reference))
+    run again with the runtime's queries forced, provided the runtime's choice is a valid top-k:
+    its queries' eager scores equal the reference's selected scores (sorted) within the
+    tolerance (otherwise None: the normal comparison fails). The same holds one level down: in
+    a flat heatmap region "is this cell a local maximum" is a tie too, so ``query_heatmap_score``
+    entries that one side zeroed are taken from the runtime where that test ties (``_mask_ties``)."""
+    names = list(output_names)
+    got = dict(zip(names, outputs))
+    ref = dict(zip(names, reference))
     index = np.asarray(got["query_index"])
-    if np.array_equal(index, np.asarray(ref["query_index"])):
+    alt = dict(ref)
+    if not np.array_equal(index, np.asarray(ref["query_index"])):
+        with forced_queries(torch.from_numpy(index.astype(np.int64))):
+            alt = {n: o.detach().cpu().numpy() for n, o in zip(names, wrapper(*args))}
+        if not np.all(np.abs(_selected_scores(alt) - _selected_scores(ref)) <= atol + rtol * np.abs(_selected_scores(ref))):
+            return None
+    score, runtime_score = np.asarray(alt["query_heatmap_score"]), np.asarray(got["query_heatmap_score"])
+    masked_differently = (score == 0) != (runtime_score == 0)
+    if masked_differently.any():
+        ties = _mask_ties(wrapper.model.bbox_head, np.asarray(alt["dense_heatmap"]), index, atol, rtol)
+        if not ties[masked_differently].all():
+            return None
+        alt["query_heatmap_score"] = np.where(masked_differently, runtime_score, score)
+    if alt is ref or all(np.array_equal(alt[n], ref[n]) for n in names):
         return None
-    with forced_queries(torch.from_numpy(index.astype(np.int64))):
-        alt = wrapper(*args)
-    chosen, natural = _selected_scores(dict(zip(output_names, alt))), _selected_scores(ref)
-    if not np.all(np.abs(chosen - natural) <= atol + rtol * np.abs(natural)):
-        return None
-    return alt
+    return [alt[n] for n in names]
 
 
 # ------------------------------------------------------------------------------- lidar branch
@@ -187,7 +226,7 @@ def transfusion_forward_single(self, inputs: Tensor, metas):
     padding = self.nms_kernel_size // 2
     local_max_inner = F.max_pool2d(heatmap, kernel_size=self.nms_kernel_size, stride=1, padding=0)
     local_max = F.pad(local_max_inner, (padding, padding, padding, padding)) if padding else local_max_inner
-    identity_classes = {"nuScenes": (8, 9), "Waymo": (1, 2)}.get(self.test_cfg["dataset"], ())
+    identity_classes = _identity_classes(self)
     if identity_classes:  # Pedestrian & Traffic_cone (nuScenes), Pedestrian & Cyclist (Waymo)
         is_identity = torch.zeros(heatmap.shape[1], dtype=torch.bool, device=heatmap.device)
         is_identity[list(identity_classes)] = True
