@@ -299,6 +299,33 @@ def camera_tensors(data_samples) -> dict[str, torch.Tensor]:
     }
 
 
+def run_pipeline(cfg, item: dict, label: str, kind: str = "frame") -> dict:
+    """The config's own test pipeline on one data item (as mmdet3d.apis' inference functions run
+    it); one ExportError line when it fails or drops the item (a ``kind`` named ``label``)."""
+    from mmengine.dataset import Compose
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            packed = Compose(_pipeline_cfg(cfg))(item)
+        except ExportError:
+            raise
+        except Exception as exc:
+            raise ExportError(f"the test pipeline failed on {label}: {type(exc).__name__}: {exc}") from None
+    if packed is None:
+        raise ExportError(f"the test pipeline dropped the {kind} {label}")
+    return packed
+
+
+def preprocess(model, packed: dict) -> dict:
+    """A batch of one packed item through the model's data_preprocessor (voxelization, image
+    normalisation and padding)."""
+    from mmengine.dataset import pseudo_collate
+
+    with torch.no_grad():
+        return model.data_preprocessor(pseudo_collate([packed]), training=False)
+
+
 @dataclass
 class Sample:
     """One frame as the model sees it."""
@@ -314,7 +341,6 @@ def make_sample(model, cfg, frame: Path | None, keep_every: int = 1) -> Sample:
     ``keep_every=k`` keeps every k-th point of the frame: a second real sample with a
     different voxel count, for checking dynamic shapes without another file.
     """
-    from mmengine.dataset import Compose, pseudo_collate
     from mmdet3d.structures import get_box_type
 
     load_dim = int(_points_loader(cfg).get("load_dim", 4))
@@ -340,21 +366,10 @@ def make_sample(model, cfg, frame: Path | None, keep_every: int = 1) -> Sample:
             if frame is None:
                 raise ExportError("the test pipeline loads camera images: a real frame is needed, not a synthetic cloud")
             item.update(camera_item(Path(frame)))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                packed = Compose(_pipeline_cfg(cfg))(item)
-            except ExportError:
-                raise
-            except Exception as exc:
-                raise ExportError(f"the test pipeline failed on {label}: {type(exc).__name__}: {exc}") from None
-    if packed is None:
-        raise ExportError(f"the test pipeline dropped the frame {label}")
+        packed = run_pipeline(cfg, item, label)
     packed["data_samples"].set_metainfo({"lidar_path": label})
-    batch = pseudo_collate([packed])
     device = next(model.parameters()).device
-    with torch.no_grad():
-        data = model.data_preprocessor(batch, training=False)
+    data = preprocess(model, packed)
     if "imgs" in data["inputs"]:
         data["inputs"]["cam"] = camera_tensors(data["data_samples"])
     voxels = data["inputs"].get("voxels")
@@ -405,7 +420,6 @@ def make_image_sample(model, cfg, image: Path, mirrored: bool = False) -> Sample
     """One camera image (mirrored left-right if asked: a second sample of the same size)
     through the config's test pipeline and the data preprocessor."""
     import mmcv
-    from mmengine.dataset import Compose, pseudo_collate
     from mmdet3d.structures import get_box_type
 
     item = image_item(image)
@@ -420,19 +434,8 @@ def make_image_sample(model, cfg, image: Path, mirrored: bool = False) -> Sample
             path = Path(tmp) / "mirrored.png"
             mmcv.imwrite(np.ascontiguousarray(pixels[:, ::-1]), str(path))
             next(iter(item["images"].values()))["img_path"] = str(path)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                packed = Compose(_pipeline_cfg(cfg))(item)
-            except ExportError:
-                raise
-            except Exception as exc:
-                raise ExportError(f"the test pipeline failed on {label}: {type(exc).__name__}: {exc}") from None
-    if packed is None:
-        raise ExportError(f"the test pipeline dropped the image {label}")
-    batch = pseudo_collate([packed])
-    with torch.no_grad():
-        data = model.data_preprocessor(batch, training=False)
+        packed = run_pipeline(cfg, item, label, "image")
+    data = preprocess(model, packed)
     device = next(model.parameters()).device
     data["inputs"] = map_tensors(data["inputs"], lambda t: t.to(device))
     return Sample(label, 0, data)
