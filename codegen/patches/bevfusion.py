@@ -16,6 +16,13 @@ original runs on a CPU once ``codegen.checkout`` provides its uncompiled ops (vo
 
 Each patch keeps the original's arithmetic (same ops, same order) so that the patched eager model
 equals the original bit for bit where the data allow; the exceptions are named where they occur.
+
+**Ties.** The 200 queries are the top heatmap scores, and every empty BEV cell scores the same:
+with random weights most selected scores are ties (7 distinct values on the nuScenes frame). The
+original's ``argsort`` has no tie rule (its choice differs between CPU and CUDA), the patched head
+takes the lower index (``top_k_by_score``); so the recipes validate against the patched eager
+model, and a runtime whose last-bit differences make another choice among tied scores is compared
+with the eager model run on that choice (``reselect_queries``).
 """
 
 from __future__ import annotations
