@@ -221,6 +221,16 @@ RECIPES += (
     ),
 )
 
+MONO3D = Recipe(
+    name="mono3d",  # FCOS3D, PGD (nuScenes, KITTI, Waymo): one camera image in, head maps out
+    matches=lambda m: _type(m, "FCOSMono3D"),
+    # DCNv2 in code, not in the config: the heads' dcn_on_last_conv, SMOKE's DLANeck (use_dcn=True)
+    patches=("dcnv2.pack",),
+    inputs=("inputs.imgs",),
+    call="self.model._forward(batch_inputs_dict)",
+    head="bbox_head",
+)
+
 RECIPES += (
     Recipe(
         name="sassd",  # SA-SSD (KITTI): SECOND with an auxiliary point branch that only trains
@@ -232,15 +242,11 @@ RECIPES += (
         call="self.model._forward(batch_inputs_dict)",
         head="bbox_head",
     ),
-    Recipe(
-        name="mono3d",  # FCOS3D, PGD (nuScenes, KITTI, Waymo), SMOKE: one camera image in, head maps out
-        matches=lambda m: _type(m, "FCOSMono3D", "SMOKEMono3D"),
-        # DCNv2 in code, not in the config: the heads' dcn_on_last_conv, SMOKE's DLANeck (use_dcn=True)
-        patches=("dcnv2.pack",),
-        inputs=("inputs.imgs",),
-        call="self.model._forward(batch_inputs_dict)",
-        head="bbox_head",
-    ),
+    MONO3D,
+    # SMOKE: the same, but its orientation channels are F.normalize(v), which divides onnxruntime's
+    # float error in v (<= 5e-5, as in every other channel) by |v|: 3e-4 at 8 of 61,440 values on
+    # KITTI 000008 where the random-weight v is short
+    dataclasses.replace(MONO3D, name="smoke", matches=lambda m: _type(m, "SMOKEMono3D"), atol=1e-3),
 )
 
 BY_NAME = {r.name: r for r in RECIPES}
