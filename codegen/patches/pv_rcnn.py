@@ -5,10 +5,13 @@ What stops the original from exporting (the CUDA-only point ops are ``patches.po
 * ``extract_feat`` reads the batch size with ``coors[-1, 0].item() + 1``;
 * the proposals (``PartA2RPNHead.predict_by_feat``) have a data-dependent count (score
   threshold, NMS) and come back as ``InstanceData`` with box objects;
-* ``VoxelSetAbstraction.sample_key_points`` branches on ``num_points < num_keypoints``;
+* ``VoxelSetAbstraction.sample_key_points`` branches on ``num_points < num_keypoints``, and its
+  ``forward`` turns the cloud sizes into Python ints (``len(p)``: graph constants) and writes
+  the per-cloud counts in place;
 * ``StackQueryAndGroup`` zeroes empty balls with boolean-mask writes (``idx[mask] = 0``);
 * ``Batch3DRoIGridExtractor`` reads the batch size with ``int(batch_inds.max())`` and builds its
-  grid with ``nonzero()``.
+  grid with ``nonzero()``;
+* the anchor generator's ``linspace`` with 0-d tensor ends does not convert to valid ONNX.
 
 ``pv_rcnn.fixed_proposals`` gives ``PointVoxelRCNN`` a ``_forward`` (the detector has none of its
 own: ``TwoStage3DDetector._forward`` needs data samples and returns the variable-size proposals)
