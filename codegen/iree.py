@@ -92,7 +92,34 @@ def _static_shape(shapes: dict, name: str) -> list[int] | None:
     return dims
 
 
-def rewrite_deconvs(model) -> list[str]:
+@dataclass
+class Unshuffled:
+    """A deconvolution result kept before its pixel shuffle: ``name`` is ``[n, h, w, kh, kw, c]``
+    (bias added); the NCHW result is ``shuffle(name)``."""
+
+    name: str
+    n: int
+    h: int
+    w: int
+    kh: int
+    kw: int
+
+
+def _shuffle_to_nchw(nodes: list, graph, u: Unshuffled, src: str, channels: int, out: str, p: str) -> None:
+    """``[n, h, w, kh, kw, c]`` -> ``[n, h, kh, w, kw, c]`` -> ``[n, h*kh, w*kw, c]`` -> NCHW ``out``."""
+    from onnx import helper, numpy_helper
+
+    shape = np.array([u.n, u.h * u.kh, u.w * u.kw, channels], np.int64)
+    graph.initializer.append(numpy_helper.from_array(shape, f"{p}_nhwc_shape"))
+    nodes += [
+        helper.make_node("Transpose", [src], [f"{p}_shuf"], perm=[0, 1, 3, 2, 4, 5], name=f"{p}_shuf"),
+        helper.make_node("Reshape", [f"{p}_shuf", f"{p}_nhwc_shape"], [f"{p}_out_nhwc"], name=f"{p}_out_nhwc"),
+        # back to NCHW: IREE's transpose propagation folds this into the consumer's layout
+        helper.make_node("Transpose", [f"{p}_out_nhwc"], [out], perm=[0, 3, 1, 2], name=f"{p}_nchw"),
+    ]
+
+
+def rewrite_deconvs(model, unshuffled: dict[str, Unshuffled]) -> list[str]:
     """Replace each ConvTranspose whose kernel equals its stride (no padding, no groups) by a
     MatMul and a pixel shuffle (Reshape, Transpose, Reshape).
 
@@ -102,6 +129,7 @@ def rewrite_deconvs(model) -> list[str]:
     of it multiplying zeros: SECONDFPN's 4x4/stride-4 deblock took 7.9 of 11.5 s of the
     PointPillars head. The MatMul form is the same sum over ``ci`` (only the summation order
     may differ). Nodes with other attributes, or unknown input shapes, are left alone.
+    ``unshuffled`` gets each result's tensor before the shuffle (see ``split_concat_heads``).
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -126,6 +154,7 @@ def rewrite_deconvs(model) -> list[str]:
             or list(attrs.get("dilations", [1, 1])) != [1, 1]
             or attrs.get("group", 1) != 1
             or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+            or (len(node.input) > 2 and node.input[2] and node.input[2] not in inits)
         ):
             nodes.append(node)
             continue
@@ -134,31 +163,22 @@ def rewrite_deconvs(model) -> list[str]:
         p = f"{_label(node)}_iree"
         # columns ordered (kh, kw, co): the pixel shuffle then moves whole channel vectors
         w2 = numpy_helper.to_array(weight).transpose(0, 2, 3, 1).reshape(ci, kh * kw * co)
-        consts = {
-            f"{p}_w": w2,
-            f"{p}_6d_shape": np.array([n, h, w, kh, kw, co], np.int64),
-            f"{p}_nhwc_shape": np.array([n, h * kh, w * kw, co], np.int64),
-        }
-        for name, value in consts.items():
-            graph.initializer.append(numpy_helper.from_array(value, name))
+        graph.initializer.append(numpy_helper.from_array(w2, f"{p}_w"))
+        graph.initializer.append(numpy_helper.from_array(np.array([n, h, w, kh, kw, co], np.int64), f"{p}_6d_shape"))
         nodes += [
             helper.make_node("Transpose", [node.input[0]], [f"{p}_nhwc"], perm=[0, 2, 3, 1], name=f"{p}_nhwc"),
             helper.make_node("MatMul", [f"{p}_nhwc", f"{p}_w"], [f"{p}_mm"], name=f"{p}_mm"),
             helper.make_node("Reshape", [f"{p}_mm", f"{p}_6d_shape"], [f"{p}_6d"], name=f"{p}_6d"),
-            # [n, h, w, kh, kw, co] -> [n, h, kh, w, kw, co] -> [n, h*kh, w*kw, co]
-            helper.make_node("Transpose", [f"{p}_6d"], [f"{p}_shuf"], perm=[0, 1, 3, 2, 4, 5], name=f"{p}_shuf"),
-            helper.make_node("Reshape", [f"{p}_shuf", f"{p}_nhwc_shape"], [f"{p}_out_nhwc"], name=f"{p}_out_nhwc"),
         ]
-        out = node.output[0]
+        pre = f"{p}_6d"
         if len(node.input) > 2 and node.input[2]:
             bias = numpy_helper.to_array(inits[node.input[2]]).reshape(co)
             graph.initializer.append(numpy_helper.from_array(bias, f"{p}_bias"))
-            nodes.append(helper.make_node("Add", [f"{p}_out_nhwc", f"{p}_bias"], [f"{p}_biased"], name=f"{p}_bias"))
-            last = f"{p}_biased"
-        else:
-            last = f"{p}_out_nhwc"
-        # back to NCHW: IREE's transpose propagation folds this into the consumer's layout
-        nodes.append(helper.make_node("Transpose", [last], [out], perm=[0, 3, 1, 2], name=f"{p}_nchw"))
+            nodes.append(helper.make_node("Add", [pre, f"{p}_bias"], [f"{p}_biased"], name=f"{p}_bias"))
+            pre = f"{p}_biased"
+        u = Unshuffled(pre, n, h, w, kh, kw)
+        _shuffle_to_nchw(nodes, graph, u, pre, co, node.output[0], p)
+        unshuffled[node.output[0]] = u
         done.append(f"ConvTranspose {_label(node)} {kh}x{kw}/{kh} {ci}->{co} as MatMul + pixel shuffle")
     del graph.node[:]
     graph.node.extend(nodes)
@@ -181,7 +201,7 @@ def _is_pointwise_conv(node, inits, helper) -> bool:
     )
 
 
-def split_concat_heads(model) -> list[str]:
+def split_concat_heads(model, unshuffled: dict[str, Unshuffled]) -> list[str]:
     """A channel Concat read only by 1x1 Convs (SECONDFPN's output and the Anchor3DHead's
     cls/reg/dir convs) becomes one 1x1 Conv per concatenated input, summed, with the heads'
     output channels side by side, and a Split into the heads' outputs.
@@ -190,12 +210,17 @@ def split_concat_heads(model) -> list[str]:
     products, split along the input channels. IREE otherwise materialises the concat with
     strided copies (channels are the innermost NHWC axis) and reads the 384-channel result once
     per head; here each branch is read once, straight from the deconvolution that wrote it.
+
+    A branch that is ``Relu(deconvolution)`` (``unshuffled``) gets its 1x1 Conv before the
+    deconvolution's pixel shuffle: a per-pixel map (ReLU, a 1x1 conv) commutes with moving
+    pixels, and the shuffle then moves the 20 head channels instead of 128.
     """
     from onnx import helper, numpy_helper
 
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     shapes = _shapes(graph)
+    producer = {out: node for node in graph.node for out in node.output}
     consumers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
@@ -216,36 +241,59 @@ def split_concat_heads(model) -> list[str]:
         ):
             continue
         p = f"{_label(node)}_iree"
-        weights = [numpy_helper.to_array(inits[u.input[1]]) for u in users]
+        weights = [numpy_helper.to_array(inits[u.input[1]])[:, :, 0, 0] for u in users]
         biases = [
             numpy_helper.to_array(inits[u.input[2]]) if len(u.input) > 2 and u.input[2] else np.zeros(w.shape[0], w.dtype)
             for u, w in zip(users, weights)
         ]
-        weight, bias = np.concatenate(weights), np.concatenate(biases)
-        new = []
-        start = 0
+        weight, bias = np.concatenate(weights), np.concatenate(biases)  # [out, in], [out]
+        new, parts, start, early = [], [], 0, 0
         for j, (name, width) in enumerate(zip(node.input, widths)):
-            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight[:, start : start + width]), f"{p}_w{j}"))
-            ins = [name, f"{p}_w{j}"] + ([f"{p}_b"] if j == 0 else [])
-            new.append(helper.make_node("Conv", ins, [f"{p}_part{j}"], kernel_shape=[1, 1], name=f"{p}_part{j}"))
-            if j:
-                total = f"{p}_sum{j}" if j < len(widths) - 1 else f"{p}_sum"
-                prev = f"{p}_part0" if j == 1 else f"{p}_sum{j - 1}"
-                new.append(helper.make_node("Add", [prev, f"{p}_part{j}"], [total], name=total))
+            wj = np.ascontiguousarray(weight[:, start : start + width])
+            relu = producer.get(name)
+            u = unshuffled.get(relu.input[0]) if relu is not None and relu.op_type == "Relu" else None
+            if u is not None and len(consumers.get(name, [])) == 1:
+                # Relu and the 1x1 conv on [n, h, w, kh, kw, c], then the shuffle
+                # as a 2-D MatMul: IREE lowers a 6-D one to a broadcast and a matvec (7x slower)
+                rows, out6 = [-1, width], [u.n, u.h, u.w, u.kh, u.kw, weight.shape[0]]
+                graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(wj.T), f"{p}_w{j}"))
+                graph.initializer.append(numpy_helper.from_array(np.array(rows, np.int64), f"{p}_rows{j}"))
+                graph.initializer.append(numpy_helper.from_array(np.array(out6, np.int64), f"{p}_6d{j}"))
+                new += [
+                    helper.make_node("Relu", [u.name], [f"{p}_relu{j}"], name=f"{p}_relu{j}"),
+                    helper.make_node("Reshape", [f"{p}_relu{j}", f"{p}_rows{j}"], [f"{p}_2d{j}"], name=f"{p}_2d{j}"),
+                    helper.make_node("MatMul", [f"{p}_2d{j}", f"{p}_w{j}"], [f"{p}_mm{j}"], name=f"{p}_mm{j}"),
+                    helper.make_node("Reshape", [f"{p}_mm{j}", f"{p}_6d{j}"], [f"{p}_mm6d{j}"], name=f"{p}_mm6d{j}"),
+                ]
+                _shuffle_to_nchw(new, graph, u, f"{p}_mm6d{j}", weight.shape[0], f"{p}_part{j}", f"{p}_part{j}")
+                early += 1
+            else:
+                graph.initializer.append(numpy_helper.from_array(wj[:, :, None, None], f"{p}_w{j}"))
+                new.append(helper.make_node("Conv", [name, f"{p}_w{j}"], [f"{p}_part{j}"], kernel_shape=[1, 1], name=f"{p}_part{j}"))
+            parts.append(f"{p}_part{j}")
             start += width
-        graph.initializer.append(numpy_helper.from_array(bias, f"{p}_b"))
+        total = parts[0]
+        for j, part in enumerate(parts[1:], 1):
+            new.append(helper.make_node("Add", [total, part], [f"{p}_sum{j}"], name=f"{p}_sum{j}"))
+            total = f"{p}_sum{j}"
+        graph.initializer.append(numpy_helper.from_array(bias.reshape(1, -1, 1, 1), f"{p}_b"))
         graph.initializer.append(numpy_helper.from_array(np.array([w.shape[0] for w in weights], np.int64), f"{p}_split"))
-        new.append(helper.make_node("Split", [f"{p}_sum", f"{p}_split"], [u.output[0] for u in users], axis=1, name=f"{p}_split"))
+        new += [
+            helper.make_node("Add", [total, f"{p}_b"], [f"{p}_biased"], name=f"{p}_bias"),
+            helper.make_node("Split", [f"{p}_biased", f"{p}_split"], [u.output[0] for u in users], axis=1, name=f"{p}_split"),
+        ]
         replaced[id(node)] = new
         for u in users:
             replaced[id(u)] = []
         done.append(
             f"Concat {_label(node)} of {len(widths)} ({'+'.join(map(str, widths))} channels) into "
             f"{len(users)} 1x1 Convs as {len(widths)} summed 1x1 Convs + Split"
+            + (f" ({early} before their deconvolution's pixel shuffle)" if early else "")
         )
     nodes = [n for node in graph.node for n in replaced.get(id(node), [node])]
     del graph.node[:]
     graph.node.extend(nodes)
+    remove_dead_nodes(model)
     return done
 
 
@@ -283,14 +331,15 @@ def split_concat_matmuls(model) -> list[str]:
     nodes = []
     for node in graph.node:
         concat = producer.get(node.input[0]) if node.op_type == "MatMul" else None
-        weight = inits.get(node.input[1]) if concat is not None else None
+        if concat is None or concat.op_type != "Concat":
+            nodes.append(node)
+            continue
+        weight = inits.get(node.input[1])
         rank = len(shapes.get(node.input[0]) or [])
-        axis = next((helper.get_attribute_value(a) for a in concat.attribute if a.name == "axis"), None) if concat else None
-        widths = [(shapes.get(name) or [None])[-1] for name in concat.input] if concat is not None else []
+        axis = next((helper.get_attribute_value(a) for a in concat.attribute if a.name == "axis"), None)
+        widths = [(shapes.get(name) or [None])[-1] for name in concat.input]
         if (
-            concat is None
-            or concat.op_type != "Concat"
-            or weight is None
+            weight is None
             or len(weight.dims) != 2
             or rank < 2
             or axis not in (-1, rank - 1)
@@ -364,8 +413,9 @@ def iree_onnx(onnx_path: Path, out_path: Path, static: dict[str, int] | None = N
                 if d.dim_param in static:
                     d.dim_value = static[d.dim_param]
     model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    rewrites = rewrite_deconvs(model)
-    rewrites += split_concat_heads(model)
+    unshuffled: dict[str, Unshuffled] = {}
+    rewrites = rewrite_deconvs(model, unshuffled)
+    rewrites += split_concat_heads(model, unshuffled)
     rewrites += split_concat_matmuls(model)
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
