@@ -372,6 +372,40 @@ def split_concat_matmuls(model) -> list[str]:
     return done
 
 
+def drop_empty_concat_inputs(model) -> list[str]:
+    """Drop Concat inputs that are ``Gather(x, [])`` with a constant empty index list.
+
+    Unoptimised exports of large graphs (the ONNX optimiser is skipped past
+    ``export.OPTIMIZE_MAX_NODES``) keep shape arithmetic such as ``Concat(Gather(Shape(x), []),
+    ...)``; IREE's importer rejects the empty ``Constant`` (``value_ints = []``). An empty
+    input adds nothing to a Concat.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    empty = {t.name for t in graph.initializer if 0 in t.dims}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute:
+            value = helper.get_attribute_value(node.attribute[0])
+            if node.attribute[0].name.endswith("_ints") and len(value) == 0:
+                empty.add(node.output[0])
+            elif node.attribute[0].name == "value" and numpy_helper.to_array(value).size == 0:
+                empty.add(node.output[0])
+    gathered = {n.output[0] for n in graph.node if n.op_type == "Gather" and n.input[1] in empty}
+    dropped = 0
+    for node in graph.node:
+        if node.op_type == "Concat" and any(i in gathered for i in node.input):
+            kept = [i for i in node.input if i not in gathered]
+            if kept:
+                dropped += len(node.input) - len(kept)
+                del node.input[:]
+                node.input.extend(kept)
+    if not dropped:
+        return []
+    remove_dead_nodes(model)
+    return [f"{dropped} empty Gather(..., []) inputs dropped from Concats"]
+
+
 def remove_dead_nodes(model) -> None:
     """Drop nodes and initializers nothing reads any more (what a rewrite replaced)."""
     graph = model.graph
@@ -413,10 +447,11 @@ def iree_onnx(onnx_path: Path, out_path: Path, static: dict[str, int] | None = N
                 if d.dim_param in static:
                     d.dim_value = static[d.dim_param]
     model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    cleanup = drop_empty_concat_inputs(model)
     unshuffled: dict[str, Unshuffled] = {}
     rewrites = rewrite_deconvs(model, unshuffled)
     rewrites += split_concat_heads(model, unshuffled)
-    rewrites += split_concat_matmuls(model)
+    rewrites += split_concat_matmuls(model) + cleanup
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
     return rewrites, model.graph.name

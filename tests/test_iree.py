@@ -141,6 +141,37 @@ def test_vfe_concat_matmul_form_is_the_same_function(tmp_path):
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
 
 
+def test_empty_gathers_leave_concats(tmp_path):
+    """``Concat(Gather(Shape(x), []), ...)`` (unoptimised shape arithmetic that IREE's importer
+    rejects) loses the empty input; the graph computes the same."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Constant", [], ["none"]),
+        helper.make_node("Gather", ["shape", "none"], ["empty"], axis=0),
+        helper.make_node("Concat", ["empty", "two"], ["new_shape"], axis=0),
+        helper.make_node("Reshape", ["x", "new_shape"], ["y"]),
+    ]
+    # the exporter's empty constant: value_ints = [] (make_node cannot infer an empty list's type)
+    nodes[1].attribute.append(helper.make_attribute("value_ints", [], attr_type=onnx.AttributeProto.INTS))
+    graph = helper.make_graph(
+        nodes,
+        "main_graph",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([-1, 1], np.int64), "two")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx")
+    assert rewrites == ["1 empty Gather(..., []) inputs dropped from Concats"]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
+    assert ops == ["Concat", "Reshape"]
+    x = np.arange(6, dtype=np.float32).reshape(3, 2)
+    got = ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, x.reshape(-1, 1))
+
+
 # ------------------------------------------------------------------ static shapes
 
 
