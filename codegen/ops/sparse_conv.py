@@ -25,15 +25,33 @@ run compiled kernels (a hash-map rulebook and a gather/GEMM/scatter loop) that n
   - Inverse: the pairs of the forward layer with the same ``indice_key``, reversed; output sites
     and spatial shape are that layer's input ones.
 
-* **Convolution**: gather - GEMM - scatter, ``out[pairs_out[k]] += in[pairs_in[k]] @ W[k]`` for
-  each of the (static) kernel offsets, accumulated as ``out.index_put((dst,), out[dst] + x)`` (a
-  non-reducing ONNX ScatterND: within one offset each output row appears once); SubM starts from the centre offset ``in @ W[centre]`` as spconv does.
+  The pairs of an offset are kept as a **map of static length** (``Rulebook``): for every site,
+  its partner through that offset or "none" - never as a compacted list whose length is a
+  per-offset data-dependent size.
+
+* **Convolution**: per kernel offset, in spconv's order, ``out += in[partner] @ W[k]`` for the
+  sites that have a partner; SubM starts from the centre offset ``in @ W[centre]`` as spconv
+  does, so every output row sums the same products in the same order as spconv's scatter-add
+  loop (bitwise equal in the tests).  Two forms of that loop, same values:
+
+  - graph (``torch.compiler.is_exporting()``): every offset gathers all output rows from the
+    input with a zero row appended (``Gather`` - ``MatMul`` - ``Add``, 3 nodes an offset, no
+    scatter).  It multiplies ``n_out`` rows per offset instead of the pairs only (2.3x the FLOPs
+    on SECOND's encoder; onnxruntime runs SECOND 7 % slower, 1.64 s vs 1.53 s on one thread) in
+    exchange for static per-offset shapes: the earlier per-offset ``nonzero`` gave every layer
+    13-28 unbacked sizes whose symbolic sums (cat / split of 27 pieces) dominated the ONNX
+    conversion (the exporter's decomposition re-trace reasons about every one of them).  SECOND,
+    both versions side by side on the same shared machine: torch.export 26 -> 12 s, ONNX
+    conversion 367 -> 148 s of CPU time (42 s once ``codegen.export`` also skips onnxscript's
+    optimiser for it, as intended), 144 -> 8 NonZero;
+  - eager: the existing pairs only (one ``nonzero`` of each map, cached on the rulebook),
+    ``out.index_put((dst,), out[dst] + in[src] @ W[k])``: spconv's GEMM work.
 
 torch.export (strict=False) with a dynamic number of sites N, and the dynamo ONNX exporter
-(opset 18, onnxruntime): the SubM layer has no data-dependent shape except the per-offset pair
-counts (``nonzero`` -> unbacked sizes that only feed gathers and scatters).  A strided layer's
-output count M is the size of a ``nonzero`` and exports as an unbacked size (with a run-time
-assert M >= 1, which spconv's ``SparseSequential`` needs to branch on ``indices.shape[0] != 0``).
+(opset 18, onnxruntime): a SubM layer has no data-dependent shape at all (no NonZero).  A strided
+layer has two: the number of valid (offset, site) candidates P (one ``nonzero``) and its output
+count M (with a run-time assert M >= 1, which spconv's ``SparseSequential`` needs to branch on
+``indices.shape[0] != 0``); its maps are scattered into static ``[K, N]`` / ``[M]`` tensors.
 Only ops with ONNX translations are used (sort, cumsum, nonzero, gather, index_put; no
 searchsorted, no index_add, no min/max scatter).
 
@@ -54,7 +72,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -124,11 +142,18 @@ def _decode_key(key: Tensor, dims: Sequence[int]) -> Tensor:
 
 @dataclass
 class Rulebook:
-    """Neighbour pairs of one sparse conv layer.
+    """Neighbour maps of one sparse conv layer: per kernel offset ``k`` (row-major over the
+    kernel axes, spconv's order) one int64 map of static length, no per-offset data-dependent
+    size.
 
-    ``pairs_in[k]`` / ``pairs_out[k]`` (int64, equal length): input row ``pairs_in[k][j]`` feeds
-    output row ``pairs_out[k][j]`` through kernel offset ``k`` (row-major over the kernel axes,
-    spconv's order).  For SubM ``pairs_in[centre]`` is ``None`` (identity pairs).
+    ``maps[k]``: for SubM and ``k`` after the centre, ``[N]`` (gather): the site that feeds site
+    ``o`` through ``k``, or ``N`` if none; the offsets before the centre are the same pairs
+    swapped (``None`` here, like the identity centre).  For strided / transposed layers ``[N_in]``
+    (scatter): the output row input row ``i`` feeds through ``k``, or ``N_out`` if none.
+
+    ``gather_map(k)`` gives every offset as a gather map over output rows (inverting a map with
+    one scatter where needed), ``pairs(k)`` the existing ``(dst, src)`` pairs (eager); both are
+    cached on the rulebook, so SubM layers sharing an ``indice_key`` share them.
     """
 
     subm: bool
@@ -140,16 +165,75 @@ class Rulebook:
     out_indices: Tensor
     in_spatial_shape: list[int]
     out_spatial_shape: list[int]
-    pairs_in: list[Optional[Tensor]]
-    pairs_out: list[Optional[Tensor]]
+    maps: list[Optional[Tensor]]
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def kernel_volume(self) -> int:
         return math.prod(self.ksize)
 
+    def _cached(self, key, compute):
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    def _mirror(self, k: int) -> Optional[int]:
+        """SubM offsets before the centre: the looked-up offset whose pairs they swap."""
+        centre = self.kernel_volume // 2
+        return self.kernel_volume - 1 - k if self.subm and k < centre else None
+
+    def gather_map(self, k: int, inverse: bool = False) -> Optional[Tensor]:
+        """``[n_out]`` input row feeding each output row through ``k`` (``n_in`` = none;
+        ``None`` = identity).  ``inverse``: the strided layer's pairs backwards (output rows =
+        its input sites), which is its scatter map as is."""
+        n_in, n_out = self.in_indices.shape[0], self.out_indices.shape[0]
+        if inverse:
+            assert not self.subm, "inverse conv needs a strided rulebook"
+            return self.maps[k]
+        if self.subm:
+            mirror = self._mirror(k)
+            if mirror is None:
+                return self.maps[k]
+            return self._cached(("gather", k), lambda: _inverse_map(self.maps[mirror], n_out, self._iota(n_in)))
+        return self._cached(("gather", k), lambda: _inverse_map(self.maps[k], n_out, self._iota(n_in)))
+
+    def _iota(self, n) -> Tensor:
+        return self._cached("iota", lambda: torch.arange(n, device=self.in_indices.device))
+
+    def pairs(self, k: int, inverse: bool = False) -> Optional[tuple[Tensor, Tensor]]:
+        """Eager: ``(dst, src)`` rows of the pairs of offset ``k`` (``None`` for the SubM centre),
+        from one ``nonzero`` of the stored map (data-dependent sizes)."""
+        if self.subm and k == self.kernel_volume // 2:
+            return None
+        mirror = self._mirror(k)
+        if mirror is not None:
+            dst, src = self.pairs(mirror)
+            return src, dst
+        if self.subm:  # gather map over sites
+            return self._cached(("pairs", k), lambda: _existing(self.maps[k], self.in_indices.shape[0]))
+        # scatter map over input rows: (input row, output row) forward, swapped for inverse
+        src, dst = self._cached(("pairs", k), lambda: _existing(self.maps[k], self.out_indices.shape[0]))
+        return (src, dst) if inverse else (dst, src)
+
     def pair_counts(self) -> list[int]:
-        n = self.in_indices.shape[0]
-        return [n if p is None else int(p.shape[0]) for p in self.pairs_in]
+        """Input-output pairs per offset (eager)."""
+        pairs = [self.pairs(k) for k in range(self.kernel_volume)]
+        return [self.in_indices.shape[0] if p is None else int(p[0].shape[0]) for p in pairs]
+
+
+def _existing(mapping: Tensor, none: int) -> tuple[Tensor, Tensor]:
+    """``(rows, mapping[rows])`` for the rows whose entry is not ``none``."""
+    rows = (mapping < none).nonzero().squeeze(1)
+    return rows, mapping.index_select(0, rows)
+
+
+def _inverse_map(forward: Tensor, n_target, source: Tensor) -> Tensor:
+    """``[n_target]`` map back of the partial injective ``forward`` (``[n_source]``, values in
+    ``[0, n_target]``, ``n_target`` = none): ``back[forward[i]] = i``, ``n_source`` where nothing
+    maps.  ``source`` is ``arange(n_source)``.  One non-reducing scatter; the unmapped sources
+    all write the discarded extra row."""
+    back = torch.full((n_target + 1,), source.shape[0], dtype=torch.int64, device=forward.device)
+    return back.index_put_((forward,), source)[:n_target]
 
 
 def _merge_rank(site_keys: Tensor, query_keys: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -229,20 +313,19 @@ def subm_rulebook(
         skeys, perm, own_rank, qpos = _merge_rank(key, qkeys)
     else:
         skeys, perm, own_rank, qpos = _merge_rank(key, key[:0])
-    # sorted keys with a sentinel that no target equals (targets are >= 0)
+    # sorted keys with a sentinel that no target equals (targets are >= 0); perm padded alike
     skeys_pad = torch.cat([skeys, skeys.new_full((1,), -1)])
+    perm_pad = torch.cat([perm, perm.new_zeros(1)])
+    n = key.shape[0]
 
-    pairs_in: list[Optional[Tensor]] = [None] * kv
-    pairs_out: list[Optional[Tensor]] = [None] * kv
+    maps: list[Optional[Tensor]] = [None] * kv
 
     def chain(at: Tensor, first_target: Tensor, members: list[tuple[int, int]]) -> None:
         for j, (k, extra) in enumerate(members):
             target = first_target + extra if extra else first_target
             found = skeys_pad.index_select(0, at) == target
-            rows = found.nonzero().squeeze(1)  # this site (output of k)
-            partner = perm.index_select(0, at.index_select(0, rows))  # its neighbour (input of k)
-            pairs_out[k], pairs_in[k] = rows, partner
-            pairs_out[kv - 1 - k], pairs_in[kv - 1 - k] = partner, rows
+            # this site is the output of k, its neighbour (the input) sits at sorted position `at`
+            maps[k] = torch.where(found, perm_pad.index_select(0, at), n)
             if j + 1 < len(members):  # the next target's partner is one further if this one exists
                 at = at + found.to(at.dtype)
 
@@ -263,8 +346,7 @@ def subm_rulebook(
         out_indices=indices,
         in_spatial_shape=list(spatial_shape),
         out_spatial_shape=list(spatial_shape),
-        pairs_in=pairs_in,
-        pairs_out=pairs_out,
+        maps=maps,
     )
 
 
@@ -330,58 +412,53 @@ def conv_rulebook(
     n = indices.shape[0]
 
     coords, valids = _axis_candidates(indices, out_shape, ksize, stride, padding, dilation, transposed)
-    valid = valids[0]
-    for a in range(1, ndim):  # [k_0 * ... * k_a, N], kernel offsets row-major
-        valid = (valid.unsqueeze(1) & valids[a].unsqueeze(0)).flatten(0, 1)
-    # valid (k, i) in spconv's scan order (k outer, i inner), one nonzero per offset so that the
-    # per-offset pair counts are the sizes of the pieces (no data-dependent slicing later)
-    rows = [valid[k].nonzero().squeeze(1) for k in range(kv)]
-    for r in rows:
-        torch._check(r.shape[0] <= _MAX_SITES)
-    cand_in = torch.cat(rows)
-    taps = torch.cat([torch.full_like(r, k) for k, r in enumerate(rows)])
-    # output key of each candidate from the per-axis tables: tap r_a of offset k, site i
-    cand = indices[:, 0].long()[cand_in]
-    rem = taps
-    tap_of_axis = []
-    for a in range(ndim - 1, -1, -1):
-        tap_of_axis.append(rem % ksize[a])
-        rem = rem // ksize[a]
-    tap_of_axis.reverse()
+    # output key and validity of every (kernel offset k, input site i) on the static [K, N] grid,
+    # kernel offsets row-major (broadcast over the per-axis taps, no division)
+    key = indices[:, 0].long().unsqueeze(0)
+    valid = None
     for a in range(ndim):
-        o = coords[a].reshape(-1)[tap_of_axis[a] * n + cand_in]
-        cand = cand * out_shape[a] + o.long()
-    p = cand.shape[0]
+        key = (key.unsqueeze(1) * out_shape[a] + coords[a].long().unsqueeze(0)).flatten(0, 1)
+        valid = valids[a] if valid is None else (valid.unsqueeze(1) & valids[a].unsqueeze(0)).flatten(0, 1)
+    # the valid (k, i) in spconv's scan order (k outer, i inner): one nonzero, P candidates
+    cand_flat = valid.reshape(-1).nonzero().squeeze(1)
+    p = cand_flat.shape[0]
+    if not isinstance(p, int):
+        torch._check(p <= kv * _MAX_SITES)
+    cand = key.reshape(-1).index_select(0, cand_flat)
 
     # first appearance of each unique key: sort key * (P + 1) + j (all distinct -> any sort is
-    # exact); a stable sort of the keys instead if the composite could overflow int64
+    # exact; svals - sperm = key * (P + 1) compares like the key, no division); a stable sort of
+    # the keys instead if the composite could overflow int64
     out_volume = batch_size * math.prod(out_shape)
     in_volume = batch_size * math.prod(spatial_shape)
     j = torch.arange(p, device=cand.device)
     if out_volume * (kv * in_volume + 1) < _INT64_LIMIT:
         svals, sperm = torch.sort(cand * (p + 1) + j)
-        skeys = svals // (p + 1)
+        scaled = svals - sperm
     else:
-        skeys, sperm = torch.sort(cand, stable=True)
-    is_first = torch.ones_like(skeys, dtype=torch.bool)
-    is_first[1:] = skeys[1:] != skeys[:-1]
-    first_j = sperm[is_first]  # [M], groups in key order; smallest scan position of each key
-    mark = torch.zeros_like(is_first).index_put_((first_j,), torch.ones_like(first_j, dtype=torch.bool))
-    out_keys = cand[mark]  # [M] in first-appearance order (spconv's)
+        scaled, sperm = torch.sort(cand, stable=True)
+    is_first = torch.ones_like(scaled, dtype=torch.bool)
+    is_first[1:] = scaled[1:] != scaled[:-1]
+    # first appearances in scan order; their ranks number the output sites (spconv's order)
+    mark = torch.zeros_like(is_first).index_put_((sperm,), is_first)
+    out_keys = cand[mark]  # [M], the only data-dependent size besides P
     m = out_keys.shape[0]
     if not isinstance(m, int):
         # traced: M is an unbacked size.  spconv (CUDA) raises when every site vanishes and
         # SparseSequential branches on ``indices.shape[0] != 0``; assert M >= 1 at run time
         torch._check(m >= 1, lambda: "sparse conv: no active output sites")
     rank_at_j = torch.cumsum(mark.to(torch.int64), 0) - 1
-    group_out = rank_at_j[first_j]  # output row of each key group
-    group_of_sorted = torch.cumsum(is_first.to(torch.int64), 0) - 1
-    cand_out = torch.empty_like(cand).index_put_((sperm,), group_out[group_of_sorted])
+    # output row of every candidate: its group's first appearance, by group id (sorted order)
+    group = torch.cumsum(is_first.to(torch.int64), 0) - 1
+    group_row = torch.zeros(p + 1, dtype=torch.int64, device=cand.device)
+    group_row = group_row.index_put_((torch.where(is_first, group, p),), rank_at_j.index_select(0, sperm))
+    cand_out = torch.empty_like(cand).index_put_((sperm,), group_row.index_select(0, group))
 
-    pairs_in: list[Optional[Tensor]] = list(rows)
-    pairs_out: list[Optional[Tensor]] = list(torch.split(cand_out, [r.shape[0] for r in rows]))
+    # per offset: the output row of every input site (M = none), and back
+    scatter_all = torch.full((kv * n,), m, dtype=torch.int64, device=cand.device)
+    scatter_all = scatter_all.index_put_((cand_flat,), cand_out).view(kv, n)
 
-    return Rulebook(
+    rulebook = Rulebook(
         subm=False,
         ksize=ksize,
         stride=stride,
@@ -391,9 +468,15 @@ def conv_rulebook(
         out_indices=_decode_key(out_keys, out_shape),
         in_spatial_shape=list(spatial_shape),
         out_spatial_shape=out_shape,
-        pairs_in=pairs_in,
-        pairs_out=pairs_out,
+        maps=[scatter_all[k] for k in range(kv)],
     )
+    if not torch.compiler.is_exporting():
+        # eager: the candidates are already grouped by offset (scan order), so each offset's
+        # (input row, output row) pairs are a slice - no nonzero per offset later
+        counts = valid.sum(1).tolist()
+        for k, (flat, out_row) in enumerate(zip(torch.split(cand_flat, counts), torch.split(cand_out, counts))):
+            rulebook._cache[("pairs", k)] = flat - k * n, out_row
+    return rulebook
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,29 +521,33 @@ def apply_rulebook(
     inverse: bool = False,
     bias: Optional[Tensor] = None,
 ) -> Tensor:
-    """Gather - GEMM - scatter: ``out[pairs_out[k]] += features[pairs_in[k]] @ weight[k]``.
+    """Gather - GEMM - add per kernel offset: ``out[o] = sum_k features[maps[k][o]] @ weight[k]``
+    in offset order, a missing neighbour (``maps[k][o] == n_in``) adding nothing.
 
-    ``weight`` is ``[K, C_in, C_out]`` (see ``kernel_weight``).  ``inverse`` runs the pairs
-    backwards (output rows = the rulebook's input sites), as spconv's inverse conv does."""
+    ``weight`` is ``[K, C_in, C_out]`` (see ``kernel_weight``).  ``maps`` are the rulebook's
+    ``gather`` maps, or its ``scatter`` maps for ``inverse`` (spconv's inverse conv: the pairs
+    backwards, output rows = the rulebook's input sites).  SubM starts from the centre offset
+    ``features @ weight[centre]`` as spconv does; every output row then adds its contributions
+    in spconv's offset order, so the sums round exactly like spconv's scatter-add loop.
+
+    Graph form (exporting): every offset gathers all ``n_out`` rows from the features with a
+    zero row appended (a missing neighbour adds an exact zero) - static sizes, no scatter, no
+    NonZero, 3 nodes an offset.  Eager: only the existing pairs of each offset (``nonzero``),
+    ``out[dst] = out[dst] + features[src] @ weight[k]``, the GEMM work of spconv instead of
+    ``n_out`` rows per offset (2.3x the FLOPs on SECOND's encoder).  Same values bit for bit."""
     kv = weight.shape[0]
-    if inverse:
-        n_out = rulebook.in_indices.shape[0]
-    else:
-        n_out = rulebook.out_indices.shape[0]
-    if rulebook.subm:
-        out = features @ weight[kv // 2]
-    else:
-        out = features.new_zeros((n_out, weight.shape[2]))
+    n_out = (rulebook.in_indices if inverse else rulebook.out_indices).shape[0]
+    out = features @ weight[kv // 2] if rulebook.subm else features.new_zeros((n_out, weight.shape[2]))
+    exporting = torch.compiler.is_exporting()
+    padded = torch.cat([features, features.new_zeros((1, features.shape[1]))]) if exporting else None
     for k in range(kv):
-        src, dst = rulebook.pairs_in[k], rulebook.pairs_out[k]
-        if src is None:
+        if rulebook.subm and k == kv // 2:
             continue
-        if inverse:
-            src, dst = dst, src
-        # within one offset every output row appears at most once: a plain (non-reducing) scatter
-        # of out[dst] + contribution is exact and avoids ScatterND(reduction='add'), which
-        # onnxruntime 1.32 runs with a thread race (microsoft/onnxruntime#18048)
-        out = out.index_put((dst,), out.index_select(0, dst) + features.index_select(0, src) @ weight[k])
+        if exporting:
+            out = out + padded.index_select(0, rulebook.gather_map(k, inverse)) @ weight[k]
+        else:
+            dst, src = rulebook.pairs(k, inverse)
+            out = out.index_put((dst,), out.index_select(0, dst) + features.index_select(0, src) @ weight[k])
     if bias is not None:
         out = out + bias
     return out

@@ -200,6 +200,12 @@ def test_exports_with_dynamic_site_count(kitti_sites, tmp_path, kind):
     program = assert_exports(_Layers(layers, SECOND_GRID["shape"]), inputs, ({0: n}, {0: n}), tmp_path, atol=1e-4)
     targets = {str(node.target) for node in program.graph.nodes}
     assert not any("searchsorted" in t for t in targets)
+    # static per-offset neighbour maps: no NonZero in a SubM graph, two in a strided one (the
+    # candidate count and the output count), not one per kernel offset
+    import onnx
+
+    nonzero = sum(node.op_type == "NonZero" for node in onnx.load(str(tmp_path / "op.onnx")).graph.node)
+    assert nonzero == (0 if kind == "subm" else 2), nonzero
     # the exported graph also agrees with spconv itself on the smaller input
     ref = run(layers, *inputs[1], SECOND_GRID["shape"])
     out_f, out_i = program.module()(*inputs[1])
