@@ -241,10 +241,10 @@ RECIPES += (
         call="self.model._forward(batch_inputs_dict)",
         head="bbox_head",
         # onnxruntime's float error (a few 1e-6 relative to a map's scale, as on every score map)
-        # grows in two decoded kinds of output: PGD's keypoint offsets are pixels scaled by stride x
-        # regress range (up to 1.1e-3 off on values up to ~400, KITTI 000008),
+        # grows in two decoded kinds of output: PGD's keypoint offsets are raw conv outputs times
+        # stride x regress range (up to 512 px: 1.24e-3 off on KITTI 000008, in a map reaching 400),
         # SMOKE's orientation is F.normalize(v) (error divided by |v|: 3e-4 where v is short)
-        atol=1e-3,
+        atol=2e-3,
     ),
 )
 
