@@ -1,7 +1,7 @@
 """Command line: ``generate``, ``export`` and the one-shot form with the original flags.
 
     mmdet3d-export --config NAME_OR_PATH [--checkpoint F] [--output-dir D] [--format pt2|onnx|iree|both|all]
-                   [--iree-preset host|default] [--iree-static N]
+                   [--iree-preset host|portable|default] [--iree-static N]
                    [--device cuda:0] [--source-root CHECKOUT] [--verbose]
     mmdet3d-export generate --config NAME_OR_PATH [--frame F|synthetic] [--output F] [--check]
     mmdet3d-export generate --check            # every committed wrapper under generated/
@@ -78,7 +78,8 @@ def _export_flags(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_PRESET,
         choices=tuple(PRESETS),
         help=f"IREE flags (default {DEFAULT_PRESET}): host = tuned for this machine's CPU (the vmfb needs its "
-        "instruction set), default = IREE's defaults for any x86-64 CPU; see docs/iree.md",
+        "instruction set), portable = tuned for any x86-64 with AVX2 (x86-64-v3), default = IREE's "
+        "defaults for any x86-64 CPU (slow); see docs/iree.md",
     )
     p.add_argument(
         "--iree-static",

@@ -253,7 +253,7 @@ def test_static_size_smaller_than_the_sample_is_one_error_line(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset, static", [("host", "12000"), ("default", None)])
+@pytest.mark.parametrize("preset, static", [("host", "12000"), ("portable", None), ("default", None)])
 def test_pointpillars_static_shapes_and_the_default_preset(tmp_path, preset, static):
     """Every preset is validated; static shapes (inputs padded to 12000 voxels) give the same outputs."""
     flags = ["--iree-preset", preset] + (["--iree-static", static] if static else [])
