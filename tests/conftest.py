@@ -38,16 +38,17 @@ def load_frame(dataset: str) -> np.ndarray:
 
 
 def cli(
-    *args: str, env: dict | None = None, cwd: Path | None = None
+    *args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess:
-    """The real command line, in a subprocess."""
+    """The real command line, in a subprocess (``timeout`` guards against hangs; raise it for
+    models whose export takes longer on a loaded machine)."""
     return subprocess.run(
         [sys.executable, "-m", "codegen", *args],
         capture_output=True,
         text=True,
         cwd=cwd or REPO,
         env={**os.environ, **(env or {})},
-        timeout=600,
+        timeout=timeout,
     )
 
 
