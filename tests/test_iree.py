@@ -270,9 +270,9 @@ def test_pointpillars_static_shapes_and_the_default_preset(tmp_path, preset, sta
 OTHER_MODELS = {
     "centerpoint_pillar02_second_secfpn_8xb4-cyclic-20e_nus-3d": "NuScenesDataset",
     "pointpillars_hv_fpn_sbn-all_8xb4-2x_nus-3d": "NuScenesDataset",
-    # compiles and matches, but IREE's O(n^2) sort makes a frame take ~1 min (docs/iree.md)
-    "pointpillars_dv_secfpn_8xb6-160e_kitti-3d-car": "KittiDataset",
 }
+# not here: the dynamic-voxel models compile and match onnxruntime (2.1e-8), but IREE's O(n^2)
+# sort makes one frame take minutes, past the CLI's 10-minute limit (docs/iree.md)
 
 
 @pytest.mark.slow
