@@ -416,6 +416,33 @@ def drop_empty_concat_inputs(model) -> list[str]:
     return [f"{dropped} empty Gather(..., []) inputs dropped from Concats"]
 
 
+def list_constants_as_initializers(model) -> list[str]:
+    """``Constant(value_ints=[...])`` (and ``value_int(s)``/``value_float(s)``) -> initializers.
+
+    IREE's ONNX importer converts ops whose constant operands come from a tensor-valued Constant
+    or an initializer, but not from the list-valued attribute form: ``Unsqueeze(x,
+    Constant(value_ints=[-1]))`` in an unoptimised export fails to legalize. Same values.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    kinds = {"value_ints": np.int64, "value_int": np.int64, "value_floats": np.float32, "value_float": np.float32}
+    nodes, moved = [], 0
+    for node in graph.node:
+        attr = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
+        if attr is None or attr.name not in kinds:
+            nodes.append(node)
+            continue
+        value = np.array(helper.get_attribute_value(attr), kinds[attr.name])
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        moved += 1
+    if not moved:
+        return []
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return [f"{moved} list-valued Constants as initializers"]
+
+
 def remove_dead_nodes(model) -> None:
     """Drop nodes and initializers nothing reads any more (what a rewrite replaced)."""
     graph = model.graph
@@ -458,6 +485,7 @@ def iree_onnx(onnx_path: Path, out_path: Path, static: dict[str, int] | None = N
                     d.dim_value = static[d.dim_param]
     model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     cleanup = drop_empty_concat_inputs(model)
+    cleanup += list_constants_as_initializers(model)
     unshuffled: dict[str, Unshuffled] = {}
     rewrites = rewrite_deconvs(model, unshuffled)
     rewrites += split_concat_heads(model, unshuffled)

@@ -172,6 +172,30 @@ def test_empty_gathers_leave_concats(tmp_path):
     np.testing.assert_array_equal(got, x.reshape(-1, 1))
 
 
+def test_list_constants_become_initializers(tmp_path):
+    """``Unsqueeze(x, Constant(value_ints=[-1]))`` fails to legalize in IREE's importer; the
+    IREE copy holds the axes as an initializer instead."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["axes"], value_ints=[-1]),
+            helper.make_node("Unsqueeze", ["x", "axes"], ["y"]),
+        ],
+        "main_graph",
+        [helper.make_tensor_value_info("x", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx")
+    assert rewrites == ["1 list-valued Constants as initializers"]
+    rewritten = onnx.load(str(tmp_path / "iree.onnx"))
+    assert [n.op_type for n in rewritten.graph.node] == ["Unsqueeze"]
+    assert numpy_helper.to_array(rewritten.graph.initializer[0]).tolist() == [-1]
+    x = np.arange(4, dtype=np.int64)
+    np.testing.assert_array_equal(ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, {"x": x})[0], x[:, None])
+
+
 # ------------------------------------------------------------------ static shapes
 
 
