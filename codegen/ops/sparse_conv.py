@@ -83,6 +83,8 @@ _INT64_LIMIT = 2**62
 # site indices are int32 in spconv: bounding the data-dependent pair counts by it keeps the
 # bounds torch.export derives for sums of them (and the ONNX constants of those) inside int64
 _MAX_SITES = 2**31 - 1
+# integers up to this are exact in float32 (quotients of such are floored exactly)
+_FLOAT32_EXACT = 2**24
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,8 +128,19 @@ def _linear_key(indices: Tensor, dims: Sequence[int], shift: Sequence[int] | Non
     return key
 
 
-def _decode_key(key: Tensor, dims: Sequence[int]) -> Tensor:
+def _decode_key(key: Tensor, dims: Sequence[int], bound: int) -> Tensor:
+    """Inverse of ``_linear_key`` (no shift): ``[M, 1 + len(dims)]`` int32.  Keys below
+    ``bound``; below 2**24 the divisions run in float32, where they are exact and vectorised
+    (integer division is neither vectorised on CPU nor exact in the ONNX exporter's lowering)."""
     coords = []
+    if bound <= _FLOAT32_EXACT:
+        rest = key.to(torch.float32)
+        for d in reversed(dims):
+            q = torch.floor(rest / d)
+            coords.append(rest - q * d)
+            rest = q
+        coords.append(rest)
+        return torch.stack(coords[::-1], dim=1).to(torch.int32)
     for d in reversed(dims):
         coords.append(key % d)
         key = key // d
@@ -149,7 +162,9 @@ class Rulebook:
     ``maps[k]``: for SubM and ``k`` after the centre, ``[N]`` (gather): the site that feeds site
     ``o`` through ``k``, or ``N`` if none; the offsets before the centre are the same pairs
     swapped (``None`` here, like the identity centre).  For strided / transposed layers ``[N_in]``
-    (scatter): the output row input row ``i`` feeds through ``k``, or ``N_out`` if none.
+    (scatter): the output row input row ``i`` feeds through ``k``, or ``N_out`` if none.  Maps
+    are built in the graph form only; eagerly the rulebook holds each offset's pairs instead
+    (``pairs``, data-dependent sizes), as the eager convolution uses them.
 
     ``gather_map(k)`` gives every offset as a gather map over output rows (inverting a map with
     one scatter where needed), ``pairs(k)`` the existing ``(dst, src)`` pairs (eager); both are
@@ -320,12 +335,19 @@ def subm_rulebook(
 
     maps: list[Optional[Tensor]] = [None] * kv
 
+    exporting = torch.compiler.is_exporting()
+    pairs: dict = {}
+
     def chain(at: Tensor, first_target: Tensor, members: list[tuple[int, int]]) -> None:
         for j, (k, extra) in enumerate(members):
             target = first_target + extra if extra else first_target
             found = skeys_pad.index_select(0, at) == target
             # this site is the output of k, its neighbour (the input) sits at sorted position `at`
-            maps[k] = torch.where(found, perm_pad.index_select(0, at), n)
+            if exporting:
+                maps[k] = torch.where(found, perm_pad.index_select(0, at), n)
+            else:  # eager: the pairs themselves (data-dependent size)
+                rows = found.nonzero().squeeze(1)
+                pairs[("pairs", k)] = rows, perm_pad.index_select(0, at.index_select(0, rows))
             if j + 1 < len(members):  # the next target's partner is one further if this one exists
                 at = at + found.to(at.dtype)
 
@@ -336,7 +358,7 @@ def subm_rulebook(
         first_extra = centre_x[0][1]
         chain(own_rank + 1, key + first_extra, [(k, d - first_extra) for k, d in centre_x])
 
-    return Rulebook(
+    rulebook = Rulebook(
         subm=True,
         ksize=ksize,
         stride=[1] * ndim,
@@ -348,6 +370,8 @@ def subm_rulebook(
         out_spatial_shape=list(spatial_shape),
         maps=maps,
     )
+    rulebook._cache.update(pairs)
+    return rulebook
 
 
 def _axis_candidates(
@@ -376,8 +400,10 @@ def _axis_candidates(
             ok = num >= 0
             num = num.clamp(min=0)  # floor and truncating division agree on non-negatives
             if stride[a] != 1:
-                ok = ok & (num % stride[a] == 0)
-                num = num // stride[a]
+                # in float32 (exact: coordinates < 2**24); integer division is not vectorised
+                q = torch.floor(num.to(torch.float32) / stride[a]).to(torch.int32)
+                ok = ok & (q * stride[a] == num)
+                num = q
             o = num
             ok = ok & (o < out_shape[a])
         coords.append(o)
@@ -408,29 +434,32 @@ def conv_rulebook(
         out_shape = conv_output_shape(spatial_shape, ksize, stride, padding, dilation)
     if any(s <= 0 for s in out_shape):
         raise ValueError(f"out spatial shape {out_shape} reaches zero (input {list(spatial_shape)})")
+    if max(list(spatial_shape) + out_shape) + max(padding) >= _FLOAT32_EXACT:
+        raise ValueError(f"spatial shape {list(spatial_shape)} too large (coordinates must stay below 2**24)")
     kv = math.prod(ksize)
     n = indices.shape[0]
 
     coords, valids = _axis_candidates(indices, out_shape, ksize, stride, padding, dilation, transposed)
     # output key and validity of every (kernel offset k, input site i) on the static [K, N] grid,
-    # kernel offsets row-major (broadcast over the per-axis taps, no division)
-    key = indices[:, 0].long().unsqueeze(0)
+    # kernel offsets row-major (broadcast over the per-axis taps, no division); int32 if it fits
+    out_volume = batch_size * math.prod(out_shape)
+    in_volume = batch_size * math.prod(spatial_shape)
+    key_dtype = torch.int32 if out_volume < 2**31 else torch.int64
+    key = indices[:, 0].to(key_dtype).unsqueeze(0)
     valid = None
     for a in range(ndim):
-        key = (key.unsqueeze(1) * out_shape[a] + coords[a].long().unsqueeze(0)).flatten(0, 1)
+        key = (key.unsqueeze(1) * out_shape[a] + coords[a].to(key_dtype).unsqueeze(0)).flatten(0, 1)
         valid = valids[a] if valid is None else (valid.unsqueeze(1) & valids[a].unsqueeze(0)).flatten(0, 1)
     # the valid (k, i) in spconv's scan order (k outer, i inner): one nonzero, P candidates
     cand_flat = valid.reshape(-1).nonzero().squeeze(1)
     p = cand_flat.shape[0]
     if not isinstance(p, int):
         torch._check(p <= kv * _MAX_SITES)
-    cand = key.reshape(-1).index_select(0, cand_flat)
+    cand = key.reshape(-1).index_select(0, cand_flat).long()
 
     # first appearance of each unique key: sort key * (P + 1) + j (all distinct -> any sort is
     # exact; svals - sperm = key * (P + 1) compares like the key, no division); a stable sort of
     # the keys instead if the composite could overflow int64
-    out_volume = batch_size * math.prod(out_shape)
-    in_volume = batch_size * math.prod(spatial_shape)
     j = torch.arange(p, device=cand.device)
     if out_volume * (kv * in_volume + 1) < _INT64_LIMIT:
         svals, sperm = torch.sort(cand * (p + 1) + j)
@@ -454,9 +483,13 @@ def conv_rulebook(
     group_row = group_row.index_put_((torch.where(is_first, group, p),), rank_at_j.index_select(0, sperm))
     cand_out = torch.empty_like(cand).index_put_((sperm,), group_row.index_select(0, group))
 
-    # per offset: the output row of every input site (M = none), and back
-    scatter_all = torch.full((kv * n,), m, dtype=torch.int64, device=cand.device)
-    scatter_all = scatter_all.index_put_((cand_flat,), cand_out).view(kv, n)
+    exporting = torch.compiler.is_exporting()
+    maps: list[Optional[Tensor]] = [None] * kv
+    if exporting:
+        # per offset: the output row of every input site (M = none); static [K, N]
+        scatter_all = torch.full((kv * n,), m, dtype=torch.int64, device=cand.device)
+        scatter_all = scatter_all.index_put_((cand_flat,), cand_out).view(kv, n)
+        maps = [scatter_all[k] for k in range(kv)]
 
     rulebook = Rulebook(
         subm=False,
@@ -465,17 +498,19 @@ def conv_rulebook(
         padding=padding,
         dilation=dilation,
         in_indices=indices,
-        out_indices=_decode_key(out_keys, out_shape),
+        out_indices=_decode_key(out_keys, out_shape, out_volume),
         in_spatial_shape=list(spatial_shape),
         out_spatial_shape=out_shape,
-        maps=[scatter_all[k] for k in range(kv)],
+        maps=maps,
     )
-    if not torch.compiler.is_exporting():
+    if not exporting:
         # eager: the candidates are already grouped by offset (scan order), so each offset's
         # (input row, output row) pairs are a slice - no nonzero per offset later
-        counts = valid.sum(1).tolist()
-        for k, (flat, out_row) in enumerate(zip(torch.split(cand_flat, counts), torch.split(cand_out, counts))):
-            rulebook._cache[("pairs", k)] = flat - k * n, out_row
+        counts = valid.sum(1)
+        rows = cand_flat - torch.repeat_interleave(torch.arange(kv, device=cand.device), counts) * n
+        counts = counts.tolist()
+        for k, (in_row, out_row) in enumerate(zip(torch.split(rows, counts), torch.split(cand_out, counts))):
+            rulebook._cache[("pairs", k)] = in_row, out_row
     return rulebook
 
 
