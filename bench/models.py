@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -37,16 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 DOCS = REPO / "docs"
 
-
-def median_ms(fn, runs: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+from bench.pointpillars import matmul_gflops, median_ms  # noqa: E402 (one timing helper for both benchmarks)
 
 
 # IREE presets timed: the export's validated vmfb (model.vmfb, codegen.iree.DEFAULT_PRESET) and
@@ -98,10 +88,7 @@ def _child(export_dir: Path, runtime: str, runs: int) -> dict:
 
             with torch.no_grad(), FlopCounterMode(display=False) as counter:
                 wrapper(*fresh())
-            n = 2048
-            a, b = torch.randn(n, n), torch.randn(n, n)
-            ms = median_ms(lambda: a @ b, 10, warmup=2)
-            return {"flops": counter.get_total_flops(), "matmul_gflops": 2 * n**3 / (ms / 1e3) / 1e9}
+            return {"flops": counter.get_total_flops(), "matmul_gflops": matmul_gflops()}
     elif runtime == "pt2":
         program = torch.export.load(str(export_dir / "model.pt2")).module()
 
