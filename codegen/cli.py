@@ -75,7 +75,6 @@ def _export_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--iree-preset",
-        default=DEFAULT_PRESET,
         choices=tuple(PRESETS),
         help=f"IREE flags (default {DEFAULT_PRESET}): host = tuned for this machine's CPU (the vmfb needs its "
         "instruction set), portable = tuned for any x86-64 with AVX2 (x86-64-v3), default = IREE's "
@@ -258,15 +257,23 @@ def _regen_hint(result) -> str:
 
 
 def _iree(args):
-    from .iree import IreeOptions
+    """The IREE options; IREE flags without ``iree`` in ``--format`` are a mistake worth one line."""
+    from .iree import DEFAULT_PRESET, IreeOptions
+    from .metadata import parse_formats
 
-    return IreeOptions(args.iree_preset, args.iree_static)
+    if "iree" not in parse_formats(args.format):
+        given = [flag for flag, value in (("--iree-preset", args.iree_preset), ("--iree-static", args.iree_static)) if value]
+        if given:
+            verb = "needs" if len(given) == 1 else "need"
+            raise ExportError(f"{' and '.join(given)} {verb} --format iree (or all, or a list with iree)")
+    return IreeOptions(args.iree_preset or DEFAULT_PRESET, args.iree_static)
 
 
 def cmd_export(args, device: str, steps) -> int:
     from .export import run_export
 
-    meta = run_export(args.wrapper, args.output_dir, args.format, args.checkpoint, device, steps, iree=_iree(args))
+    iree = _iree(args)
+    meta = run_export(args.wrapper, args.output_dir, args.format, args.checkpoint, device, steps, iree=iree)
     steps.info(f"wrote {args.output_dir}: {', '.join(meta['formats'].values())}, metadata.json")
     return 0
 
@@ -275,12 +282,13 @@ def cmd_one_shot(args, device: str, steps) -> int:
     from .export import run_export
     from .generate import generate
 
+    iree = _iree(args)
     result = generate(args.config, args.checkpoint, args.frame, device, steps, args.outputs)
     with tempfile.TemporaryDirectory(prefix="mmdet3d-export-") as tmp:
         wrapper = Path(tmp) / f"wrapper_{result.model_name}.py"
         wrapper.write_text(result.source)
         meta = run_export(
-            wrapper, args.output_dir, args.format, args.checkpoint, device, steps, generated=result, iree=_iree(args)
+            wrapper, args.output_dir, args.format, args.checkpoint, device, steps, generated=result, iree=iree
         )
     steps.info(f"wrote {args.output_dir}: {', '.join(meta['formats'].values())}, metadata.json, {wrapper.name}")
     return 0

@@ -36,6 +36,11 @@ def test_bad_format_is_one_error_line():
         "mmdet3d-export: error: argument --format: unknown format 'vmfb' in --format vmfb "
         "(choose from pt2, onnx, iree, both, all, or a comma list)"
     ]
+    proc = cli("--config", CONFIG, "--format", "onnx", "--iree-static", "5000", "--device", "cpu")
+    assert proc.returncode == 2  # before any work: nothing generated
+    assert [line for line in proc.stderr.splitlines() if "error:" in line] == [
+        "error: --iree-static needs --format iree (or all, or a list with iree)"
+    ]
 
 
 # ------------------------------------------------------------------ graph forms
