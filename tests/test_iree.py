@@ -273,6 +273,7 @@ def test_pointpillars_compiles_in_iree_and_matches_eager(tmp_path):
     assert "iree" in (out / "validation.txt").read_text()
 
 
+@pytest.mark.slow  # a generate run (~30 s) for one error line: CI keeps one IREE end-to-end test
 def test_static_size_smaller_than_the_sample_is_one_error_line(tmp_path):
     frame_path("KittiDataset")
     proc = cli("--config", CONFIG, "--output-dir", str(tmp_path / "o"), "--device", "cpu", "--format", "iree", "--iree-static", "100")
