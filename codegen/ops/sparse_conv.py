@@ -217,7 +217,7 @@ class Rulebook:
 
     def pairs(self, k: int, inverse: bool = False) -> Optional[tuple[Tensor, Tensor]]:
         """Eager: ``(dst, src)`` rows of the pairs of offset ``k`` (``None`` for the SubM centre),
-        from one ``nonzero`` of the stored map (data-dependent sizes)."""
+        as the eager rulebook builders record them (else one ``nonzero`` of the map)."""
         if self.subm and k == self.kernel_volume // 2:
             return None
         mirror = self._mirror(k)
