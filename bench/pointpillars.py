@@ -30,8 +30,16 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = "pointpillars_hv_secfpn_8xb6-160e_kitti-3d-car"
 
 
-def median_ms(fn, runs: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
+def median_ms(fn, runs: int, warmup: int = 2, budget_s: float | None = None) -> float:
+    """Median wall time of ``runs`` calls after ``warmup`` calls.  With ``budget_s``, a slow ``fn``
+    (first call longer than ``budget_s / (warmup + runs)``) gets one warm-up and as many runs as
+    fit in the budget (at least one)."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    if budget_s is not None and first * (warmup + runs) > budget_s:
+        warmup, runs = 1, max(1, min(runs, int(budget_s / first) - 1))
+    for _ in range(warmup - 1):
         fn()
     times = []
     for _ in range(runs):

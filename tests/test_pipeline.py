@@ -275,6 +275,30 @@ def test_onnx_is_checker_clean_with_named_dynamic_axes(exported):
     )
 
 
+def test_onnx_optimiser_keeps_tiny_epsilons(tmp_path):
+    """PointNet++ feature propagation computes ``1 / (dist + 1e-8)``; onnxscript's no-op rules
+    (constant matched within 1e-8) turn it into ``1 / dist``, which is inf at a sampled point.
+    The export runs the optimiser without them."""
+    import onnxruntime as ort
+
+    from codegen.export import exact_noop_rules
+
+    class Recip(torch.nn.Module):
+        def forward(self, dist):
+            return 1.0 / (dist + 1e-8)
+
+    program = torch.export.export(Recip(), (torch.ones(4),))
+    with exact_noop_rules():
+        torch.onnx.export(
+            program, (), str(tmp_path / "r.onnx"), dynamo=True, optimize=True
+        )
+    session = ort.InferenceSession(
+        str(tmp_path / "r.onnx"), providers=["CPUExecutionProvider"]
+    )
+    (got,) = session.run(None, {session.get_inputs()[0].name: np.zeros(4, np.float32)})
+    np.testing.assert_allclose(got, np.full(4, 1e8, np.float32), rtol=1e-6)
+
+
 def test_dynamic_voxel_count_on_a_third_size(exported):
     """A voxel count neither export nor validation used: reloaded PT2 and ORT vs the original."""
     import onnxruntime as ort

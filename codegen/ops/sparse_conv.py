@@ -209,8 +209,8 @@ class Rulebook:
             mirror = self._mirror(k)
             if mirror is None:
                 return self.maps[k]
-            return self._cached(("gather", k), lambda: _inverse_map(self.maps[mirror], n_out, self._iota(n_in)))
-        return self._cached(("gather", k), lambda: _inverse_map(self.maps[k], n_out, self._iota(n_in)))
+            return self._cached(("gather", k), lambda: _inverse_map(self.maps[mirror], n_out, self._iota(n_in), k))
+        return self._cached(("gather", k), lambda: _inverse_map(self.maps[k], n_out, self._iota(n_in), k))
 
     def _iota(self, n) -> Tensor:
         return self._cached("iota", lambda: torch.arange(n, device=self.in_indices.device))
@@ -242,13 +242,17 @@ def _existing(mapping: Tensor, none: int) -> tuple[Tensor, Tensor]:
     return rows, mapping.index_select(0, rows)
 
 
-def _inverse_map(forward: Tensor, n_target, source: Tensor) -> Tensor:
+def _inverse_map(forward: Tensor, n_target, source: Tensor, salt: int = 0) -> Tensor:
     """``[n_target]`` map back of the partial injective ``forward`` (``[n_source]``, values in
     ``[0, n_target]``, ``n_target`` = none): ``back[forward[i]] = i``, ``n_source`` where nothing
     maps.  ``source`` is ``arange(n_source)``.  One non-reducing scatter; the unmapped sources
-    all write the discarded extra row."""
-    back = torch.full((n_target + 1,), source.shape[0], dtype=torch.int64, device=forward.device)
-    return back.index_put_((forward,), source)[:n_target]
+    all write the discarded extra row.
+
+    The buffer starts at ``n_source + 1 + salt`` (clamped to ``n_source`` afterwards), a different
+    constant per ``salt``: IREE 3.13 merged the identical ``full`` buffers of the 13 inverse maps
+    of a SubM rulebook into one and then let the scatters onto it see each other's writes."""
+    back = torch.full((n_target + 1,), source.shape[0] + 1 + salt, dtype=torch.int64, device=forward.device)
+    return back.index_put_((forward,), source)[:n_target].clamp(max=source.shape[0])
 
 
 def _merge_rank(site_keys: Tensor, query_keys: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
