@@ -42,27 +42,14 @@ def import_wrapper(path: str | os.PathLike) -> ModuleType:
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
-        raise ExportError(
-            f"cannot import wrapper {path}: {type(exc).__name__}: {exc}"
-        ) from None
-    for attr in (
-        "ExportWrapper",
-        "build",
-        "flat_inputs",
-        "INPUT_NAMES",
-        "OUTPUT_NAMES",
-        "DYNAMIC_DIMS",
-        "FRAME",
-        "RECIPE",
-    ):
+        raise ExportError(f"cannot import wrapper {path}: {type(exc).__name__}: {exc}") from None
+    for attr in ("ExportWrapper", "build", "flat_inputs", "INPUT_NAMES", "OUTPUT_NAMES", "DYNAMIC_DIMS", "FRAME", "RECIPE"):
         if not hasattr(module, attr):
             raise ExportError(f"{path} is not a generated wrapper (no {attr})")
     return module
 
 
-def input_args(
-    module: ModuleType, inputs: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, ...]:
+def input_args(module: ModuleType, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     return tuple(inputs[name] for name in module.INPUT_NAMES)
 
 
@@ -71,34 +58,19 @@ def fresh(args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return tuple(a.clone() for a in args)
 
 
-def export_program(
-    module: ModuleType, wrapper: torch.nn.Module, args: tuple[torch.Tensor, ...]
-):
+def export_program(module: ModuleType, wrapper: torch.nn.Module, args: tuple[torch.Tensor, ...]):
     from torch.export import Dim
 
-    dims = {
-        name: Dim(name, min=getattr(module, "MIN_DIM", 2))
-        for name in module.DYNAMIC_DIMS
-    }
+    dims = {name: Dim(name, min=getattr(module, "MIN_DIM", 2)) for name in module.DYNAMIC_DIMS}
     shapes = tuple(
-        {
-            axis: dims[dim]
-            for dim, members in module.DYNAMIC_DIMS.items()
-            for n, axis in members.items()
-            if n == name
-        }
-        or None
+        {axis: dims[dim] for dim, members in module.DYNAMIC_DIMS.items() for n, axis in members.items() if n == name} or None
         for name in module.INPUT_NAMES
     )
     try:
         with torch.no_grad():
-            return torch.export.export(
-                wrapper, fresh(args), dynamic_shapes=shapes, strict=False
-            )
+            return torch.export.export(wrapper, fresh(args), dynamic_shapes=shapes, strict=False)
     except Exception as exc:
-        raise ExportError(
-            f"torch.export failed: {type(exc).__name__}: {first_line(exc)}"
-        ) from exc
+        raise ExportError(f"torch.export failed: {type(exc).__name__}: {first_line(exc)}") from exc
 
 
 @contextlib.contextmanager
@@ -142,9 +114,7 @@ def export_onnx(module: ModuleType, program, path: Path) -> None:
                 verbose=False,
             )
     except Exception as exc:
-        raise ExportError(
-            f"ONNX export failed: {type(exc).__name__}: {first_line(exc)}"
-        ) from exc
+        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {first_line(exc)}") from exc
     model = onnx.load(str(path))
     rename = symbol_names(module, program)
     for value in list(model.graph.input) + list(model.graph.output):
@@ -157,20 +127,12 @@ def export_onnx(module: ModuleType, program, path: Path) -> None:
 
 def graph_size(program) -> int:
     """Nodes of the program's graph and of every graph nested in it (higher-order-op bodies)."""
-    return sum(
-        len(m.graph.nodes)
-        for m in program.graph_module.modules()
-        if isinstance(m, torch.fx.GraphModule)
-    )
+    return sum(len(m.graph.nodes) for m in program.graph_module.modules() if isinstance(m, torch.fx.GraphModule))
 
 
 def symbol_names(module: ModuleType, program) -> dict[str, str]:
     """torch's shape symbols (``s49``) -> our dim names (``num_voxels``)."""
-    placeholders = [
-        n
-        for n in program.graph.nodes
-        if n.op == "placeholder" and n.name in module.INPUT_NAMES
-    ]
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in module.INPUT_NAMES]
     by_name = {n.name: n.meta["val"].shape for n in placeholders}
     rename = {}
     for dim, members in module.DYNAMIC_DIMS.items():
@@ -180,23 +142,15 @@ def symbol_names(module: ModuleType, program) -> dict[str, str]:
     return rename
 
 
-def predicted_boxes(
-    model, s: smp.Sample, context=contextlib.nullcontext
-) -> list[np.ndarray]:
+def predicted_boxes(model, s: smp.Sample, context=contextlib.nullcontext) -> list[np.ndarray]:
     """The original ``model.predict`` on the sample (run inside ``context()``, e.g. the patches of
     a recipe with ``reference="patched"``): boxes, scores, labels in canonical order."""
     with torch.no_grad(), context():
-        pred = model.predict(smp.clone_tree(s.data["inputs"]), s.data["data_samples"])[
-            0
-        ].pred_instances_3d
-    return canonical_boxes(
-        pred.bboxes_3d.tensor.numpy(), pred.scores_3d.numpy(), pred.labels_3d.numpy()
-    )
+        pred = model.predict(smp.clone_tree(s.data["inputs"]), s.data["data_samples"])[0].pred_instances_3d
+    return canonical_boxes(pred.bboxes_3d.tensor.numpy(), pred.scores_3d.numpy(), pred.labels_3d.numpy())
 
 
-def canonical_boxes(
-    bboxes: np.ndarray, scores: np.ndarray, labels: np.ndarray
-) -> list[np.ndarray]:
+def canonical_boxes(bboxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
     """Sort by score (descending), ties by label and box values: a total order for comparison."""
     keys = [bboxes[:, i] for i in reversed(range(bboxes.shape[1]))] + [labels, -scores]
     order = np.lexsort(keys)
@@ -205,9 +159,7 @@ def canonical_boxes(
 
 def valid_boxes_by_score(outputs) -> list[np.ndarray]:
     """Padded (bboxes, scores, labels, count) -> the valid rows in canonical order."""
-    bboxes, scores, labels, count = (
-        np.asarray(o.detach().cpu() if hasattr(o, "detach") else o) for o in outputs
-    )
+    bboxes, scores, labels, count = (np.asarray(o.detach().cpu() if hasattr(o, "detach") else o) for o in outputs)
     n = int(count)
     return canonical_boxes(bboxes[:n], scores[:n], labels[:n])
 
@@ -222,34 +174,21 @@ def iree_static(module: ModuleType, iree: IreeOptions, args) -> tuple[dict, str 
             f"--iree-static is not offered for recipe {module.RECIPE}: its inputs cannot be padded without "
             "changing its outputs (see docs/iree.md)"
         )
-    static = {
-        dim: {"size": iree.static, "inputs": dict(members)}
-        for dim, members in module.DYNAMIC_DIMS.items()
-    }
+    static = {dim: {"size": iree.static, "inputs": dict(members)} for dim, members in module.DYNAMIC_DIMS.items()}
     for dim, members in module.DYNAMIC_DIMS.items():
         name, axis = next(iter(members.items()))
         largest = max(int(a[module.INPUT_NAMES.index(name)].shape[axis]) for a in args)
         if largest > iree.static:
-            raise ExportError(
-                f"--iree-static {iree.static} is smaller than the sample's {dim} ({largest})"
-            )
+            raise ExportError(f"--iree-static {iree.static} is smaller than the sample's {dim} ({largest})")
     return static, padding
 
 
-def compile_iree(
-    out: Path, module: ModuleType, iree: IreeOptions, static: dict, padding: str | None
-) -> Compiled:
+def compile_iree(out: Path, module: ModuleType, iree: IreeOptions, static: dict, padding: str | None) -> Compiled:
     try:
-        return compile_onnx(
-            out / "model.onnx", out / "model.vmfb", iree.preset, static, padding
-        )
+        return compile_onnx(out / "model.onnx", out / "model.vmfb", iree.preset, static, padding)
     except ExportError as exc:
         hint = ""
-        if (
-            not static
-            and module.DYNAMIC_DIMS
-            and padding_rule(module.PATCHES, module.INPUT_NAMES)
-        ):
+        if not static and module.DYNAMIC_DIMS and padding_rule(module.PATCHES, module.INPUT_NAMES):
             hint = f" (dynamic {', '.join(module.DYNAMIC_DIMS)}; --iree-static N compiles for a fixed size instead)"
         raise ExportError(f"IREE: {exc}{hint}") from exc
 
@@ -294,39 +233,24 @@ def run_export(
     if generated is None:
         resolved = resolve_config(module.CONFIG)
         if resolved.sha256 != module.CONFIG_SHA256:
-            steps.warn(
-                f"warning: {module.CONFIG} changed since {Path(wrapper_path).name} was generated; regenerate it"
-            )
+            steps.warn(f"warning: {module.CONFIG} changed since {Path(wrapper_path).name} was generated; regenerate it")
         model = smp.load_model(module.CONFIG, checkpoint, device, steps.warn)
         recipe = recipe_for(model.cfg.model)
         if recipe.name != module.RECIPE:
-            raise ExportError(
-                f"{Path(wrapper_path).name} is stale: recipe {module.RECIPE}, config now needs {recipe.name}"
-            )
+            raise ExportError(f"{Path(wrapper_path).name} is stale: recipe {module.RECIPE}, config now needs {recipe.name}")
         samples = [smp.sample_frame(model, module.FRAME, v, steps.warn) for v in (0, 1)]
         analysis = analyse_inputs(model, recipe, samples)
         mode = getattr(module, "OUTPUTS", "head")
-        analysis.outputs = analyse_outputs(
-            model, recipe, samples[0], analysis.batch_size, mode
-        )
+        analysis.outputs = analyse_outputs(model, recipe, samples[0], analysis.batch_size, mode)
         config_ref, frame = module.CONFIG, module.FRAME
     else:
-        model, samples, analysis, recipe = (
-            generated.model,
-            generated.samples,
-            generated.analysis,
-            generated.recipe,
-        )
+        model, samples, analysis, recipe = generated.model, generated.samples, generated.analysis, generated.recipe
         config_ref, frame = generated.resolved.ref, generated.frame
     if [t.name for t in analysis.used_inputs] != list(module.INPUT_NAMES):
-        raise ExportError(
-            f"{Path(wrapper_path).name} is stale: its inputs differ from the sample's; regenerate it"
-        )
+        raise ExportError(f"{Path(wrapper_path).name} is stale: its inputs differ from the sample's; regenerate it")
     wrapper = module.ExportWrapper(model).eval()
     args = [input_args(module, module.flat_inputs(s.data)) for s in samples]
-    static, padding = (
-        iree_static(module, iree, args) if "iree" in formats else ({}, None)
-    )
+    static, padding = iree_static(module, iree, args) if "iree" in formats else ({}, None)
     compiled = None
 
     with staged_output(output_dir) as out:
@@ -344,16 +268,10 @@ def run_export(
             if "onnx" in formats:
                 export_onnx(module, program, out / "model.onnx")
                 runtimes.append(onnx_runtime(out / "model.onnx", module.INPUT_NAMES))
-            steps.detail(
-                f"graph: {graph_size(program)} nodes; dynamic: {module.DYNAMIC_DIMS}"
-            )
+            steps.detail(f"graph: {graph_size(program)} nodes; dynamic: {module.DYNAMIC_DIMS}")
             if "iree" in formats:
                 compiled = compile_iree(out, module, iree, static, padding)
-                runtimes.append(
-                    iree_runtime(
-                        out / "model.vmfb", module.INPUT_NAMES, static, padding
-                    )
-                )
+                runtimes.append(iree_runtime(out / "model.vmfb", module.INPUT_NAMES, static, padding))
                 steps.detail(
                     f"iree: preset {compiled.preset}{f', static {static}' if static else ''}, "
                     f"{len(compiled.rewrites)} graph rewrites (metadata.json iree.graph_rewrites); "
@@ -369,9 +287,7 @@ def run_export(
                     recipe.atol,
                     recipe.rtol,
                     reference=lambda i: predicted_boxes(
-                        model,
-                        samples[i],
-                        lambda: reference_context(recipe, analysis.batch_size),
+                        model, samples[i], lambda: reference_context(recipe, analysis.batch_size)
                     ),
                     normalize=valid_boxes_by_score,
                     reference_name=recipe.reference,
@@ -380,13 +296,7 @@ def run_export(
                 reselect = None
                 if recipe.reselect is not None:
                     reselect = lambda a, got, ref: recipe.reselect(  # noqa: E731
-                        wrapper,
-                        module.OUTPUT_NAMES,
-                        a,
-                        got,
-                        ref,
-                        recipe.atol,
-                        recipe.rtol,
+                        wrapper, module.OUTPUT_NAMES, a, got, ref, recipe.atol, recipe.rtol
                     )
                 report = validate(
                     wrapper,
@@ -400,10 +310,7 @@ def run_export(
                 )
             text = render_report(report)
             (out / "validation.txt").write_text(text)
-        np.savez(
-            out / "inputs.npz",
-            **{n: a.cpu().numpy() for n, a in zip(module.INPUT_NAMES, args[0])},
-        )
+        np.savez(out / "inputs.npz", **{n: a.cpu().numpy() for n, a in zip(module.INPUT_NAMES, args[0])})
         meta = build_metadata(
             config_ref=config_ref,
             checkpoint=checkpoint,
@@ -422,7 +329,5 @@ def run_export(
         (out / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
         steps.info(text)
         if not report["passed"]:
-            raise ValidationFailed(
-                f"validation failed: {report['summary']} (outputs not written)"
-            )
+            raise ValidationFailed(f"validation failed: {report['summary']} (outputs not written)")
     return meta

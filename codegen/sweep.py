@@ -27,13 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
 
 # detectors whose configs are segmentation-only (out of scope for box export)
-SEGMENTORS = {
-    "EncoderDecoder3D",
-    "Cylinder3D",
-    "MinkUNet",
-    "SPVCNN",
-    "MinkUNetWeightedNoCRF",
-}
+SEGMENTORS = {"EncoderDecoder3D", "Cylinder3D", "MinkUNet", "SPVCNN", "MinkUNetWeightedNoCRF"}
 
 
 def list_configs() -> list[tuple[str, str, str]]:
@@ -62,59 +56,24 @@ def _limits(memory_gib: float):
     return apply
 
 
-def run_one(
-    config: str, timeout: float, memory_gib: float, threads: int | None = None
-) -> dict:
+def run_one(config: str, timeout: float, memory_gib: float, threads: int | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
         out = Path(tmp) / "out"
         start = time.perf_counter()
-        cmd = [
-            sys.executable,
-            "-m",
-            "codegen",
-            "--config",
-            config,
-            "--output-dir",
-            str(out),
-            "--device",
-            "cpu",
-        ]
-        env = dict(
-            os.environ,
-            OMP_NUM_THREADS=(
-                str(threads) if threads else os.environ.get("OMP_NUM_THREADS", "2")
-            ),
-        )
+        cmd = [sys.executable, "-m", "codegen", "--config", config, "--output-dir", str(out), "--device", "cpu"]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads) if threads else os.environ.get("OMP_NUM_THREADS", "2"))
         try:
             proc = subprocess.run(
-                cmd,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                preexec_fn=_limits(memory_gib),
-                env=env,
-                cwd=REPO,
+                cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=_limits(memory_gib), env=env, cwd=REPO
             )
             stderr, code = proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as exc:
-            stderr = (
-                (exc.stderr or b"").decode()
-                if isinstance(exc.stderr, bytes)
-                else (exc.stderr or "")
-            )
+            stderr = (exc.stderr or b"").decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
             stderr += f"\nerror: timed out after {timeout:.0f} s"
             code = -1
         wall = time.perf_counter() - start
-        meta = (
-            json.loads((out / "metadata.json").read_text())
-            if (out / "metadata.json").is_file()
-            else None
-        )
-    errors = [
-        line[len("error: ") :]
-        for line in stderr.splitlines()
-        if line.startswith("error: ")
-    ]
+        meta = json.loads((out / "metadata.json").read_text()) if (out / "metadata.json").is_file() else None
+    errors = [line[len("error: ") :] for line in stderr.splitlines() if line.startswith("error: ")]
     if code not in (0, -1) and not errors:
         tail = [line for line in stderr.strip().splitlines() if line.strip()]
         errors = [f"crashed (exit {code}): {tail[-1][:200] if tail else 'no output'}"]
@@ -124,8 +83,7 @@ def run_one(
         "config": config,
         "ok": code == 0,
         "wrapper": done(7),
-        "pt2": done(8)
-        or (error is not None and error.startswith("ONNX export failed")),
+        "pt2": done(8) or (error is not None and error.startswith("ONNX export failed")),
         "onnx": done(8),
         "parity": (meta or {}).get("validation", {}).get("max_abs_diff"),
         "error": error,
@@ -145,9 +103,7 @@ def cause(error: str | None) -> str:
 
 def write_report(rows: list[dict], kinds: dict[str, tuple[str, str]]) -> Path:
     DOCS.mkdir(exist_ok=True)
-    detection = [
-        r for r in rows if kinds.get(r["config"], ("", ""))[1] not in SEGMENTORS
-    ]
+    detection = [r for r in rows if kinds.get(r["config"], ("", ""))[1] not in SEGMENTORS]
     passed = [r for r in detection if r["ok"]]
     rate = 100.0 * len(passed) / len(detection) if detection else 0.0
     mark = lambda b: "✓" if b else "✗"
@@ -174,26 +130,13 @@ def write_report(rows: list[dict], kinds: dict[str, tuple[str, str]]) -> Path:
         "| configs | cause |",
         "|---:|---|",
     ]
-    for text, n in Counter(
-        cause(r["error"]) for r in detection if not r["ok"]
-    ).most_common():
+    for text, n in Counter(cause(r["error"]) for r in detection if not r["ok"]).most_common():
         lines.append(f"| {n} | {text} |")
-    lines += [
-        "",
-        "## All configs",
-        "",
-        "| config | family | model | wrapper | PT2 | ONNX | parity max diff | failure |",
-    ]
+    lines += ["", "## All configs", "", "| config | family | model | wrapper | PT2 | ONNX | parity max diff | failure |"]
     lines.append("|---|---|---|:-:|:-:|:-:|---|---|")
-    for r in sorted(
-        rows, key=lambda r: (kinds.get(r["config"], ("", ""))[0], r["config"])
-    ):
+    for r in sorted(rows, key=lambda r: (kinds.get(r["config"], ("", ""))[0], r["config"])):
         family, model = kinds.get(r["config"], ("?", "?"))
-        parity = ", ".join(
-            f"{k} {v:.2g}"
-            for k, v in (r["parity"] or {}).items()
-            if k != "eager-patched"
-        )
+        parity = ", ".join(f"{k} {v:.2g}" for k, v in (r["parity"] or {}).items() if k != "eager-patched")
         error = (r["error"] or "").replace("|", "\\|")[:160]
         lines.append(
             f"| {r['config']} | {family} | {model} | {mark(r['wrapper'])} | {mark(r['pt2'])} | {mark(r['onnx'])} "
@@ -204,14 +147,7 @@ def write_report(rows: list[dict], kinds: dict[str, tuple[str, str]]) -> Path:
     return path
 
 
-def sweep(
-    matches: list[str],
-    timeout: float,
-    memory_gib: float,
-    retry_failed: bool,
-    log=print,
-    jobs: int = 1,
-) -> int:
+def sweep(matches: list[str], timeout: float, memory_gib: float, retry_failed: bool, log=print, jobs: int = 1) -> int:
     state = DOCS / "coverage.json"
     rows: dict[str, dict] = {}
     if state.is_file():
@@ -227,39 +163,19 @@ def sweep(
     ]
     for name, _, model in configs:
         if model in SEGMENTORS and name not in rows:
-            rows[name] = {
-                "config": name,
-                "ok": False,
-                "wrapper": False,
-                "pt2": False,
-                "onnx": False,
-                "parity": None,
-                "error": "segmentation model: out of scope",
-                "wall_s": 0.0,
-            }
-    log(
-        f"sweep: {len(todo)} configs to run, {len(rows)} already recorded, {jobs} at a time"
-    )
+            rows[name] = {"config": name, "ok": False, "wrapper": False, "pt2": False, "onnx": False, "parity": None,
+                          "error": "segmentation model: out of scope", "wall_s": 0.0}
+    log(f"sweep: {len(todo)} configs to run, {len(rows)} already recorded, {jobs} at a time")
     threads = max(1, len(os.sched_getaffinity(0)) // jobs)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [
-            pool.submit(run_one, name, timeout, memory_gib, threads) for name in todo
-        ]
+        futures = [pool.submit(run_one, name, timeout, memory_gib, threads) for name in todo]
         for i, future in enumerate(as_completed(futures), 1):
             row = future.result()
             name = row["config"]
             rows[name] = row
-            log(
-                f"[{i}/{len(todo)}] {'✓' if row['ok'] else '✗'} {name} ({row['wall_s']} s) {row['error'] or ''}"
-            )
+            log(f"[{i}/{len(todo)}] {'✓' if row['ok'] else '✗'} {name} ({row['wall_s']} s) {row['error'] or ''}")
             DOCS.mkdir(exist_ok=True)
-            state.write_text(
-                json.dumps(
-                    {"results": sorted(rows.values(), key=lambda r: r["config"])},
-                    indent=1,
-                )
-                + "\n"
-            )
+            state.write_text(json.dumps({"results": sorted(rows.values(), key=lambda r: r["config"])}, indent=1) + "\n")
             write_report(list(rows.values()), kinds)
     path = write_report(list(rows.values()), kinds)
     log(f"wrote {path} and {state}")

@@ -10,6 +10,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+
 # validation reference -> how the report names it
 REFERENCES = {
     "original": "original eager model",
@@ -40,8 +41,7 @@ def onnx_runtime(path: Path, input_names: Sequence[str]) -> Runtime:
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
     """The reference runs on one thread: spconv's CPU kernels race with more (two runs of one
-    sparse layer on the nuScenes grid differ by 1.8e-2 with 2 threads), mmcv's may too.
-    """
+    sparse layer on the nuScenes grid differ by 1.8e-2 with 2 threads), mmcv's may too."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -100,9 +100,7 @@ def validate(
                 got = normalize(raw)
                 runtime_ref, reselected = ref_outputs, None
                 if reselect is not None:
-                    reselected = reselect(
-                        tuple(a.clone() for a in args), got, ref_outputs
-                    )
+                    reselected = reselect(tuple(a.clone() for a in args), got, ref_outputs)
                     if reselected is not None:
                         runtime_ref = normalize(reselected)
                 for name, ref, out in zip(output_names, runtime_ref, got):
@@ -121,33 +119,18 @@ def validate(
                     else:
                         diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
                         bound = atol + rtol * np.abs(ref.astype(np.float64))
-                        row.update(
-                            max_abs_diff=float(diff.max()) if diff.size else 0.0,
-                            ok=bool((diff <= bound).all()),
-                        )
+                        row.update(max_abs_diff=float(diff.max()) if diff.size else 0.0, ok=bool((diff <= bound).all()))
                     rows.append(row)
                 if len(got) != len(ref_outputs):
-                    rows.append(
-                        {
-                            "sample": index,
-                            "runtime": runtime.name,
-                            "output": "<count>",
-                            "ok": False,
-                        }
-                    )
+                    rows.append({"sample": index, "runtime": runtime.name, "output": "<count>", "ok": False})
     failed = [r for r in rows if not r["ok"]]
     worst = {}
     for r in rows:
         if r.get("max_abs_diff") is not None:
             # max() that keeps a NaN (Python's max(0.0, nan) is 0.0): a NaN output must show
-            worst[r["runtime"]] = max(
-                worst.get(r["runtime"], 0.0),
-                r["max_abs_diff"],
-                key=lambda v: (v != v, v),
-            )
-    summary = (
-        f"{len(rows) - len(failed)}/{len(rows)} checks passed; max abs diff "
-        + ", ".join(f"{k} {v:.3g}" for k, v in worst.items())
+            worst[r["runtime"]] = max(worst.get(r["runtime"], 0.0), r["max_abs_diff"], key=lambda v: (v != v, v))
+    summary = f"{len(rows) - len(failed)}/{len(rows)} checks passed; max abs diff " + ", ".join(
+        f"{k} {v:.3g}" for k, v in worst.items()
     )
     return {
         "passed": not failed,
@@ -172,9 +155,7 @@ def render_report(report: dict) -> str:
             f"{r['sample']:<7}{r.get('size', ''):>7}  {r['runtime']:<14}{r['output']:<16}{str(r.get('shape', '')):<22}"
             f"{diff:>14}  {'✓' if r['ok'] else '✗'}"
         )
-    reselected = sorted(
-        {(r["runtime"], r["sample"]) for r in report["rows"] if r.get("reselected")}
-    )
+    reselected = sorted({(r["runtime"], r["sample"]) for r in report["rows"] if r.get("reselected")})
     if reselected:
         lines.append(
             "reselected: the reference was re-run with the queries the runtime chose among tied scores for "

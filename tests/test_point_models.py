@@ -29,23 +29,13 @@ def test_votenet_cannot_run_on_cpu_without_the_patches(votenet):
 
 def test_votenet_predicts_on_cpu_with_the_patches(votenet):
     model, s = votenet
-    assert s.data["inputs"]["points"][0].shape == (
-        20000,
-        4,
-    )  # SUN RGB-D pipeline: PointSample 20000
+    assert s.data["inputs"]["points"][0].shape == (20000, 4)  # SUN RGB-D pipeline: PointSample 20000
     with torch.no_grad(), patches.applied(POINT_PATCHES):
-        pred = model.predict(smp.clone_tree(s.data["inputs"]), s.data["data_samples"])[
-            0
-        ].pred_instances_3d
-        again = model.predict(smp.clone_tree(s.data["inputs"]), s.data["data_samples"])[
-            0
-        ].pred_instances_3d
+        pred = model.predict(smp.clone_tree(s.data["inputs"]), s.data["data_samples"])[0].pred_instances_3d
+        again = model.predict(smp.clone_tree(s.data["inputs"]), s.data["data_samples"])[0].pred_instances_3d
     n = pred.scores_3d.shape[0]
     assert n > 0 and pred.bboxes_3d.tensor.shape == (n, 7)
-    assert (
-        torch.isfinite(pred.bboxes_3d.tensor).all()
-        and torch.isfinite(pred.scores_3d).all()
-    )
+    assert torch.isfinite(pred.bboxes_3d.tensor).all() and torch.isfinite(pred.scores_3d).all()
     assert pred.labels_3d.max() < 10  # SUN RGB-D's 10 classes
     # deterministic: the patched ops have fixed tie rules
     assert torch.equal(pred.bboxes_3d.tensor, again.bboxes_3d.tensor)
@@ -55,18 +45,13 @@ def test_votenet_predicts_on_cpu_with_the_patches(votenet):
 
     from codegen.ops.points import furthest_point_sample
 
-    assert (
-        points_sampler.furthest_point_sample
-        is mmcv.ops.furthest_point_sample
-        is not furthest_point_sample
-    )
+    assert points_sampler.furthest_point_sample is mmcv.ops.furthest_point_sample is not furthest_point_sample
 
 
 def test_votenet_exports_and_matches_the_patched_model(tmp_path):
     """Points in (a fixed 20,000-point sample), vote head out, PT2 and ONNX.  Without an IREE
     target the furthest-point-sampling loops (2048 + 1024 + 512 + 256 + 256 steps) export as one
-    ONNX Scan each, so the conversion takes seconds instead of the unrolled graph's ~30 min.
-    """
+    ONNX Scan each, so the conversion takes seconds instead of the unrolled graph's ~30 min."""
     import json
 
     import onnx
@@ -74,16 +59,7 @@ def test_votenet_exports_and_matches_the_patched_model(tmp_path):
 
     frame_path("SUNRGBDDataset")
     out = tmp_path / "votenet"
-    proc = cli(
-        "--config",
-        VOTENET,
-        "--output-dir",
-        str(out),
-        "--format",
-        "both",
-        "--device",
-        "cpu",
-    )
+    proc = cli("--config", VOTENET, "--output-dir", str(out), "--format", "both", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["export_info"]["input_names"] == ["points"]

@@ -61,8 +61,7 @@ def fixed_steps(
     ``unroll=False``: one ``torch._higher_order_ops.scan`` over a ``[steps]`` dummy sequence,
     i.e. a single ONNX ``Scan`` with a static trip count whose body is the step, so the graph and
     the export time (~20-30 ms per unrolled node with the dynamo ONNX exporter here) no longer
-    grow with ``steps``.  Both forms run the same ops in the same order: identical results.
-    """
+    grow with ``steps``.  Both forms run the same ops in the same order: identical results."""
     if steps <= 0:
         raise ValueError("steps must be positive")
     if unroll is None:
@@ -89,9 +88,7 @@ def fixed_steps(
 # ---------------------------------------------------------------------------------------------
 
 
-def furthest_point_sample(
-    points: Tensor, num: int, unroll: bool | None = None
-) -> Tensor:
+def furthest_point_sample(points: Tensor, num: int, unroll: bool | None = None) -> Tensor:
     """``mmcv.ops.furthest_point_sample(points [B, N, 3], num) -> idx [B, num]`` int32.
 
     Kernel semantics: ``idx[0] = 0``; a running ``temp = min(temp, d(last))`` starting at 1e10
@@ -102,8 +99,7 @@ def furthest_point_sample(
     ``num - 1`` sequential steps of 6 graph nodes (Gather, Sub, Mul, ReduceSum, Min, ArgMax)
     through ``fixed_steps``; the 3-term ReduceSum equals the kernel's left-to-right sum (checked
     bitwise against the reference in the tests, eager and onnxruntime).  ``temp`` is kept replicated as ``[B, N, 3]`` so that
-    ``argmax(dim=1, keepdim=True)`` is directly the ``[B, 1, 3]`` index of the next gather.
-    """
+    ``argmax(dim=1, keepdim=True)`` is directly the ``[B, 1, 3]`` index of the next gather."""
     batch, n = points.shape[0], points.shape[1]
     idx = torch.zeros(batch, 1, 3, dtype=torch.int64, device=points.device)
     if num <= 1:
@@ -118,14 +114,10 @@ def furthest_point_sample(
         return (temp, idx), idx
 
     _, picks = fixed_steps(step, (temp, idx), num - 1, unroll)  # [num - 1, B, 1, 3]
-    return torch.cat((idx[:, :, 0], picks[:, :, 0, 0].transpose(0, 1)), dim=1).to(
-        torch.int32
-    )
+    return torch.cat((idx[:, :, 0], picks[:, :, 0, 0].transpose(0, 1)), dim=1).to(torch.int32)
 
 
-def furthest_point_sample_with_dist(
-    points_dist: Tensor, num: int, unroll: bool | None = None
-) -> Tensor:
+def furthest_point_sample_with_dist(points_dist: Tensor, num: int, unroll: bool | None = None) -> Tensor:
     """``mmcv.ops.furthest_point_sample_with_dist(points_dist [B, N, N], num) -> idx [B, num]``
     int32: the same loop with ``d = points_dist[b, last, :]`` (4 graph nodes a step: Gather,
     Min, ArgMax, Expand)."""
@@ -133,9 +125,7 @@ def furthest_point_sample_with_dist(
     idx = torch.zeros(batch, 1, n, dtype=torch.int64, device=points_dist.device)
     if num <= 1:
         return idx[:, 0, :num].to(torch.int32)
-    temp = torch.full(
-        (batch, 1, n), 1e10, dtype=points_dist.dtype, device=points_dist.device
-    )
+    temp = torch.full((batch, 1, n), 1e10, dtype=points_dist.dtype, device=points_dist.device)
 
     def step(carry):
         temp, idx = carry
@@ -144,9 +134,7 @@ def furthest_point_sample_with_dist(
         return (temp, best.expand(-1, -1, n)), best
 
     _, picks = fixed_steps(step, (temp, idx), num - 1, unroll)  # [num - 1, B, 1, 1]
-    return torch.cat((idx[:, 0, :1], picks[:, :, 0, 0].transpose(0, 1)), dim=1).to(
-        torch.int32
-    )
+    return torch.cat((idx[:, 0, :1], picks[:, :, 0, 0].transpose(0, 1)), dim=1).to(torch.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,13 +142,7 @@ def furthest_point_sample_with_dist(
 # ---------------------------------------------------------------------------------------------
 
 
-def ball_query(
-    min_radius: float,
-    max_radius: float,
-    sample_num: int,
-    xyz: Tensor,
-    center_xyz: Tensor,
-) -> Tensor:
+def ball_query(min_radius: float, max_radius: float, sample_num: int, xyz: Tensor, center_xyz: Tensor) -> Tensor:
     """``mmcv.ops.ball_query(min_radius, max_radius, sample_num, xyz [B, N, 3], center_xyz [B, M, 3])
     -> idx [B, M, sample_num]`` int32.
 
@@ -182,13 +164,9 @@ def ball_query(
     d2 = (dx * dx + dy * dy) + dz * dz  # [B, M, N]
     hit = (d2 == 0) | ((d2 >= r_min2) & (d2 < r_max2))
     n = xyz.shape[1]
-    order = torch.arange(
-        n, device=xyz.device, dtype=torch.float32
-    )  # exact below 2**24 points
+    order = torch.arange(n, device=xyz.device, dtype=torch.float32)  # exact below 2**24 points
     key = torch.where(hit, order, order + n)
-    first = torch.topk(
-        key, sample_num, dim=2, largest=False, sorted=True
-    ).values  # [B, M, S]
+    first = torch.topk(key, sample_num, dim=2, largest=False, sorted=True).values  # [B, M, S]
     found = first < n
     head = first[..., :1]
     idx = torch.where(found, first, torch.where(head < n, head, torch.zeros_like(head)))
@@ -268,20 +246,13 @@ def _segments(counts: Tensor, n: int, like: Tensor) -> tuple[Tensor, Tensor]:
     for rows past the total) and the first row of every batch (``[B]`` int64).  One ``[n, B]``
     comparison with the running ends, no searchsorted, no data-dependent shapes."""
     ends = torch.cumsum(counts.to(torch.int64), 0)
-    rows = (
-        torch.cumsum(torch.ones_like(like[:, 0], dtype=torch.int64), 0) - 1
-    )  # arange(n)
+    rows = torch.cumsum(torch.ones_like(like[:, 0], dtype=torch.int64), 0) - 1  # arange(n)
     batch = (rows.unsqueeze(1) >= ends.unsqueeze(0)).sum(1)
     return batch, ends - counts.to(torch.int64)
 
 
 def stack_ball_query(
-    radius: float,
-    sample_num: int,
-    xyz: Tensor,
-    xyz_batch_cnt: Tensor,
-    center_xyz: Tensor,
-    center_xyz_batch_cnt: Tensor,
+    radius: float, sample_num: int, xyz: Tensor, xyz_batch_cnt: Tensor, center_xyz: Tensor, center_xyz_batch_cnt: Tensor
 ) -> Tensor:
     """``mmcv.ops.ball_query(min_r, radius, sample_num, xyz [N, 3], center_xyz [M, 3], xyz_batch_cnt [B],
     center_xyz_batch_cnt [B]) -> idx [M, sample_num]`` int32 (the stacked form PV-RCNN uses).
@@ -301,39 +272,23 @@ def stack_ball_query(
     RoI grid: 21600 x 2048)."""
     n = xyz.shape[0]
     r2 = float(torch.tensor(radius, dtype=torch.float32) ** 2)
-    padded = torch.cat(
-        (xyz, torch.full_like(xyz[:1], float("inf")).expand(sample_num, 3))
-    )  # [N + S, 3]
+    padded = torch.cat((xyz, torch.full_like(xyz[:1], float("inf")).expand(sample_num, 3)))  # [N + S, 3]
     c = center_xyz.unsqueeze(1)  # [M, 1, 3]
     p = padded.unsqueeze(0)  # [1, N + S, 3]
     dx = c[..., 0] - p[..., 0]
     dy = c[..., 1] - p[..., 1]
     dz = c[..., 2] - p[..., 2]
     hit = ((dx * dx + dy * dy) + dz * dz) < r2  # [M, N + S]
-    point_batch, point_start = _segments(
-        xyz_batch_cnt, n + sample_num, padded
-    )  # padding: batch B
+    point_batch, point_start = _segments(xyz_batch_cnt, n + sample_num, padded)  # padding: batch B
     center_batch, _ = _segments(center_xyz_batch_cnt, center_xyz.shape[0], center_xyz)
     if xyz_batch_cnt.shape[0] > 1:
         hit = hit & (center_batch.unsqueeze(1) == point_batch.unsqueeze(0))
-    order = (
-        torch.cumsum(torch.ones_like(padded[:, 0]), 0) - 1
-    )  # arange(N + S) as float, exact below 2**24
-    key = torch.where(
-        hit, order.unsqueeze(0), torch.full_like(order[:1], n).unsqueeze(0)
-    )
-    first = torch.topk(
-        key, sample_num, dim=1, largest=False, sorted=True
-    ).values  # [M, S]
+    order = torch.cumsum(torch.ones_like(padded[:, 0]), 0) - 1  # arange(N + S) as float, exact below 2**24
+    key = torch.where(hit, order.unsqueeze(0), torch.full_like(order[:1], n).unsqueeze(0))
+    first = torch.topk(key, sample_num, dim=1, largest=False, sorted=True).values  # [M, S]
     found = first < n
-    start = (
-        point_start.to(key.dtype)
-        .index_select(0, center_batch.clamp(max=point_start.shape[0] - 1))
-        .unsqueeze(1)
-    )
-    local = (
-        torch.where(found, first, first[:, :1]) - start
-    )  # free slots repeat the first hit
+    start = point_start.to(key.dtype).index_select(0, center_batch.clamp(max=point_start.shape[0] - 1)).unsqueeze(1)
+    local = torch.where(found, first, first[:, :1]) - start  # free slots repeat the first hit
     none = ~found[:, :1]  # no hit at all: [-1, 0, 0, ...]
     slot0 = torch.where(none, torch.full_like(local[:, :1], -1), local[:, :1])
     rest = torch.where(none, torch.zeros_like(local[:, 1:]), local[:, 1:])
@@ -358,9 +313,7 @@ def stack_grouping_operation(
     batch, _ = _segments(idx_batch_cnt, m, idx)
     batch = batch.clamp(max=idx_batch_cnt.shape[0] - 1)
     counts = features_batch_cnt.to(torch.int64)
-    start = (
-        (torch.cumsum(counts, 0) - counts).index_select(0, batch).unsqueeze(1)
-    )  # [M, 1]
+    start = (torch.cumsum(counts, 0) - counts).index_select(0, batch).unsqueeze(1)  # [M, 1]
     count = counts.index_select(0, batch).unsqueeze(1)
     local = idx.to(torch.int64)
     valid = (local >= 0) & (local < count)
