@@ -269,12 +269,19 @@ def _iree(args):
     return IreeOptions(args.iree_preset or DEFAULT_PRESET, args.iree_static)
 
 
+def _peak_rss() -> str:
+    """This process's peak resident memory (what an export needs; ``sweep`` records it)."""
+    import resource
+
+    return f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+
+
 def cmd_export(args, device: str, steps) -> int:
     from .export import run_export
 
     iree = _iree(args)
     meta = run_export(args.wrapper, args.output_dir, args.format, args.checkpoint, device, steps, iree=iree)
-    steps.info(f"wrote {args.output_dir}: {', '.join(meta['formats'].values())}, metadata.json")
+    steps.info(f"wrote {args.output_dir}: {', '.join(meta['formats'].values())}, metadata.json; {_peak_rss()}")
     return 0
 
 
@@ -290,7 +297,7 @@ def cmd_one_shot(args, device: str, steps) -> int:
         meta = run_export(
             wrapper, args.output_dir, args.format, args.checkpoint, device, steps, generated=result, iree=iree
         )
-    steps.info(f"wrote {args.output_dir}: {', '.join(meta['formats'].values())}, metadata.json, {wrapper.name}")
+    steps.info(f"wrote {args.output_dir}: {', '.join(meta['formats'].values())}, metadata.json, {wrapper.name}; {_peak_rss()}")
     return 0
 
 

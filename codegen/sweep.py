@@ -88,6 +88,7 @@ def run_one(config: str, timeout: float, memory_gib: float, threads: int | None 
         "parity": (meta or {}).get("validation", {}).get("max_abs_diff"),
         "error": error,
         "wall_s": round(wall, 1),
+        "peak_rss_gib": float(rss[-1]) if (rss := re.findall(r"peak RSS ([0-9.]+) GiB", stderr)) else None,
     }
     return row
 
@@ -132,15 +133,23 @@ def write_report(rows: list[dict], kinds: dict[str, tuple[str, str]]) -> Path:
     ]
     for text, n in Counter(cause(r["error"]) for r in detection if not r["ok"]).most_common():
         lines.append(f"| {n} | {text} |")
-    lines += ["", "## All configs", "", "| config | family | model | wrapper | PT2 | ONNX | parity max diff | failure |"]
-    lines.append("|---|---|---|:-:|:-:|:-:|---|---|")
+    lines += [
+        "",
+        "## All configs",
+        "",
+        "Wall time: the whole subprocess (generate, export, validation) on this 2-core machine, with",
+        "`--jobs` configs at a time; peak RSS: the export process's (recorded since 2026-12-02).",
+        "",
+        "| config | family | model | wrapper | PT2 | ONNX | parity max diff | wall s | peak RSS GiB | failure |",
+    ]
+    lines.append("|---|---|---|:-:|:-:|:-:|---|---:|---:|---|")
     for r in sorted(rows, key=lambda r: (kinds.get(r["config"], ("", ""))[0], r["config"])):
         family, model = kinds.get(r["config"], ("?", "?"))
         parity = ", ".join(f"{k} {v:.2g}" for k, v in (r["parity"] or {}).items() if k != "eager-patched")
         error = (r["error"] or "").replace("|", "\\|")[:160]
         lines.append(
             f"| {r['config']} | {family} | {model} | {mark(r['wrapper'])} | {mark(r['pt2'])} | {mark(r['onnx'])} "
-            f"| {parity} | {error} |"
+            f"| {parity} | {r['wall_s'] or ''} | {r.get('peak_rss_gib') or ''} | {error} |"
         )
     path = DOCS / "coverage.md"
     path.write_text("\n".join(lines) + "\n")
