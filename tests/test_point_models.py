@@ -70,3 +70,50 @@ def test_votenet_exports_and_matches_the_patched_model(tmp_path):
     assert "Scan" in ops
     names = [o["name"] for o in meta["outputs"]]
     assert {"center", "obj_scores", "size_res", "sem_scores"} <= set(names)
+
+
+def test_stable_topk_breaks_ties_like_onnx_topk(tmp_path):
+    """Group-Free 3D's seed sampling: ``torch.topk`` leaves tied scores' order open; the patch
+    takes the lower index first, as ONNX TopK (and onnxruntime) does, and exports to that."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from codegen.patches.points import forced_topk, stable_topk
+
+    x = torch.tensor([[0.5, 0.7, 0.5, 0.5, 0.9, 0.7, 0.5]])
+    values, index = stable_topk(x, 5)
+    assert index.tolist() == [[4, 1, 5, 0, 2]]
+    assert torch.equal(values, x[0, index[0]].unsqueeze(0))
+    distinct = torch.randn(2, 1024)
+    assert torch.equal(stable_topk(distinct, 256)[1], torch.topk(distinct, 256).indices)
+    with forced_topk(torch.tensor([[6, 2]])):
+        assert stable_topk(x, 2)[1].tolist() == [[6, 2]]
+
+    class TopK(torch.nn.Module):
+        def forward(self, s):
+            return stable_topk(s, 5)[1]
+
+    program = torch.export.export(TopK(), (x,))
+    torch.onnx.export(program, (), str(tmp_path / "topk.onnx"), dynamo=True)
+    session = ort.InferenceSession(str(tmp_path / "topk.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_array_equal(got, [[4, 1, 5, 0, 2]])
+
+
+@pytest.mark.slow
+def test_groupfree3d_exports_and_matches_the_patched_model(tmp_path):
+    """Group-Free 3D (ScanNet, the VoteNet recipe): ONNX matches the patched eager model, with
+    the kps seed choice re-run where onnxruntime ordered near-equal logits differently."""
+    import json
+
+    from test_pipeline import cli
+
+    frame_path("ScanNetDataset")
+    out = tmp_path / "groupfree3d"
+    config = "groupfree3d_head-L6-O256_4xb8_scannet-seg"
+    proc = cli("--config", config, "--output-dir", str(out), "--format", "both", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["validation"]["passed"] and meta["validation"]["reference"] == "patched"
+    assert meta["validation"]["max_abs_diff"]["pt2"] == 0
+    assert meta["validation"]["max_abs_diff"]["onnx"] < 1e-4

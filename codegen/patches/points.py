@@ -9,6 +9,14 @@ functions by name, so the patches replace those names in the modules that use th
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import types
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
 from ..ops import points as ops
 from ..ops import roi
 from . import register
@@ -23,6 +31,9 @@ register("points.vote_head_fps", "mmdet3d.models.dense_heads.vote_head:furthest_
     ops.furthest_point_sample
 )
 register("points.gather", "mmdet3d.models.layers.pointnet_modules.point_sa_module:gather_points", _WHY)(
+    ops.gather_points
+)
+register("points.groupfree_gather", "mmdet3d.models.dense_heads.groupfree3d_head:gather_points", _WHY)(
     ops.gather_points
 )
 register("points.three_nn", "mmdet3d.models.layers.pointnet_modules.point_fp_module:three_nn", _WHY)(ops.three_nn)
@@ -53,6 +64,79 @@ def grouping_operation(features, indices, features_batch_cnt=None, indices_batch
     return ops.grouping_operation(features, indices)
 
 
+def stable_topk(input, k, dim=-1, largest=True, sorted=True):
+    """``torch.topk`` over the last axis, largest first, ties -> lower index first (ONNX TopK's
+    rule).  ``torch.topk`` leaves the order of ties open, and Group-Free 3D's ``kps`` sampling
+    takes the top 256 of 1024 sigmoid scores where, with random weights, ~1000 are exactly 0.5:
+    eager and onnxruntime sampled different seeds.  Each value's rank (how many come before it,
+    an ``[N, N]`` comparison; no stable sort has an ONNX form) is distinct, so the TopK of the
+    negated ranks has no ties."""
+    if dim not in (-1, input.dim() - 1) or not largest:
+        raise NotImplementedError("stable_topk: last axis, largest only")
+    forced = _FORCED_TOPK.get()
+    if forced is not None:  # reselect_topk: the reference re-run with a runtime's choice
+        index = forced.to(input.device)
+        return torch.gather(input, -1, index), index
+    n = input.shape[-1]
+    order = torch.arange(n, device=input.device)
+    si, sj = input.unsqueeze(-1), input.unsqueeze(-2)
+    before = (sj > si) | ((sj == si) & (order.unsqueeze(0) < order.unsqueeze(1)))  # [..., i, j]: j before i
+    rank = before.sum(-1)
+    index = torch.topk(-rank, k, dim=-1).indices
+    return torch.gather(input, -1, index), index
+
+
+_FORCED_TOPK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("forced_topk", default=None)
+
+
+@contextlib.contextmanager
+def forced_topk(index: torch.Tensor) -> Iterator[None]:
+    """Make ``stable_topk`` return ``index`` (``[B, k]``)."""
+    token = _FORCED_TOPK.set(index)
+    try:
+        yield
+    finally:
+        _FORCED_TOPK.reset(token)
+
+
+def reselect_topk(wrapper, output_names: Sequence[str], args, outputs, reference, atol: float, rtol: float):
+    """``validate``'s reselect for Group-Free 3D's ``kps`` sampling: the top 256 of 1024 seed
+    logits, where gaps between logits (~1e-5) are as small as onnxruntime's float error (2e-5):
+    a runtime may order near-equal seeds differently, which permutes every per-proposal output.
+    When its ``query_points_sample_inds`` differ but are a valid top-k (the eager logits of its
+    choice equal the eager top-k, sorted, within tolerance), the patched eager model is re-run
+    with that choice forced; else None (models without kps sampling, or a real mismatch)."""
+    names = list(output_names)
+    if "query_points_sample_inds" not in names or "seeds_obj_cls_logits" not in names:
+        return None
+    got, ref = dict(zip(names, outputs)), dict(zip(names, reference))
+    index, ref_index = np.asarray(got["query_points_sample_inds"]), np.asarray(ref["query_points_sample_inds"])
+    if np.array_equal(index, ref_index):
+        return None
+    logits = np.asarray(ref["seeds_obj_cls_logits"], dtype=np.float64)[:, 0]  # [B, num_seed]
+    chosen = np.sort(np.take_along_axis(logits, index, 1), axis=1)
+    best = np.sort(np.take_along_axis(logits, ref_index, 1), axis=1)
+    if not np.all(np.abs(chosen - best) <= atol + rtol * np.abs(best)):
+        return None
+    with forced_topk(torch.from_numpy(index.astype(np.int64))):
+        return [o.detach().cpu().numpy() for o in wrapper(*args)]
+
+
+class _TorchWithStableTopk(types.ModuleType):
+    """``torch`` as a module global of one mmdet3d module, with ``topk`` = ``stable_topk``."""
+
+    topk = staticmethod(stable_topk)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+register(
+    "points.groupfree_stable_topk",
+    "mmdet3d.models.dense_heads.groupfree3d_head:torch",
+    "torch.topk leaves the order of tied scores open (kps sampling); ONNX TopK's tie rule",
+)(_TorchWithStableTopk("torch"))
+
 # PV-RCNN's modules bind the same functions under their own names
 _STACK = "mmdet3d.models.layers.pointnet_modules.stack_point_sa_module"
 register("points.stack_ball_query", f"{_STACK}:ball_query", _WHY)(ball_query)
@@ -68,6 +152,8 @@ POINT_OP_PATCHES = (
     "points.fps_with_dist",
     "points.vote_head_fps",
     "points.gather",
+    "points.groupfree_gather",
+    "points.groupfree_stable_topk",
     "points.ball_query",
     "points.grouping",
     "points.three_nn",

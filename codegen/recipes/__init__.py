@@ -16,7 +16,7 @@ from ..errors import ExportError
 from ..patches.bevfusion import CAMERA_PATCHES as BEVFUSION_CAMERA_PATCHES
 from ..patches.bevfusion import LIDAR_PATCHES as BEVFUSION_LIDAR_PATCHES
 from ..patches.bevfusion import reselect_queries
-from ..patches.points import POINT_OP_PATCHES, STACKED_POINT_PATCHES
+from ..patches.points import POINT_OP_PATCHES, STACKED_POINT_PATCHES, reselect_topk
 from ..patches.pv_rcnn import PV_RCNN_PATCHES
 
 
@@ -67,6 +67,7 @@ HEADS = {
     "ShapeAwareHead": Head(("cls_score", "bbox_pred", "dir_cls_pred")),
     "CenterHead": Head(("task{}",), "boxes.centerpoint({head}, head_outputs)"),
     "VoteHead": Head(()),  # a dict of named tensors
+    "GroupFree3DHead": Head(()),  # a dict of named tensors (proposal + one prediction set per decoder layer)
     # monocular heads: one list per output kind, one map per FPN level (None kinds are left out)
     "FCOSMono3DHead": Head(("cls_score", "bbox_pred", "dir_cls_pred", "attr_pred", "centerness"), descriptions=MONO_OUTPUTS),
     "PGDHead": Head(
@@ -174,13 +175,14 @@ RECIPES: tuple[Recipe, ...] = (
 
 RECIPES += (
     Recipe(
-        name="votenet",  # VoteNet (SUN RGB-D, ScanNet): a fixed-size point sample in, vote head out
-        matches=lambda m: _type(m, "VoteNet") and _type(m.get("backbone"), "PointNet2SASSG"),
+        name="votenet",  # VoteNet, Group-Free 3D (SUN RGB-D, ScanNet): a fixed-size point sample in, head out
+        matches=lambda m: _type(m, "VoteNet", "GroupFree3DNet") and _type(m.get("backbone"), "PointNet2SASSG"),
         patches=POINT_OP_PATCHES,
         inputs=("inputs.points",),
         call="self.model._forward(batch_inputs_dict)",
         head="bbox_head",
         reference="patched",  # mmcv's point ops are CUDA-only: the original cannot run on a CPU
+        reselect=reselect_topk,  # Group-Free 3D's top-k seed sampling among near-equal logits
     ),
 )
 
