@@ -76,7 +76,9 @@ def fixed_steps(
 
     def body(c, _x):
         c, y = step(tuple(c))
-        return tuple(c), y.clone()  # scan outputs must not alias the carry
+        # scan outputs must not alias the carry, and a carry must keep its init's layout (an
+        # expanded step result, FPS-with-distances' index row, is made contiguous)
+        return tuple(t.contiguous() for t in c), y.clone()
 
     xs = torch.zeros(steps, 1, device=carry[0].device)
     final, ys = scan(body, tuple(carry), xs)
@@ -121,6 +123,9 @@ def furthest_point_sample_with_dist(points_dist: Tensor, num: int, unroll: bool 
     """``mmcv.ops.furthest_point_sample_with_dist(points_dist [B, N, N], num) -> idx [B, num]``
     int32: the same loop with ``d = points_dist[b, last, :]`` (4 graph nodes a step: Gather,
     Min, ArgMax, Expand)."""
+    # indices only: no gradient (the distances come from learned features in 3DSSD's F-FPS, and
+    # the ONNX exporter's decomposition of a Scan closing over a tensor that needs grad fails)
+    points_dist = points_dist.detach()
     batch, n = points_dist.shape[0], points_dist.shape[1]
     idx = torch.zeros(batch, 1, n, dtype=torch.int64, device=points_dist.device)
     if num <= 1:

@@ -183,6 +183,9 @@ RECIPES += (
         head="bbox_head",
         reference="patched",  # mmcv's point ops are CUDA-only: the original cannot run on a CPU
         reselect=reselect_topk,  # Group-Free 3D's top-k seed sampling among near-equal logits
+        # not 3DSSD (SSD3DNet): it exports (PT2 0), but its F-FPS samples by distances between
+        # learned features, where onnxruntime's float error (1e-6) changes the picks (seed_indices
+        # differ from the first divergence on); a reselect would have to force 1024 FPS steps
     ),
 )
 
