@@ -31,20 +31,27 @@ SEGMENTORS = {"EncoderDecoder3D", "Cylinder3D", "MinkUNet", "SPVCNN", "MinkUNetW
 
 
 def list_configs() -> list[tuple[str, str, str]]:
-    """(config name, family folder, model type) of every shipped config, sorted."""
+    """(config name, family folder, model type) of every shipped config, sorted, then the
+    configs of the source checkout's projects (BEVFusion; ``codegen.checkout.default_root``,
+    named by their path in the checkout, which ``--config`` takes) when that checkout is there."""
     from mmengine.config import Config
 
+    from .checkout import default_root
     from .configs import shipped_config_root
+
+    def model_type(path: Path) -> str:
+        try:  # the projects' custom_imports are not importable here, nor needed for the type
+            return str(Config.fromfile(str(path), import_custom_modules=False).model.get("type"))
+        except Exception as exc:  # a config that does not even load is a result too
+            return f"unloadable: {type(exc).__name__}"
 
     found = []
     for path in sorted(shipped_config_root().glob("*/*.py")):
-        if path.parent.name.startswith("_"):
-            continue
-        try:
-            model_type = str(Config.fromfile(str(path)).model.get("type"))
-        except Exception as exc:  # a config that does not even load is a result too
-            model_type = f"unloadable: {type(exc).__name__}"
-        found.append((path.stem, path.parent.name, model_type))
+        if not path.parent.name.startswith("_"):
+            found.append((path.stem, path.parent.name, model_type(path)))
+    root = default_root()
+    for path in sorted(root.glob("projects/*/configs/*.py")):
+        found.append((str(path.relative_to(root)), f"projects/{path.parts[-3]}", model_type(path)))
     return found
 
 
