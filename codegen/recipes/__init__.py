@@ -67,6 +67,10 @@ HEADS = {
     "ShapeAwareHead": Head(("cls_score", "bbox_pred", "dir_cls_pred")),
     "CenterHead": Head(("task{}",), "boxes.centerpoint({head}, head_outputs)"),
     "VoteHead": Head(()),  # a dict of named tensors
+    "PointRPNHead": Head(("bbox_preds", "cls_preds"), descriptions={
+        "bbox_preds": "per point: box regression (PointXYZWHLRBBoxCoder, bin-based) [B, N, 8]",
+        "cls_preds": "per point: foreground logits [B, N, num_classes]",
+    }),
     "GroupFree3DHead": Head(()),  # a dict of named tensors (proposal + one prediction set per decoder layer)
     # monocular heads: one list per output kind, one map per FPN level (None kinds are left out)
     "FCOSMono3DHead": Head(("cls_score", "bbox_pred", "dir_cls_pred", "attr_pred", "centerness"), descriptions=MONO_OUTPUTS),
@@ -186,6 +190,18 @@ RECIPES += (
         # not 3DSSD (SSD3DNet): it exports (PT2 0), but its F-FPS samples by distances between
         # learned features, where onnxruntime's float error (1e-6) changes the picks (seed_indices
         # differ from the first divergence on); a reselect would have to force 1024 FPS steps
+    ),
+)
+
+RECIPES += (
+    Recipe(
+        name="point_rcnn",  # PointRCNN (KITTI): a fixed-size point sample in, the point-wise RPN predictions out
+        matches=lambda m: _type(m, "PointRCNN") and _type(m.get("backbone"), "PointNet2SAMSG"),
+        patches=POINT_OP_PATCHES,
+        inputs=("inputs.points",),
+        call="self.model.rpn_head(self.model.extract_feat(batch_inputs_dict))",
+        head="rpn_head",
+        reference="patched",  # mmcv's point ops are CUDA-only: the original cannot run on a CPU
     ),
 )
 
