@@ -47,6 +47,8 @@ PATCHES = (
     "points.fps_with_dist",
     "points.vote_head_fps",
     "points.gather",
+    "points.groupfree_gather",
+    "points.groupfree_stable_topk",
     "points.ball_query",
     "points.grouping",
     "points.three_nn",

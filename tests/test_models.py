@@ -64,3 +64,18 @@ def test_every_committed_wrapper_has_an_end_to_end_test():
     for path, config, _, _ in committed_wrappers():
         name = config.split("/")[-1].removesuffix(".py")
         assert f'"{name}"' in tests, f"{path.name}: no test exports {name}"
+
+
+@pytest.mark.slow
+def test_parta2_rpn_exports_and_matches_eager(tmp_path):
+    """Part-A2 (recipe parta2): SparseUNet's encoder with the sparse-conv ops -> RPN head maps,
+    against the original eager model (spconv on the CPU); ~2 min."""
+    frame_path("KittiDataset")
+    out = tmp_path / "out"
+    config = "parta2_hv_secfpn_8xb2-cyclic-80e_kitti-3d-car"
+    proc = cli("--config", config, "--output-dir", str(out), "--device", "cpu", "--format", "both")
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["validation"]["passed"] and meta["validation"]["reference"] == "original"
+    assert [o["name"] for o in meta["outputs"]][:1] == ["cls_score"]
+    assert max(meta["validation"]["max_abs_diff"].values()) < 1e-4

@@ -103,6 +103,30 @@ def pillar_feature_net_forward(self, features: Tensor, num_points: Tensor, coors
 
 
 @register(
+    "parta2.static_batch_size",
+    "mmdet3d.models.detectors.parta2:PartA2.extract_feat",
+    "batch size is coors[-1, 0].item() + 1: data-dependent, breaks torch.export",
+)
+def parta2_extract_feat(self, batch_inputs_dict: dict) -> dict:
+    """PartA2's extract_feat up to the RPN head's input: SparseUNet's encoder and BEV output
+    (``spatial_features``) -> backbone -> neck, with the wrapper's static batch size.  The
+    UNet's decoder (``seg_features``) only feeds the RoI stage, which is not exported."""
+    from mmdet3d.models.middle_encoders.sparse_unet import SparseConvTensor  # spconv's or mmcv's, as the UNet's
+
+    voxel_dict = batch_inputs_dict["voxels"]
+    features = self.voxel_encoder(voxel_dict["voxels"], voxel_dict["num_points"], voxel_dict["coors"])
+    unet = self.middle_encoder
+    x = unet.conv_input(SparseConvTensor(features, voxel_dict["coors"].int(), unet.sparse_shape, static_batch_size()))
+    for encoder_layer in unet.encoder_layers:
+        x = encoder_layer(x)
+    spatial = unet.conv_out(x).dense()
+    n, c, d, h, w = spatial.shape
+    spatial = spatial.view(n, c * d, h, w)
+    x = self.backbone(spatial)
+    return {"spatial_features": spatial, "neck_feats": self.neck(x) if self.with_neck else x}
+
+
+@register(
     "sassd.static_batch_size",
     "mmdet3d.models.detectors.sassd:SASSD.extract_feat",
     "batch size is coors[-1, 0].item() + 1: data-dependent, breaks torch.export",

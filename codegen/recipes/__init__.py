@@ -80,7 +80,7 @@ HEADS = {
     ),
     "SMOKEMono3DHead": Head(("cls_score", "bbox_pred"), descriptions=MONO_OUTPUTS),
     "TransFusionHead": Head((), descriptions=TRANSFUSION_OUTPUTS),  # BEVFusion: patches.bevfusion.head_outputs
-    "PartA2RPNHead": Head((), descriptions=PV_RCNN_OUTPUTS),  # PV-RCNN: patches.pv_rcnn's two-stage forward
+    "PartA2RPNHead": Head(("cls_score", "bbox_pred", "dir_cls_pred")),  # PartA2's RPN (an Anchor3DHead)
 }
 
 
@@ -104,6 +104,8 @@ class Recipe:
     # validate.validate's reselect, bound by export: for outputs that hang on a choice among tied
     # scores, the reference re-run with the runtime's choice (patches.bevfusion.reselect_queries)
     reselect: Callable | None = None
+    # head type -> Head, replacing HEADS' entry for this recipe only
+    heads: Mapping[str, Head] = field(default_factory=dict)
     # filled from HEADS by recipe_for()
     output_groups: tuple[str, ...] = ()
     boxes: str | None = None
@@ -122,6 +124,7 @@ COMPONENT_PATCHES = {
     "PointPillarsScatter": ("pillar_scatter.vectorized",),
     "SparseEncoder": ("spconv.conv", "spconv.dense"),
     "SparseEncoderSASSD": ("spconv.conv", "spconv.dense"),
+    "SparseUNet": ("spconv.conv", "spconv.dense"),
     "DynamicPillarFeatureNet": ("dynamic_pillar_feature_net.padded",),
     "DynamicVFE": ("dynamic_vfe.padded",),
     "DynamicSimpleVFE": ("dynamic_simple_vfe.padded",),
@@ -207,6 +210,19 @@ RECIPES += (
 
 RECIPES += (
     Recipe(
+        name="parta2",  # Part-A2 (KITTI): voxels in, the RPN head's maps out (the RoI stage is not exported)
+        matches=lambda m: _type(m, "PartA2")
+        and _type(m.get("voxel_encoder"), *HARD_VOXEL_ENCODERS)
+        and _type(m.get("middle_encoder"), "SparseUNet"),
+        patches=("parta2.static_batch_size",),
+        inputs=VOXELS,
+        call='self.model.rpn_head(self.model.extract_feat(batch_inputs_dict)["neck_feats"])',
+        head="rpn_head",
+    ),
+)
+
+RECIPES += (
+    Recipe(
         name="pv_rcnn",  # PV-RCNN (KITTI): voxels + points in; RPN head, K proposals, RoI head out
         matches=lambda m: _type(m, "PointVoxelRCNN") and _type(m.get("points_encoder"), "VoxelSetAbstraction"),
         patches=STACKED_POINT_PATCHES + PV_RCNN_PATCHES,
@@ -214,6 +230,7 @@ RECIPES += (
         call="self.model._forward(batch_inputs_dict)",  # patches.pv_rcnn: fixed-K two-stage forward
         head="rpn_head",
         reference="patched",  # mmcv's stacked point ops are CUDA-only: the original cannot run on a CPU
+        heads={"PartA2RPNHead": Head((), descriptions=PV_RCNN_OUTPUTS)},  # patches.pv_rcnn's two-stage forward
     ),
 )
 
@@ -305,7 +322,7 @@ def recipe_for(model_cfg) -> Recipe:
     for recipe in RECIPES:
         if recipe.matches(model_cfg):
             head_type = (model_cfg.get(recipe.head) or {}).get("type")
-            head = HEADS.get(head_type)
+            head = recipe.heads.get(head_type) or HEADS.get(head_type)
             if head is None:
                 raise ExportError(f"unsupported head {head_type} for recipe {recipe.name} ({_describe(model_cfg)})")
             boxes = head.boxes.format(head=f"self.model.{recipe.head}") if head.boxes else None
