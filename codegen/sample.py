@@ -36,6 +36,8 @@ DEFAULT_FRAMES = {
 DEFAULT_IMAGES = {
     "KittiDataset": "kitti/000008.png",
     "NuScenesDataset": "nuscenes/n015-2018-07-24-11-22-45+0800__CAM_FRONT__1532402927612460.jpg",
+    # the nuImages 2D detectors' dataset: no nuImages frame is shared, a nuScenes camera image is one of its kind
+    "CocoDataset": "nuscenes/n015-2018-07-24-11-22-45+0800__CAM_FRONT__1532402927612460.jpg",
 }
 FALLBACK_IMAGE = DEFAULT_IMAGES["NuScenesDataset"]
 SEED = 0
@@ -57,9 +59,50 @@ def load_config(resolved: ResolvedConfig):
         raise ExportError(f"cannot load config {resolved.path}: {type(exc).__name__}: {exc}") from None
     if "model" not in cfg:
         raise ExportError(f"config {resolved.path} defines no 'model'")
+    migrate_mmdet2(cfg)
     # custom_imports (projects.BEVFusion.bevfusion, ...) with one clear error when they fail
     import_custom_modules(cfg, resolved.path)
     return cfg
+
+
+# mmdet 3.x's DetDataPreprocessor settings of its ResNet configs: torchvision (pytorch-style) and caffe weights
+_PYTORCH_NORM = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], bgr_to_rgb=True)
+_CAFFE_NORM = dict(mean=[103.53, 116.28, 123.675], std=[1.0, 1.0, 1.0], bgr_to_rgb=False)
+
+
+def migrate_mmdet2(cfg) -> list[str]:
+    """Bring the 2D detector configs mmdet3d 1.4.0 still ships in mmdet 2.x form (nuImages Mask /
+    Cascade R-CNN, HTC) to what mmdet 3.x builds and runs, in place; return what changed.
+
+    - ``model.pretrained`` (a 2.x key mmdet 3.x rejects; the weights are not fetched anyway);
+    - no ``data_preprocessor``: mmdet 3.x's ``DetDataPreprocessor`` with the normalisation of its
+      own configs for the backbone's style (caffe or pytorch), padding to 32;
+    - ``MultiScaleFlipAug(img_scale, [Resize(keep_ratio), RandomFlip])`` without flips: its one
+      ``Resize(scale=img_scale, keep_ratio)``.
+    Configs without these are untouched."""
+    changes = []
+    model = cfg.model
+    if model.get("_scope_") != "mmdet" and not str(model.get("type", "")).startswith("mmdet."):
+        return changes
+    if "pretrained" in model:
+        changes.append(f"model.pretrained ({model.pop('pretrained')}) dropped")
+    if model.get("data_preprocessor") is None:
+        caffe = (model.get("backbone") or {}).get("style") == "caffe"
+        model["data_preprocessor"] = dict(type="DetDataPreprocessor", pad_size_divisor=32, **(_CAFFE_NORM if caffe else _PYTORCH_NORM))
+        changes.append(f"model.data_preprocessor: DetDataPreprocessor ({'caffe' if caffe else 'pytorch'} normalisation)")
+    pipeline = cfg.get("test_pipeline")
+    if pipeline and any(step.get("type") == "MultiScaleFlipAug" for step in pipeline):
+        steps = []
+        for step in pipeline:
+            if step.get("type") == "MultiScaleFlipAug" and not step.get("flip"):
+                steps.append(dict(type="mmdet.Resize", scale=tuple(step["img_scale"]), keep_ratio=True))
+            elif step.get("type") == "PackDetInputs":
+                steps.append(dict(step, type="mmdet.PackDetInputs"))
+            else:
+                steps.append(step)
+        cfg.test_pipeline = steps
+        changes.append("test_pipeline: MultiScaleFlipAug -> Resize")
+    return changes
 
 
 def strip_pretrained(node, path: str = "model") -> list[str]:
@@ -176,7 +219,7 @@ def dataset_type(cfg) -> str:
 def default_frame_ref(cfg) -> str | None:
     """The shared real frame for this config's dataset, relative to the data root (a camera
     image for monocular models)."""
-    if loads_mono_image(cfg):
+    if loads_mono_image(cfg) or loads_2d_image(cfg):
         return DEFAULT_IMAGES.get(dataset_type(cfg), FALLBACK_IMAGE)
     return DEFAULT_FRAMES.get(dataset_type(cfg))
 
@@ -382,6 +425,34 @@ def make_sample(model, cfg, frame: Path | None, keep_every: int = 1) -> Sample:
 # ---------------------------------------------------------------- monocular models: one camera image
 
 
+def loads_2d_image(cfg) -> bool:
+    """Is this a 2D image detector (mmdet's ``LoadImageFromFile``, no points: nuImages Mask R-CNN, ...)?"""
+    types = {step.get("type") for step in _pipeline_cfg(cfg)}
+    return "LoadImageFromFile" in types and "LoadPointsFromFile" not in types
+
+
+def make_2d_image_sample(model, cfg, image: Path, mirrored: bool = False) -> Sample:
+    """One image through the config's test pipeline and the data preprocessor, as
+    ``mmdet.apis.inference_detector`` runs it; mmdet's detectors take the image batch itself,
+    kept here as ``inputs["imgs"]`` (the wrapper's input path)."""
+    import mmcv
+
+    label = f"{image} (mirrored)" if mirrored else str(image)
+    with tempfile.TemporaryDirectory(prefix="mmdet3d-export-") as tmp:
+        path = image
+        if mirrored:
+            pixels = mmcv.imread(str(image), flag="unchanged")
+            if pixels is None:
+                raise ExportError(f"cannot read image {image}")
+            path = Path(tmp) / "mirrored.png"
+            mmcv.imwrite(np.ascontiguousarray(pixels[:, ::-1]), str(path))
+        packed = run_pipeline(cfg, {"img_path": str(path), "img_id": 0}, label, "image")
+    data = preprocess(model, packed)
+    device = next(model.parameters()).device
+    data["inputs"] = {"imgs": data["inputs"].to(device)}
+    return Sample(label, 0, data)
+
+
 def loads_mono_image(cfg) -> bool:
     """Does the test pipeline load one camera image (``LoadImageFromFileMono3D``: FCOS3D, PGD, SMOKE)?"""
     return any(step.get("type") == "LoadImageFromFileMono3D" for step in _pipeline_cfg(cfg))
@@ -456,6 +527,8 @@ def sample_frame(model, ref: str | None, variant: int = 0, log=print) -> Sample:
     models: variant k > 0 is the image mirrored left-right, same size, other content)."""
     if loads_mono_image(model.cfg):
         return make_image_sample(model, model.cfg, resolve_image(ref, model.cfg, log), mirrored=variant > 0)
+    if loads_2d_image(model.cfg):
+        return make_2d_image_sample(model, model.cfg, resolve_image(ref, model.cfg, log), mirrored=variant > 0)
     return make_sample(model, model.cfg, resolve_frame(ref, log), keep_every=1 + variant)
 
 

@@ -71,6 +71,10 @@ HEADS = {
         "bbox_preds": "per point: box regression (PointXYZWHLRBBoxCoder, bin-based) [B, N, 8]",
         "cls_preds": "per point: foreground logits [B, N, num_classes]",
     }),
+    "RPNHead": Head(("cls_score", "bbox_pred"), descriptions={
+        "cls_score": "RPN objectness per anchor, one map per FPN level [B, A, H, W]",
+        "bbox_pred": "RPN anchor deltas (DeltaXYWHBBoxCoder), one map per FPN level [B, A*4, H, W]",
+    }),
     "GroupFree3DHead": Head(()),  # a dict of named tensors (proposal + one prediction set per decoder layer)
     # monocular heads: one list per output kind, one map per FPN level (None kinds are left out)
     "FCOSMono3DHead": Head(("cls_score", "bbox_pred", "dir_cls_pred", "attr_pred", "centerness"), descriptions=MONO_OUTPUTS),
@@ -283,6 +287,19 @@ RECIPES += (
         # stride x regress range (up to 512 px: 1.24e-3 off on KITTI 000008, in a map reaching 400),
         # SMOKE's orientation is F.normalize(v) (error divided by |v|: 3e-4 where v is short)
         atol=2e-3,
+    ),
+)
+
+RECIPES += (
+    Recipe(
+        # mmdet's two-stage 2D detectors shipped for nuImages (Mask / Cascade Mask R-CNN, HTC): the
+        # image in, backbone + FPN + the RPN head's maps out (the RoI stages are not exported)
+        name="rpn_2d",
+        matches=lambda m: _type(m, "MaskRCNN", "CascadeRCNN", "HybridTaskCascade", "FasterRCNN"),
+        patches=(),
+        inputs=("inputs.imgs",),
+        call='self.model.rpn_head(self.model.extract_feat(batch_inputs_dict["imgs"]))',
+        head="rpn_head",
     ),
 )
 
