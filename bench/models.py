@@ -58,6 +58,9 @@ def _child(export_dir: Path, runtime: str, runs: int) -> dict:
     from codegen.generate import reference_context
     from codegen.recipes import BY_NAME
 
+    # every runtime uses the CPUs this process may run on (``taskset -c 0`` benches one core)
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
     meta = json.loads((export_dir / "metadata.json").read_text())
     module = import_wrapper(next(export_dir.glob("wrapper_*.py")))
     saved = np.load(export_dir / "inputs.npz")
@@ -101,11 +104,17 @@ def _child(export_dir: Path, runtime: str, runs: int) -> dict:
     elif runtime == "onnx":
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(export_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
         feeds = {n: saved[n] for n in names}
         fn = lambda: session.run(None, feeds)  # noqa: E731
     elif runtime.startswith("iree_"):
+        import iree.runtime
+
         from codegen.iree import DEFAULT_PRESET, iree_runtime
+
+        iree.runtime.flags.parse_flags(f"--task_topology_group_count={threads}")
 
         preset = runtime[len("iree_") :]
         vmfb = export_dir / ("model.vmfb" if preset == DEFAULT_PRESET else f"model.{preset}.vmfb")
@@ -114,6 +123,7 @@ def _child(export_dir: Path, runtime: str, runs: int) -> dict:
     else:
         raise SystemExit(f"unknown runtime {runtime}")
     result["median_ms"] = median_ms(fn, runs, budget_s=BUDGET_S)
+    result["threads"] = threads
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result["model"] = meta["model_config"]
     return result
@@ -224,11 +234,11 @@ def bench_model(wrapper: Path, cache: Path, runs: int, log=print) -> dict:
     return row
 
 
-def write_report(rows: list[dict], runs: int) -> None:
+def write_report(rows: list[dict], runs: int, note: str = "") -> None:
     import torch
 
     DOCS.mkdir(exist_ok=True)
-    machine = {"cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(), "torch": torch.__version__}
+    machine = {"cpus": len(os.sched_getaffinity(0)), "cpu_ids": sorted(os.sched_getaffinity(0)), "python": platform.python_version(), "torch": torch.__version__}
     (DOCS / "bench_models.json").write_text(
         json.dumps({"machine": machine, "runs": runs, "models": rows}, indent=2) + "\n"
     )
@@ -240,8 +250,10 @@ def write_report(rows: list[dict], runs: int) -> None:
         "on each model's real frame (the export's inputs.npz), each runtime in its own process. Cells: median ms "
         "(ratio to eager `predict` measured in the same run; ratio to the fp32 compute floor). `predict` is "
         "mmdet3d's eager predict with mmcv CPU ops (*patched*: with the tool's op replacements, the original cannot run "
-        "on a CPU). Peak RSS is the child process's, Python + torch included.",
+        "on a CPU). Peak RSS is the child process's, Python + torch included. Every runtime uses as many threads "
+        "as the process has CPUs.",
         "",
+        *([note, ""] if note else []),
         "| model | GFLOP | floor ms | " + " | ".join(runtimes) + " | export s / GiB |",
         "|---|---:|---:|" + "---:|" * len(runtimes) + "---:|",
     ]
@@ -333,6 +345,7 @@ def main() -> int:
     parser.add_argument("--models", nargs="*", default=[], help="only wrappers whose name contains one of these")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--cache", type=Path, default=REPO / "bench" / "results", help="export cache (reused)")
+    parser.add_argument("--note", default="", help="a sentence on the conditions, written into the report")
     parser.add_argument("--child", nargs=2, metavar=("EXPORT_DIR", "RUNTIME"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -347,7 +360,7 @@ def main() -> int:
     for wrapper in wrappers:
         print(f"{wrapper.name}", flush=True)
         rows.append(bench_model(wrapper, args.cache, args.runs))
-    write_report(rows, args.runs)
+    write_report(rows, args.runs, args.note)
     return 0
 
 
