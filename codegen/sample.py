@@ -435,22 +435,26 @@ def make_2d_image_sample(model, cfg, image: Path, mirrored: bool = False) -> Sam
     """One image through the config's test pipeline and the data preprocessor, as
     ``mmdet.apis.inference_detector`` runs it; mmdet's detectors take the image batch itself,
     kept here as ``inputs["imgs"]`` (the wrapper's input path)."""
-    import mmcv
-
     label = f"{image} (mirrored)" if mirrored else str(image)
     with tempfile.TemporaryDirectory(prefix="mmdet3d-export-") as tmp:
-        path = image
-        if mirrored:
-            pixels = mmcv.imread(str(image), flag="unchanged")
-            if pixels is None:
-                raise ExportError(f"cannot read image {image}")
-            path = Path(tmp) / "mirrored.png"
-            mmcv.imwrite(np.ascontiguousarray(pixels[:, ::-1]), str(path))
+        path = _mirrored(image, Path(tmp)) if mirrored else image
         packed = run_pipeline(cfg, {"img_path": str(path), "img_id": 0}, label, "image")
     data = preprocess(model, packed)
     device = next(model.parameters()).device
     data["inputs"] = {"imgs": data["inputs"].to(device)}
     return Sample(label, 0, data)
+
+
+def _mirrored(image: Path, folder: Path) -> Path:
+    """``image`` mirrored left-right, written into ``folder``: a second sample of the same size."""
+    import mmcv
+
+    pixels = mmcv.imread(str(image), flag="unchanged")
+    if pixels is None:
+        raise ExportError(f"cannot read camera image {image}")
+    path = folder / "mirrored.png"
+    mmcv.imwrite(np.ascontiguousarray(pixels[:, ::-1]), str(path))
+    return path
 
 
 def loads_mono_image(cfg) -> bool:
@@ -490,7 +494,6 @@ def image_item(image: Path) -> dict:
 def make_image_sample(model, cfg, image: Path, mirrored: bool = False) -> Sample:
     """One camera image (mirrored left-right if asked: a second sample of the same size)
     through the config's test pipeline and the data preprocessor."""
-    import mmcv
     from mmdet3d.structures import get_box_type
 
     item = image_item(image)
@@ -499,12 +502,7 @@ def make_image_sample(model, cfg, image: Path, mirrored: bool = False) -> Sample
     label = f"{image} (mirrored)" if mirrored else str(image)
     with tempfile.TemporaryDirectory(prefix="mmdet3d-export-") as tmp:
         if mirrored:
-            pixels = mmcv.imread(str(image), flag="unchanged")
-            if pixels is None:
-                raise ExportError(f"cannot read camera image {image}")
-            path = Path(tmp) / "mirrored.png"
-            mmcv.imwrite(np.ascontiguousarray(pixels[:, ::-1]), str(path))
-            next(iter(item["images"].values()))["img_path"] = str(path)
+            next(iter(item["images"].values()))["img_path"] = str(_mirrored(image, Path(tmp)))
         packed = run_pipeline(cfg, item, label, "image")
     data = preprocess(model, packed)
     device = next(model.parameters()).device
