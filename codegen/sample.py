@@ -357,6 +357,12 @@ def run_pipeline(cfg, item: dict, label: str, kind: str = "frame") -> dict:
             raise ExportError(f"the test pipeline failed on {label}: {type(exc).__name__}: {exc}") from None
     if packed is None:
         raise ExportError(f"the test pipeline dropped the {kind} {label}")
+    # a test-time-augmentation wrapper (MultiScaleFlipAug3D with Pack3DDetInputs inside) packs one
+    # item per view: the first is the unflipped one at the first scale, what the model exports
+    if isinstance(packed, list):
+        packed = packed[0]
+    if isinstance(packed.get("data_samples"), list):
+        packed = {key: value[0] for key, value in packed.items()}
     return packed
 
 

@@ -502,3 +502,15 @@ def test_failure_keeps_an_existing_output_dir_intact(tmp_path):
     assert proc.returncode != 0
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
     assert (out / "model.onnx").read_text() == "previous export"
+
+
+def test_test_time_augmentation_pipeline_gives_its_first_view():
+    """Configs whose test pipeline ends in MultiScaleFlipAug3D with the packing inside (SECOND
+    Waymo) pack a list of views; the sample is the first (unflipped, first scale)."""
+    from codegen import sample as smp
+
+    frame_path("KittiDataset")
+    model = smp.load_model("second_hv_secfpn_sbn-all_16xb2-2x_waymoD5-3d-3class")
+    s = smp.sample_frame(model, "kitti/000008.bin")
+    assert s.data["inputs"]["voxels"]["voxels"].shape[0] > 0
+    assert s.data["data_samples"][0].metainfo["lidar_path"].endswith("000008.bin")
