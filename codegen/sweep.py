@@ -100,12 +100,16 @@ def run_one(config: str, timeout: float, memory_gib: float, threads: int | None 
     return row
 
 
+def _package_paths(error: str) -> str:
+    """An error line with installed files named by their package path (not this machine's venv)."""
+    return re.sub(r"\S*/site-packages/", "", error)
+
+
 def cause(error: str | None) -> str:
     """An error line without its specifics, for grouping."""
     if not error:
         return ""
-    text = re.sub(r"\S*/site-packages/", "", error)  # installed files by their package path
-    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", text)
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", _package_paths(error))
     text = re.sub(r"\b\d+(\.\d+)?\b", "N", text)
     return text[:140]
 
@@ -154,7 +158,7 @@ def write_report(rows: list[dict], kinds: dict[str, tuple[str, str]]) -> Path:
     for r in sorted(rows, key=lambda r: (kinds.get(r["config"], ("", ""))[0], r["config"])):
         family, model = kinds.get(r["config"], ("?", "?"))
         parity = ", ".join(f"{k} {v:.2g}" for k, v in (r["parity"] or {}).items() if k != "eager-patched")
-        error = re.sub(r"\S*/site-packages/", "", r["error"] or "").replace("|", "\\|")[:160]
+        error = _package_paths(r["error"] or "").replace("|", "\\|")[:160]
         lines.append(
             f"| {r['config']} | {family} | {model} | {mark(r['wrapper'])} | {mark(r['pt2'])} | {mark(r['onnx'])} "
             f"| {parity} | {r['wall_s'] or ''} | {r.get('peak_rss_gib') or ''} | {error} |"

@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from ..boxes import topk_ordered
 from ..ops import points as ops
 from ..ops import roi
 from . import register
@@ -66,24 +67,16 @@ def grouping_operation(features, indices, features_batch_cnt=None, indices_batch
 
 def stable_topk(input, k, dim=-1, largest=True, sorted=True):
     """``torch.topk`` over the last axis, largest first, ties -> lower index first (ONNX TopK's
-    rule).  ``torch.topk`` leaves the order of ties open, and Group-Free 3D's ``kps`` sampling
-    takes the top 256 of 1024 sigmoid scores where, with random weights, ~1000 are exactly 0.5:
-    eager and onnxruntime sampled different seeds.  Each value's rank (how many come before it,
-    an ``[N, N]`` comparison; no stable sort has an ONNX form) is distinct, so the TopK of the
-    negated ranks has no ties."""
+    rule): ``codegen.boxes.topk_ordered``.  ``torch.topk`` leaves the order of ties open, and
+    Group-Free 3D's ``kps`` sampling takes the top 256 of 1024 sigmoid scores where, with random
+    weights, ~1000 are exactly 0.5: eager and onnxruntime sampled different seeds."""
     if dim not in (-1, input.dim() - 1) or not largest:
         raise NotImplementedError("stable_topk: last axis, largest only")
     forced = _FORCED_TOPK.get()
     if forced is not None:  # reselect_topk: the reference re-run with a runtime's choice
         index = forced.to(input.device)
         return torch.gather(input, -1, index), index
-    n = input.shape[-1]
-    order = torch.arange(n, device=input.device)
-    si, sj = input.unsqueeze(-1), input.unsqueeze(-2)
-    before = (sj > si) | ((sj == si) & (order.unsqueeze(0) < order.unsqueeze(1)))  # [..., i, j]: j before i
-    rank = before.sum(-1)
-    index = torch.topk(-rank, k, dim=-1).indices
-    return torch.gather(input, -1, index), index
+    return topk_ordered(input, k)
 
 
 _FORCED_TOPK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("forced_topk", default=None)
