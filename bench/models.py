@@ -139,17 +139,20 @@ def _spawn(args: list[str], timeout: float = 3600) -> subprocess.CompletedProces
         return subprocess.CompletedProcess(args, -9, "", f"timed out after {timeout:.0f} s")
 
 
-def _export(wrapper: Path, cache: Path) -> tuple[Path, dict]:
-    """Export (PT2 + ONNX + the validated IREE vmfb) once per wrapper text; compile the extra presets."""
-    from codegen import iree
+def _export(wrapper: Path, cache: Path, with_iree: bool = True) -> tuple[Path, dict]:
+    """Export (PT2 + ONNX + the validated IREE vmfb) once per wrapper text, IREE presets and
+    graph forms; compile the extra presets."""
+    from codegen import graph_forms, iree
 
-    digest = hashlib.sha256(wrapper.read_bytes() + json.dumps(iree.PRESETS, sort_keys=True).encode()).hexdigest()[:16]
+    key = wrapper.read_bytes() + json.dumps([iree.PRESETS, with_iree], sort_keys=True).encode()
+    digest = hashlib.sha256(key + Path(graph_forms.__file__).read_bytes()).hexdigest()[:16]
     out = cache / wrapper.stem.removeprefix("wrapper_")
     stamp = out / "bench.stamp"
     if stamp.is_file() and stamp.read_text() == digest:
         return out, json.loads(stamp.with_suffix(".json").read_text())
     info: dict = {}
-    for fmt in ("all", "both"):  # without IREE when it does not compile: the other runtimes still count
+    # without IREE when it does not compile: the other runtimes still count
+    for fmt in ("all", "both") if with_iree else ("both",):
         start = time.perf_counter()
         proc = subprocess.Popen(
             [
@@ -181,6 +184,8 @@ def _export(wrapper: Path, cache: Path) -> tuple[Path, dict]:
         if info["export_ok"]:
             break
         info["iree_error" if fmt == "all" else "error"] = error
+    if not with_iree:
+        info["iree_error"] = "not compiled (--skip-iree)"
     if not info["export_ok"]:
         return out, info
     for preset in IREE_EXTRA_PRESETS if "iree_error" not in info else ():
@@ -194,10 +199,10 @@ def _export(wrapper: Path, cache: Path) -> tuple[Path, dict]:
     return out, info
 
 
-def bench_model(wrapper: Path, cache: Path, runs: int, log=print) -> dict:
+def bench_model(wrapper: Path, cache: Path, runs: int, log=print, with_iree: bool = True) -> dict:
     from codegen.iree import DEFAULT_PRESET
 
-    out, row = _export(wrapper, cache)
+    out, row = _export(wrapper, cache, with_iree)
     row["wrapper"] = wrapper.name
     if not row["export_ok"]:
         log(f"  export failed: {row['error']}")
@@ -280,6 +285,24 @@ def write_report(rows: list[dict], runs: int, note: str = "") -> None:
             + " | ".join(cells)
             + f" | {r['export_s']} / {r['export_peak_rss_gib']} |"
         )
+    from codegen.iree import DEFAULT_PRESET
+
+    tuned = f"iree_{DEFAULT_PRESET}"
+    lines += [
+        "",
+        f"Goals (issue 6): onnxruntime ≤ 1.15× the fp32 floor; IREE tuned (`{tuned}`) ≤ 1.2× onnxruntime.",
+        "",
+        f"| model | onnx ÷ floor | {tuned} ÷ onnx |",
+        "|---|---:|---:|",
+    ]
+    for r in rows:
+        lat, floor = r.get("latency_ms", {}), r.get("fp32_floor_ms")
+        if "onnx" not in lat:
+            continue
+        name = r["wrapper"].removeprefix("wrapper_").removesuffix(".py")
+        a = f"{lat['onnx'] / floor:.2f}× {'✓' if lat['onnx'] / floor <= 1.15 else '✗'}" if floor else ""
+        b = f"{lat[tuned] / lat['onnx']:.2f}× {'✓' if lat[tuned] / lat['onnx'] <= 1.2 else '✗'}" if tuned in lat else "not compiled"
+        lines.append(f"| {name} | {a} | {b} |")
     lines += [
         "",
         "Peak RSS (GiB) per runtime:",
@@ -346,6 +369,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--cache", type=Path, default=REPO / "bench" / "results", help="export cache (reused)")
     parser.add_argument("--note", default="", help="a sentence on the conditions, written into the report")
+    parser.add_argument(
+        "--skip-iree", nargs="*", default=[], help="wrappers (substrings) exported without IREE (SECOND: iree-compile >18 min)"
+    )
     parser.add_argument("--child", nargs=2, metavar=("EXPORT_DIR", "RUNTIME"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -359,7 +385,8 @@ def main() -> int:
     rows = []
     for wrapper in wrappers:
         print(f"{wrapper.name}", flush=True)
-        rows.append(bench_model(wrapper, args.cache, args.runs))
+        with_iree = not any(m in wrapper.name for m in args.skip_iree)
+        rows.append(bench_model(wrapper, args.cache, args.runs, with_iree=with_iree))
     write_report(rows, args.runs, args.note)
     return 0
 

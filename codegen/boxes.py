@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .ops.nms import box_iou_rotated, nms_bev_fixed, nms_normal_bev_fixed, top_k_indices, xyxyr_to_xywhr
+from .ops.nms import box_iou_rotated, greedy_nms, nms_bev_fixed, nms_normal_bev_fixed, priority_weight, top_k_indices, xyxyr_to_xywhr
 
 BOX_OUTPUTS = ("bboxes_3d", "scores_3d", "labels_3d", "num_boxes")
 
@@ -163,13 +163,8 @@ def parta2_proposals(head, cls_scores: list[Tensor], bbox_preds: list[Tensor], d
 
 def _rank_order(values: Tensor) -> Tensor:
     """Positions of ``values`` (``[..., k]``) ordered by value descending, equal values by lower
-    position, from a ``[..., k, k]`` comparison and a TopK over distinct keys (the same order on
-    every runtime)."""
-    k = values.shape[-1]
-    pos = torch.arange(k, device=values.device)
-    vi, vj = values.unsqueeze(-1), values.unsqueeze(-2)
-    before = (vj > vi) | ((vj == vi) & (pos.unsqueeze(0) < pos.unsqueeze(1)))  # j ranks before i
-    return torch.topk((k - before.sum(-1)).to(torch.float32), k, dim=-1).indices
+    position: a TopK over ``priority_weight``'s distinct keys (the same order on every runtime)."""
+    return torch.topk(priority_weight(values), values.shape[-1], dim=-1).indices
 
 
 def topk_ordered(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -237,34 +232,6 @@ def centerpoint_decode(coder, heat: Tensor, reg: Tensor, rot: Tensor, hei: Tenso
     if coder.score_threshold:  # the original skips a threshold of 0 / None
         mask = mask & (scores > coder.score_threshold)
     return boxes, scores, clses, mask
-
-
-def greedy_nms_batched(over: Tensor, weight: Tensor, valid: Tensor, max_out: int) -> Tensor:
-    """``codegen.ops.nms.greedy_nms`` on ``T`` independent box sets at once.
-
-    ``over`` bool ``[T, N, N]`` (keeping ``i`` suppresses ``j``), ``weight`` ``[T, N]`` (distinct
-    within a set, > 0.5: visiting order, highest first), ``valid`` bool ``[T, N]``.  Returns
-    ``keep`` ``[T, max_out]`` int64, -1 padded.  Same algorithm as ``greedy_nms`` (alive weights
-    with a sentinel slot at 0.5, ``argmax``, one row of the 0/1 survive matrix per step), but
-    one unrolled loop of ``max_out`` steps serves all sets (4 graph nodes a step)."""
-    t, n = weight.shape
-    eye = torch.eye(n, dtype=torch.bool, device=over.device)
-    survive = (~(over | eye)).to(torch.float32)
-    survive = torch.cat((survive, survive.new_ones(t, n, 1)), dim=2)
-    survive = torch.cat((survive, survive.new_ones(t, 1, n + 1)), dim=1)  # sentinel row/column
-    rows = survive.reshape(t * (n + 1), n + 1)
-    base = torch.arange(t, device=over.device) * (n + 1)
-    alive = torch.where(valid, weight.to(torch.float32), torch.zeros_like(weight, dtype=torch.float32))
-    alive = torch.cat((alive, alive.new_full((t, 1), 0.5)), dim=1)
-    picks = []
-    for _ in range(max_out):
-        best = torch.argmax(alive, dim=1)
-        picks.append(best)
-        alive = alive * torch.index_select(rows, 0, base + best)
-    if not picks:
-        return torch.zeros((t, 0), dtype=torch.int64, device=over.device)
-    pos = torch.stack(picks, dim=1)
-    return torch.where(pos < n, pos, torch.full_like(pos, -1))
 
 
 def circle_overlap(centers: Tensor, thresh) -> Tensor:
@@ -345,7 +312,7 @@ def centerpoint(head, preds_dicts, cfg=None):
         over = torch.stack([box_iou_rotated(b, b) >= cfg["nms_thr"] for b in bev.unbind(0)])
     # the decoded boxes are in score order (ties by index): position is the visiting order
     weight = (n - torch.arange(n, device=scores.device)).to(torch.float32).expand(num_tasks, n)
-    keep = greedy_nms_batched(over, weight, valid, max_out)  # [T, P]
+    keep, _ = greedy_nms(over, weight, valid, max_out)  # [T, P]
     ok = (keep >= 0).reshape(-1)
     flat = (keep.clamp(min=0) + torch.arange(num_tasks, device=keep.device).unsqueeze(1) * n).reshape(-1)
     boxes = boxes.reshape(num_tasks * n, -1)[flat]

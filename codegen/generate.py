@@ -85,7 +85,7 @@ def generate(
         resolved = resolve_config(config)
         if resolved.note:
             steps.info(f"note: {resolved.note}")
-        cfg = smp.load_config(resolved)
+        cfg = smp.load_config(resolved, steps.detail)
         recipe = recipe_for(cfg.model)
         if outputs == "boxes" and recipe.boxes is None:
             raise ExportError(f"--outputs boxes is not available for recipe {recipe.name} yet (head outputs are)")

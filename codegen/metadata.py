@@ -48,6 +48,7 @@ def versions() -> dict[str, str]:
 def build_metadata(
     *, config_ref, checkpoint, model, recipe, analysis, frame, samples, formats, opset, report, wrapper_file, timings,
     iree=None,
+    onnx_forms=None,
 ) -> dict:
     used = analysis.used_inputs
     return {
@@ -82,6 +83,8 @@ def build_metadata(
         },
         "formats": {f: MODEL_FILES[f] for f in formats},
         "onnx_opset": opset,
+        # CPU graph forms applied to model.onnx, node by node (codegen/graph_forms.py)
+        **({"onnx_graph_forms": onnx_forms} if onnx_forms is not None else {}),
         # how model.vmfb was compiled (preset, flags, graph rewrites, static shapes): codegen/iree.py
         **({"iree": iree} if iree else {}),
         "batch_size": analysis.batch_size,

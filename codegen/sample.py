@@ -48,7 +48,8 @@ def data_root() -> Path:
     return Path(os.environ.get("MMDET3D_EXPORT_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
-def load_config(resolved: ResolvedConfig):
+def load_config(resolved: ResolvedConfig, detail=None):
+    """Load ``resolved``; ``detail`` (``--verbose`` lines) gets what ``migrate_mmdet2`` changed."""
     from mmengine.config import Config
 
     from .checkout import import_custom_modules
@@ -59,7 +60,9 @@ def load_config(resolved: ResolvedConfig):
         raise ExportError(f"cannot load config {resolved.path}: {type(exc).__name__}: {exc}") from None
     if "model" not in cfg:
         raise ExportError(f"config {resolved.path} defines no 'model'")
-    migrate_mmdet2(cfg)
+    for change in migrate_mmdet2(cfg):
+        if detail:
+            detail(f"mmdet 2.x config migrated: {change}")
     # custom_imports (projects.BEVFusion.bevfusion, ...) with one clear error when they fail
     import_custom_modules(cfg, resolved.path)
     return cfg

@@ -89,8 +89,12 @@ def test_mmdet2_style_nuimages_config_is_migrated():
     from codegen.recipes import recipe_for
     from codegen.sample import build_model, load_config
 
-    cfg = load_config(resolve_config("mask-rcnn_r50_caffe_fpn_1x_nuim"))
+    said = []
+    cfg = load_config(resolve_config("mask-rcnn_r50_caffe_fpn_1x_nuim"), said.append)
     assert "pretrained" not in cfg.model
+    # --verbose says what was migrated
+    assert len(said) == 3 and all(line.startswith("mmdet 2.x config migrated: ") for line in said), said
+    assert any("data_preprocessor" in line and "caffe" in line for line in said)
     assert cfg.model.data_preprocessor.mean == [103.53, 116.28, 123.675] and not cfg.model.data_preprocessor.bgr_to_rgb
     assert [s["type"] for s in cfg.test_pipeline] == ["LoadImageFromFile", "mmdet.Resize", "mmdet.PackDetInputs"]
     assert cfg.test_pipeline[1]["scale"] == (1600, 900)

@@ -219,55 +219,65 @@ def box_iou_rotated(boxes1: Tensor, boxes2: Tensor, clockwise: bool = True, alig
 
 
 def priority_weight(scores: Tensor, index: Tensor | None = None) -> Tensor:
-    """Distinct float weights ``N - rank`` (``N`` = best) of a stable descending score order:
-    higher score first, equal scores by lower ``index`` (default: position).  Computed from an
-    ``[N, N]`` comparison, so it is exact on every runtime (no sort: ``aten.sort.stable`` has no
-    ONNX lowering, and TopK's tie order is not defined in torch eager)."""
-    n = scores.shape[0]
+    """Distinct float weights ``N - rank`` (``N`` = best) of a stable descending score order
+    along the last axis: higher score first, equal scores by lower ``index`` (default:
+    position).  Computed from an ``[..., N, N]`` comparison, so it is exact on every runtime (no
+    sort: ``aten.sort.stable`` has no ONNX lowering, and TopK's tie order is not defined in
+    torch eager)."""
+    n = scores.shape[-1]
     if index is None:
         index = torch.arange(n, device=scores.device)
-    si, sj = scores.unsqueeze(1), scores.unsqueeze(0)
-    before = (sj > si) | ((sj == si) & (index.unsqueeze(0) < index.unsqueeze(1)))  # j ranks before i
-    rank = before.sum(1)
-    return (n - rank).to(torch.float32)
+    si, sj = scores.unsqueeze(-1), scores.unsqueeze(-2)
+    before = (sj > si) | ((sj == si) & (index.unsqueeze(-2) < index.unsqueeze(-1)))  # j ranks before i
+    return (n - before.sum(-1)).to(torch.float32)
 
 
 def greedy_nms(
     over: Tensor, weight: Tensor, valid: Tensor | None, max_out: int, unroll: bool | None = None
 ) -> tuple[Tensor, Tensor]:
     """Exact greedy NMS in ``max_out`` sequential steps (``fixed_steps``: unrolled, or one ONNX
-    Scan with ``unroll=False``).
+    Scan with ``unroll=False``), on one box set or on ``T`` independent sets at once.
 
-    ``over[i, j]`` (bool ``[N, N]``): keeping ``i`` suppresses ``j``; ``weight`` (``[N]``, distinct,
-    > 0.5, e.g. ``priority_weight``): visiting order, highest first; ``valid`` (bool ``[N]``):
-    boxes that take part at all.  ``alive`` holds the weight of every box still alive (0 once
-    kept or suppressed) plus a sentinel slot ``N`` at 0.5 that is never suppressed: ``argmax``
-    picks the best alive box, or the sentinel once none is left, and one row of the 0/1
-    ``survive`` matrix updates ``alive`` - 3 graph nodes (ArgMax, Gather, Mul) a step.
-    Returns ``keep`` ``[max_out]`` int64 (-1 padded) and ``num_kept`` int64 scalar."""
-    n = over.shape[0]
+    ``over[i, j]`` (bool ``[N, N]`` or ``[T, N, N]``): keeping ``i`` suppresses ``j``; ``weight``
+    (``[N]`` / ``[T, N]``, distinct within a set, > 0.5, e.g. ``priority_weight``): visiting
+    order, highest first; ``valid`` (bool, like ``weight``): boxes that take part at all.
+    ``alive`` holds the weight of every box still alive (0 once kept or suppressed) plus a
+    sentinel slot ``N`` at 0.5 that is never suppressed: ``argmax`` picks the best alive box, or
+    the sentinel once none is left, and one row of the 0/1 ``survive`` matrix updates ``alive``
+    - 3 graph nodes (ArgMax, Gather, Mul) a step, 4 for ``T`` sets (one loop serves them all).
+    Returns ``keep`` ``[max_out]`` / ``[T, max_out]`` int64 (-1 padded) and ``num_kept`` (int64,
+    per set)."""
+    batched = over.dim() == 3
+    if not batched:
+        over, weight = over.unsqueeze(0), weight.unsqueeze(0)
+        valid = valid.unsqueeze(0) if valid is not None else None
+    t, n = weight.shape
     arange = torch.arange(n, device=over.device)
     eye = arange.unsqueeze(1) == arange.unsqueeze(0)
     survive = (~(over | eye)).to(torch.float32)
-    survive = torch.cat((survive, survive.new_ones(n, 1)), dim=1)
-    survive = torch.cat((survive, survive.new_ones(1, n + 1)), dim=0)  # sentinel row/column
+    survive = torch.cat((survive, survive.new_ones(t, n, 1)), dim=2)
+    survive = torch.cat((survive, survive.new_ones(t, 1, n + 1)), dim=1)  # sentinel row/column
+    rows = survive.reshape(t * (n + 1), n + 1)  # set k's rows start at k * (n + 1)
+    base = torch.arange(t, device=over.device) * (n + 1) if t > 1 else None
     alive = weight.to(torch.float32)
     if valid is not None:
         alive = torch.where(valid.to(torch.bool), alive, torch.zeros_like(alive))
-    alive = torch.cat((alive, alive.new_full((1,), 0.5))).unsqueeze(0)  # [1, N + 1]
+    alive = torch.cat((alive, alive.new_full((t, 1), 0.5)), dim=1)  # [T, N + 1]
 
     def step(carry):
         (alive,) = carry
-        best = torch.argmax(alive, dim=1)  # [1]
-        return (alive * torch.index_select(survive, 0, best),), best
+        best = torch.argmax(alive, dim=1)  # [T]
+        return (alive * torch.index_select(rows, 0, best if base is None else base + best),), best
 
     if max_out <= 0:
-        keep = torch.zeros((0,), dtype=torch.int64, device=over.device)
+        keep = torch.zeros((t, 0), dtype=torch.int64, device=over.device)
     else:
-        _, pos = fixed_steps(step, (alive,), max_out, unroll)
-        pos = pos.reshape(max_out)
+        _, pos = fixed_steps(step, (alive,), max_out, unroll)  # [max_out, T]
+        pos = pos.reshape(max_out, t).transpose(0, 1)
         keep = torch.where(pos < n, pos, torch.full_like(pos, -1))
-    return keep, (keep >= 0).sum()
+    if not batched:
+        keep = keep.reshape(keep.shape[1])
+    return keep, (keep >= 0).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------

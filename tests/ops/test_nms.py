@@ -351,3 +351,22 @@ def test_top_k_indices_is_a_stable_cut():
         assert torch.equal(top_k_indices(scores, k), torch.sort(want).values)
     got = top_k_indices(scores[:5], 8)
     assert torch.equal(got[:5], torch.arange(5)) and (got[5:] >= 5).all()
+
+
+def test_batched_greedy_equals_one_set_at_a_time(kitti_points):
+    """``greedy_nms`` on T box sets at once (CenterPoint's per-task NMS in one loop) keeps per
+    set exactly what it keeps on that set alone, tied scores and a valid mask included; and the
+    batched ``priority_weight`` is the per-set one."""
+    from codegen.ops.nms import greedy_nms
+
+    sets = [kitti_boxes(kitti_points, 150, seed=70 + t, score_step=0.05) for t in range(3)]
+    over = torch.stack([box_iou_rotated(b, b) >= 0.2 for b, _ in sets])
+    scores = torch.stack([s for _, s in sets])
+    valid = scores > 0.15
+    weight = priority_weight(scores)
+    keep, num = greedy_nms(over, weight, valid, 60)
+    assert keep.shape == (3, 60) and num.shape == (3,)
+    for t in range(3):
+        assert torch.equal(weight[t], priority_weight(scores[t]))
+        want = greedy_nms(over[t], priority_weight(scores[t]), valid[t], 60)
+        assert torch.equal(keep[t], want[0]) and int(num[t]) == int(want[1]) > 0, t

@@ -1,0 +1,458 @@
+"""Graph forms: rewrites of the exported ONNX graph into forms CPU runtimes run faster.
+
+Each form computes the same function (only the summation order may differ) and is checked
+against onnxruntime on a miniature graph in the tests; every export validates the final graph
+against the eager model.
+
+- ``cpu_forms`` (applied to ``model.onnx`` itself, so onnxruntime and IREE both get them):
+  ``rewrite_deconvs`` (stride-sized ConvTranspose as MatMul + pixel shuffle),
+  ``split_concat_heads`` (a channel Concat read only by 1x1 Convs as summed per-branch Convs),
+  ``split_concat_matmuls`` (``MatMul(Concat(a, Tile(max)), W)`` as two MatMuls);
+- ``drop_empty_concat_inputs`` and ``list_constants_as_initializers``: constructs IREE's ONNX
+  importer rejects (applied to the IREE copy only, ``codegen.iree.iree_onnx``).
+
+docs/iree.md and docs/bench_models.md have the measurements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+
+def _static_shape(shapes: dict, name: str) -> list[int] | None:
+    dims = shapes.get(name)
+    if dims is None or any(not isinstance(d, int) or d <= 0 for d in dims):
+        return None
+    return dims
+
+
+@dataclass
+class Unshuffled:
+    """A deconvolution result kept before its pixel shuffle: ``name`` is ``[n, h, w, kh, kw, c]``
+    (bias added); the NCHW result is ``shuffle(name)``."""
+
+    name: str
+    n: int
+    h: int
+    w: int
+    kh: int
+    kw: int
+
+
+def _shuffle_to_nchw(nodes: list, graph, u: Unshuffled, src: str, channels: int, out: str, p: str) -> None:
+    """``[n, h, w, kh, kw, c]`` -> ``[n, h, kh, w, kw, c]`` -> ``[n, h*kh, w*kw, c]`` -> NCHW ``out``."""
+    from onnx import helper, numpy_helper
+
+    shape = np.array([u.n, u.h * u.kh, u.w * u.kw, channels], np.int64)
+    graph.initializer.append(numpy_helper.from_array(shape, f"{p}_nhwc_shape"))
+    nodes += [
+        helper.make_node("Transpose", [src], [f"{p}_shuf"], perm=[0, 1, 3, 2, 4, 5], name=f"{p}_shuf"),
+        helper.make_node("Reshape", [f"{p}_shuf", f"{p}_nhwc_shape"], [f"{p}_out_nhwc"], name=f"{p}_out_nhwc"),
+        # back to NCHW: IREE's transpose propagation folds this into the consumer's layout
+        helper.make_node("Transpose", [f"{p}_out_nhwc"], [out], perm=[0, 3, 1, 2], name=f"{p}_nchw"),
+    ]
+
+
+def rewrite_deconvs(model, unshuffled: dict[str, Unshuffled]) -> list[str]:
+    """Replace each ConvTranspose whose kernel equals its stride (no padding, no groups) by a
+    MatMul and a pixel shuffle (Reshape, Transpose, Reshape).
+
+    Such a deconvolution writes every output pixel from exactly one input pixel:
+    ``y[n, co, i*s + a, j*s + b] = sum_ci x[n, ci, i, j] * w[ci, co, a, b]``. IREE lowers
+    ConvTranspose to a convolution over the zero-stuffed input, i.e. s*s times the work, most
+    of it multiplying zeros: SECONDFPN's 4x4/stride-4 deblock took 7.9 of 11.5 s of the
+    PointPillars head. The MatMul form is the same sum over ``ci`` (only the summation order
+    may differ). Nodes with other attributes, or unknown input shapes, are left alone.
+    ``unshuffled`` gets each result's tensor before the shuffle (see ``split_concat_heads``).
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    shapes = _shapes(graph)
+    done = []
+    nodes = []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight = inits.get(node.input[1]) if node.op_type == "ConvTranspose" and len(node.input) > 1 else None
+        x_shape = _static_shape(shapes, node.input[0]) if weight is not None else None
+        kernel = list(weight.dims[2:]) if weight is not None else []
+        if (
+            weight is None
+            or x_shape is None
+            or len(kernel) != 2
+            or list(attrs.get("strides", [1, 1])) != kernel
+            or any(attrs.get("pads", [0] * 4))
+            or any(attrs.get("output_padding", [0, 0]))
+            or list(attrs.get("dilations", [1, 1])) != [1, 1]
+            or attrs.get("group", 1) != 1
+            or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+            or (len(node.input) > 2 and node.input[2] and node.input[2] not in inits)
+        ):
+            nodes.append(node)
+            continue
+        n, ci, h, w = x_shape
+        _, co, kh, kw = weight.dims
+        p = f"{_label(node)}_form"
+        # columns ordered (kh, kw, co): the pixel shuffle then moves whole channel vectors
+        w2 = numpy_helper.to_array(weight).transpose(0, 2, 3, 1).reshape(ci, kh * kw * co)
+        graph.initializer.append(numpy_helper.from_array(w2, f"{p}_w"))
+        graph.initializer.append(numpy_helper.from_array(np.array([n, h, w, kh, kw, co], np.int64), f"{p}_6d_shape"))
+        nodes += [
+            helper.make_node("Transpose", [node.input[0]], [f"{p}_nhwc"], perm=[0, 2, 3, 1], name=f"{p}_nhwc"),
+            helper.make_node("MatMul", [f"{p}_nhwc", f"{p}_w"], [f"{p}_mm"], name=f"{p}_mm"),
+            helper.make_node("Reshape", [f"{p}_mm", f"{p}_6d_shape"], [f"{p}_6d"], name=f"{p}_6d"),
+        ]
+        pre = f"{p}_6d"
+        if len(node.input) > 2 and node.input[2]:
+            bias = numpy_helper.to_array(inits[node.input[2]]).reshape(co)
+            graph.initializer.append(numpy_helper.from_array(bias, f"{p}_bias"))
+            nodes.append(helper.make_node("Add", [pre, f"{p}_bias"], [f"{p}_biased"], name=f"{p}_bias"))
+            pre = f"{p}_biased"
+        u = Unshuffled(pre, n, h, w, kh, kw)
+        _shuffle_to_nchw(nodes, graph, u, pre, co, node.output[0], p)
+        unshuffled[node.output[0]] = u
+        done.append(f"ConvTranspose {_label(node)} {kh}x{kw}/{kh} {ci}->{co} as MatMul + pixel shuffle")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    return done
+
+
+def _is_pointwise_conv(node, inits, helper) -> bool:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    weight = inits.get(node.input[1]) if len(node.input) > 1 else None
+    return (
+        node.op_type == "Conv"
+        and weight is not None
+        and list(weight.dims[2:]) == [1, 1]
+        and (len(node.input) < 3 or not node.input[2] or node.input[2] in inits)
+        and attrs.get("group", 1) == 1
+        and not any(attrs.get("pads", [0] * 4))
+        and list(attrs.get("strides", [1, 1])) == [1, 1]
+        and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+    )
+
+
+def split_concat_heads(model, unshuffled: dict[str, Unshuffled]) -> list[str]:
+    """A channel Concat read only by 1x1 Convs (SECONDFPN's output and the Anchor3DHead's
+    cls/reg/dir convs) becomes one 1x1 Conv per concatenated input, summed, with the heads'
+    output channels side by side, and a Split into the heads' outputs.
+
+    ``conv(concat(a, b, c), W) = conv(a, W_a) + conv(b, W_b) + conv(c, W_c)``: the same dot
+    products, split along the input channels. IREE otherwise materialises the concat with
+    strided copies (channels are the innermost NHWC axis) and reads the 384-channel result once
+    per head; here each branch is read once, straight from the deconvolution that wrote it.
+
+    A branch that is ``Relu(deconvolution)`` (``unshuffled``) gets its 1x1 Conv before the
+    deconvolution's pixel shuffle: a per-pixel map (ReLU, a 1x1 conv) commutes with moving
+    pixels, and the shuffle then moves the 20 head channels instead of 128.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    shapes = _shapes(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    replaced: dict[int, list] = {}  # id(node) -> nodes replacing it (empty: dropped)
+    done = []
+    for node in graph.node:
+        if node.op_type != "Concat" or helper.get_attribute_value(node.attribute[0]) != 1:
+            continue
+        users = consumers.get(node.output[0], [])
+        widths = [(_static_shape(shapes, name) or [None, None])[1] for name in node.input]
+        if (
+            not users
+            or node.output[0] in outputs
+            or None in widths
+            or not all(_is_pointwise_conv(u, inits, helper) for u in users)
+        ):
+            continue
+        p = f"{_label(node)}_form"
+        weights = [numpy_helper.to_array(inits[u.input[1]])[:, :, 0, 0] for u in users]
+        biases = [
+            numpy_helper.to_array(inits[u.input[2]]) if len(u.input) > 2 and u.input[2] else np.zeros(w.shape[0], w.dtype)
+            for u, w in zip(users, weights)
+        ]
+        weight, bias = np.concatenate(weights), np.concatenate(biases)  # [out, in], [out]
+        new, parts, start, early = [], [], 0, 0
+        for j, (name, width) in enumerate(zip(node.input, widths)):
+            wj = np.ascontiguousarray(weight[:, start : start + width])
+            relu = producer.get(name)
+            u = unshuffled.get(relu.input[0]) if relu is not None and relu.op_type == "Relu" else None
+            if u is not None and len(consumers.get(name, [])) == 1:
+                # Relu and the 1x1 conv on [n, h, w, kh, kw, c], then the shuffle
+                # as a 2-D MatMul: IREE lowers a 6-D one to a broadcast and a matvec (7x slower)
+                rows, out6 = [-1, width], [u.n, u.h, u.w, u.kh, u.kw, weight.shape[0]]
+                graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(wj.T), f"{p}_w{j}"))
+                graph.initializer.append(numpy_helper.from_array(np.array(rows, np.int64), f"{p}_rows{j}"))
+                graph.initializer.append(numpy_helper.from_array(np.array(out6, np.int64), f"{p}_6d{j}"))
+                new += [
+                    helper.make_node("Relu", [u.name], [f"{p}_relu{j}"], name=f"{p}_relu{j}"),
+                    helper.make_node("Reshape", [f"{p}_relu{j}", f"{p}_rows{j}"], [f"{p}_2d{j}"], name=f"{p}_2d{j}"),
+                    helper.make_node("MatMul", [f"{p}_2d{j}", f"{p}_w{j}"], [f"{p}_mm{j}"], name=f"{p}_mm{j}"),
+                    helper.make_node("Reshape", [f"{p}_mm{j}", f"{p}_6d{j}"], [f"{p}_mm6d{j}"], name=f"{p}_mm6d{j}"),
+                ]
+                _shuffle_to_nchw(new, graph, u, f"{p}_mm6d{j}", weight.shape[0], f"{p}_part{j}", f"{p}_part{j}")
+                early += 1
+            else:
+                graph.initializer.append(numpy_helper.from_array(wj[:, :, None, None], f"{p}_w{j}"))
+                new.append(helper.make_node("Conv", [name, f"{p}_w{j}"], [f"{p}_part{j}"], kernel_shape=[1, 1], name=f"{p}_part{j}"))
+            parts.append(f"{p}_part{j}")
+            start += width
+        total = parts[0]
+        for j, part in enumerate(parts[1:], 1):
+            new.append(helper.make_node("Add", [total, part], [f"{p}_sum{j}"], name=f"{p}_sum{j}"))
+            total = f"{p}_sum{j}"
+        graph.initializer.append(numpy_helper.from_array(bias.reshape(1, -1, 1, 1), f"{p}_b"))
+        graph.initializer.append(numpy_helper.from_array(np.array([w.shape[0] for w in weights], np.int64), f"{p}_split"))
+        new += [
+            helper.make_node("Add", [total, f"{p}_b"], [f"{p}_biased"], name=f"{p}_bias"),
+            helper.make_node("Split", [f"{p}_biased", f"{p}_split"], [u.output[0] for u in users], axis=1, name=f"{p}_split"),
+        ]
+        replaced[id(node)] = new
+        for u in users:
+            replaced[id(u)] = []
+        done.append(
+            f"Concat {_label(node)} of {len(widths)} ({'+'.join(map(str, widths))} channels) into "
+            f"{len(users)} 1x1 Convs as {len(widths)} summed 1x1 Convs + Split"
+            + (f" ({early} before their deconvolution's pixel shuffle)" if early else "")
+        )
+    nodes = [n for node in graph.node for n in replaced.get(id(node), [node])]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    remove_dead_nodes(model)
+    return done
+
+
+def split_concat_matmuls(model) -> list[str]:
+    """``MatMul(Concat(a, Tile(m), axis=-1), W)`` -> ``MatMul(a, W_a) + MatMul(m, W_m)``.
+
+    VFE layers (HardVFE, the SECOND/MVX voxel encoders) concatenate each point's features with
+    the voxel's max feature repeated over the points, then apply a linear layer. Split along the
+    concatenated channels the product is the same sum; the repeated part is then multiplied once
+    per voxel instead of once per point, and the repeat and the concat (strided copies in IREE)
+    disappear: the sum broadcasts ``m`` back over the points. Tile/Expand inputs are only
+    looked through when they repeat size-1 axes (so broadcasting restores them exactly).
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    shapes = _shapes(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def unrepeated(name: str) -> str:
+        node = producer.get(name)
+        if node is not None and node.op_type == "Tile" and node.input[1] in inits:
+            repeats = numpy_helper.to_array(inits[node.input[1]]).tolist()
+            src = shapes.get(node.input[0])
+            if src and len(src) == len(repeats) and repeats[-1] == 1 and all(r == 1 or s == 1 for r, s in zip(repeats, src)):
+                return unrepeated(node.input[0])
+        if node is not None and node.op_type == "Expand":
+            src, out = shapes.get(node.input[0]), shapes.get(name)
+            if src and out and len(src) == len(out) and src[-1] is not None and src[-1] == out[-1]:
+                return unrepeated(node.input[0])
+        return name
+
+    done = []
+    nodes = []
+    for node in graph.node:
+        concat = producer.get(node.input[0]) if node.op_type == "MatMul" else None
+        if concat is None or concat.op_type != "Concat":
+            nodes.append(node)
+            continue
+        weight = inits.get(node.input[1])
+        rank = len(shapes.get(node.input[0]) or [])
+        axis = next((helper.get_attribute_value(a) for a in concat.attribute if a.name == "axis"), None)
+        widths = [(shapes.get(name) or [None])[-1] for name in concat.input]
+        if (
+            weight is None
+            or len(weight.dims) != 2
+            or rank < 2
+            or axis not in (-1, rank - 1)
+            or None in widths
+            or sum(widths) != weight.dims[0]
+        ):
+            nodes.append(node)
+            continue
+        p = f"{_label(node)}_form"
+        w = numpy_helper.to_array(weight)
+        start, parts = 0, []
+        for j, (name, width) in enumerate(zip(concat.input, widths)):
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w[start : start + width]), f"{p}_w{j}"))
+            nodes.append(helper.make_node("MatMul", [unrepeated(name), f"{p}_w{j}"], [f"{p}_part{j}"], name=f"{p}_part{j}"))
+            parts.append(f"{p}_part{j}")
+            start += width
+        total = parts[0]
+        for j, part in enumerate(parts[1:], 1):
+            out = node.output[0] if j == len(parts) - 1 else f"{p}_sum{j}"
+            nodes.append(helper.make_node("Add", [total, part], [out], name=f"{p}_sum{j}"))
+            total = out
+        repeated = sum(unrepeated(n) != n for n in concat.input)
+        done.append(
+            f"MatMul {_label(node)} of Concat {_label(concat)} ({'+'.join(map(str, widths))} channels) as {len(parts)} "
+            f"summed MatMuls{f' ({repeated} on the unrepeated input)' if repeated else ''}"
+        )
+    del graph.node[:]
+    graph.node.extend(nodes)
+    remove_dead_nodes(model)
+    return done
+
+
+def drop_empty_concat_inputs(model) -> list[str]:
+    """Drop Concat inputs that are ``Gather(x, [])`` with a constant empty index list.
+
+    Unoptimised exports of large graphs (the ONNX optimiser is skipped past
+    ``export.OPTIMIZE_MAX_NODES``) keep shape arithmetic such as ``Concat(Gather(Shape(x), []),
+    ...)``; IREE's importer rejects the empty ``Constant`` (``value_ints = []``). An empty
+    input adds nothing to a Concat.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    empty = {t.name for t in graph.initializer if 0 in t.dims}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute:
+            value = helper.get_attribute_value(node.attribute[0])
+            if node.attribute[0].name.endswith("_ints") and len(value) == 0:
+                empty.add(node.output[0])
+            elif node.attribute[0].name == "value" and numpy_helper.to_array(value).size == 0:
+                empty.add(node.output[0])
+    gathered = {n.output[0] for n in graph.node if n.op_type == "Gather" and n.input[1] in empty}
+    dropped = 0
+    for node in graph.node:
+        if node.op_type == "Concat" and any(i in gathered for i in node.input):
+            kept = [i for i in node.input if i not in gathered]
+            if kept:
+                dropped += len(node.input) - len(kept)
+                del node.input[:]
+                node.input.extend(kept)
+    if not dropped:
+        return []
+    remove_dead_nodes(model)
+    return [f"{dropped} empty Gather(..., []) inputs dropped from Concats"]
+
+
+def list_constants_as_initializers(model) -> list[str]:
+    """``Constant(value_ints=[...])`` (and ``value_int(s)``/``value_float(s)``) -> initializers.
+
+    IREE's ONNX importer converts ops whose constant operands come from a tensor-valued Constant
+    or an initializer, but not from the list-valued attribute form: ``Unsqueeze(x,
+    Constant(value_ints=[-1]))`` in an unoptimised export fails to legalize. Same values.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    kinds = {"value_ints": np.int64, "value_int": np.int64, "value_floats": np.float32, "value_float": np.float32}
+    nodes, moved = [], 0
+    for node in graph.node:
+        attr = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
+        if attr is None or attr.name not in kinds:
+            nodes.append(node)
+            continue
+        value = np.array(helper.get_attribute_value(attr), kinds[attr.name])
+        graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        moved += 1
+    if not moved:
+        return []
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return [f"{moved} list-valued Constants as initializers"]
+
+
+def remove_dead_nodes(model) -> None:
+    """Drop nodes and initializers nothing reads any more (what a rewrite replaced)."""
+    graph = model.graph
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(_reads(node))  # Scan / Loop bodies read outer names too
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    unused = [t for t in graph.initializer if t.name not in needed]
+    for t in unused:
+        graph.initializer.remove(t)
+
+
+def _label(node) -> str:
+    return node.name or node.output[0]
+
+
+def _shapes(graph) -> dict[str, list]:
+    shapes = {}
+    for value in list(graph.value_info) + list(graph.input) + list(graph.output):
+        t = value.type.tensor_type
+        if t.HasField("shape"):
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    return shapes
+
+
+def cpu_forms(model) -> list[str]:
+    """Apply the runtime-neutral forms to ``model`` (an onnx ModelProto, in place); return what
+    was rewritten, node by node. Shapes are inferred first: the forms only touch nodes whose
+    shapes are static."""
+    import onnx
+
+    model.CopyFrom(onnx.shape_inference.infer_shapes(model, data_prop=True))
+    unshuffled: dict[str, Unshuffled] = {}
+    rewrites = rewrite_deconvs(model, unshuffled)
+    rewrites += split_concat_heads(model, unshuffled)
+    rewrites += split_concat_matmuls(model)
+    if rewrites:
+        topological_sort(model.graph)
+    return rewrites
+
+
+def _reads(node) -> set[str]:
+    """Names ``node`` reads: its inputs and, for Scan / Loop / If, what its bodies read."""
+    from onnx import AttributeProto
+
+    names = set(node.input)
+    for a in node.attribute:
+        graphs = [a.g] if a.type == AttributeProto.GRAPH else list(a.graphs) if a.type == AttributeProto.GRAPHS else []
+        for g in graphs:
+            for inner in g.node:
+                names |= _reads(inner)
+    return names
+
+
+def topological_sort(graph) -> None:
+    """Order ``graph.node`` so that every node follows its producers (a rewrite emits its nodes
+    where the replaced node was, which may precede a producer of a branch it now reads);
+    otherwise stable."""
+    import heapq
+
+    producer = {o: i for i, node in enumerate(graph.node) for o in node.output if o}
+    deps = [{producer[n] for n in _reads(node) if n in producer and producer[n] != i} for i, node in enumerate(graph.node)]
+    users: list[list[int]] = [[] for _ in graph.node]
+    for i, ds in enumerate(deps):
+        for d in ds:
+            users[d].append(i)
+    waiting = [len(ds) for ds in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:  # Kahn's algorithm, lowest original position first
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(graph.node):
+        raise ValueError("graph has a cycle")
+    nodes = [graph.node[i] for i in order]
+    del graph.node[:]
+    graph.node.extend(nodes)
