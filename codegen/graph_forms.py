@@ -7,7 +7,8 @@ against the eager model.
 - ``cpu_forms`` (applied to ``model.onnx`` itself, so onnxruntime and IREE both get them):
   ``rewrite_deconvs`` (stride-sized ConvTranspose as MatMul + pixel shuffle),
   ``split_concat_heads`` (a channel Concat read only by 1x1 Convs as summed per-branch Convs),
-  ``split_concat_matmuls`` (``MatMul(Concat(a, Tile(max)), W)`` as two MatMuls);
+  ``split_concat_matmuls`` (``MatMul(Concat(a, Tile(max)), W)`` as two MatMuls),
+  ``fold_transposed_batchnorms`` (PFNLayer's BatchNorm between transposes into its MatMul);
 - ``drop_empty_concat_inputs`` and ``list_constants_as_initializers``: constructs IREE's ONNX
   importer rejects (applied to the IREE copy only, ``codegen.iree.iree_onnx``).
 
@@ -309,6 +310,78 @@ def split_concat_matmuls(model) -> list[str]:
     return done
 
 
+def fold_transposed_batchnorms(model) -> list[str]:
+    """``Transpose(BatchNorm(Transpose(MatMul(x, W))))`` -> ``MatMul(x, W * s) + t``.
+
+    PillarFeatureNet's PFNLayer applies a bias-free linear layer, then a BatchNorm1d over the
+    output channels, with the features permuted to channels-first around it and back after.
+    onnxruntime fuses a BatchNorm only into a Conv that feeds it directly, so here it ran
+    unfused, between two transposes. In inference the BatchNorm is one scale and shift per
+    channel, ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s``, so it folds into the
+    weight's columns. Only the exact pattern is rewritten: each intermediate has one reader,
+    the first permutation moves the last axis to axis 1, and the second one undoes it.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, int] = {o.name: 1 for o in graph.output}
+    for node in graph.node:
+        for name in _reads(node):
+            readers[name] = readers.get(name, 0) + 1
+    by_output = {}  # second transpose's output -> (matmul, first transpose, bn, second transpose)
+    for bn in graph.node:
+        if bn.op_type != "BatchNormalization" or len([o for o in bn.output if o]) != 1:
+            continue
+        t1 = producer.get(bn.input[0])
+        mm = producer.get(t1.input[0]) if t1 is not None and t1.op_type == "Transpose" else None
+        t2 = next((n for n in graph.node if n.op_type == "Transpose" and n.input[0] == bn.output[0]), None)
+        if mm is None or mm.op_type != "MatMul" or t2 is None or mm.input[1] not in inits:
+            continue
+        perm1 = list(helper.get_attribute_value(next(a for a in t1.attribute if a.name == "perm")))
+        perm2 = list(helper.get_attribute_value(next(a for a in t2.attribute if a.name == "perm")))
+        rank = len(perm1)
+        if (
+            len(inits[mm.input[1]].dims) != 2
+            or rank < 2
+            or perm1[1] != rank - 1
+            or len(perm2) != rank
+            or [perm1[i] for i in perm2] != list(range(rank))
+            or not all(name in inits for name in bn.input[1:5])
+            or any(readers.get(n.output[0], 0) != 1 for n in (mm, t1, bn))
+        ):
+            continue
+        by_output[t2.output[0]] = (mm, t1, bn, t2)
+    if not by_output:
+        return []
+    replaced = {id(n) for group in by_output.values() for n in group[:3]}
+    done, nodes = [], []
+    for node in graph.node:
+        if id(node) in replaced:
+            continue
+        if node.output and node.output[0] in by_output:
+            mm, _, bn, _ = by_output[node.output[0]]
+            gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
+            eps = next((helper.get_attribute_value(a) for a in bn.attribute if a.name == "epsilon"), 1e-5)
+            scale = gamma / np.sqrt(var + eps)
+            w = numpy_helper.to_array(inits[mm.input[1]]).astype(np.float64) * scale[None, :]
+            p = f"{_label(bn)}_form"
+            graph.initializer.append(numpy_helper.from_array(w.astype(np.float32), f"{p}_w"))
+            graph.initializer.append(numpy_helper.from_array((beta - mean * scale).astype(np.float32), f"{p}_shift"))
+            nodes += [
+                helper.make_node("MatMul", [mm.input[0], f"{p}_w"], [f"{p}_mm"], name=f"{p}_mm"),
+                helper.make_node("Add", [f"{p}_mm", f"{p}_shift"], [node.output[0]], name=f"{p}_shift"),
+            ]
+            done.append(f"BatchNormalization {_label(bn)} folded into MatMul {_label(mm)} ({len(scale)} channels)")
+            continue
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    remove_dead_nodes(model)
+    return done
+
+
 def drop_empty_concat_inputs(model) -> list[str]:
     """Drop Concat inputs that are ``Gather(x, [])`` with a constant empty index list.
 
@@ -410,6 +483,7 @@ def cpu_forms(model) -> list[str]:
     rewrites = rewrite_deconvs(model, unshuffled)
     rewrites += split_concat_heads(model, unshuffled)
     rewrites += split_concat_matmuls(model)
+    rewrites += fold_transposed_batchnorms(model)
     if rewrites:
         topological_sort(model.graph)
     return rewrites

@@ -103,6 +103,50 @@ def test_graph_forms_compute_the_same_function(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_pfn_batchnorm_folds_into_its_matmul(tmp_path):
+    """PFNLayer in miniature: bias-free linear, BatchNorm1d over the permuted channels, ReLU.
+    The BatchNorm and both transposes go (folded into the MatMul's weight and an Add); the
+    function is the same. A BatchNorm whose input has a second reader is left alone."""
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="linear"),
+        helper.make_node("Transpose", ["h"], ["t"], perm=[0, 2, 1]),
+        helper.make_node("BatchNormalization", ["t", "gamma", "beta", "mean", "var"], ["bn"], epsilon=1e-3, name="norm"),
+        helper.make_node("Transpose", ["bn"], ["u"], perm=[0, 2, 1]),
+        helper.make_node("Relu", ["u"], ["y"]),
+    ]
+    inits = {
+        "w": rng.standard_normal((10, 8)).astype(np.float32),
+        "gamma": rng.uniform(0.5, 2, 8).astype(np.float32),
+        "beta": rng.standard_normal(8).astype(np.float32),
+        "mean": rng.standard_normal(8).astype(np.float32),
+        "var": rng.uniform(0.1, 3, 8).astype(np.float32),
+    }
+    for extra, folded in ((False, True), (True, False)):
+        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+        if extra:  # the pre-norm features are a graph output too: folding would lose them
+            outputs.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, None))
+        graph = helper.make_graph(
+            nodes, "main_graph", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["num_voxels", 32, 10])], outputs,
+            [numpy_helper.from_array(v, k) for k, v in inits.items()],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        model.ir_version = 10
+        onnx.save(model, str(tmp_path / "model.onnx"))
+        rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx")
+        ops = [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
+        if not folded:
+            assert rewrites == [] and "BatchNormalization" in ops
+            continue
+        assert rewrites == ["BatchNormalization norm folded into MatMul linear (8 channels)"]
+        assert ops == ["MatMul", "Add", "Relu"]
+        feeds = {"x": rng.standard_normal((7, 32, 10)).astype(np.float32)}
+        before = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)[0]
+        after = ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, feeds)[0]
+        assert after.shape == before.shape == (7, 32, 8)
+        np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
 def _vfe_like(path, seed=1):
     """A VFE layer in miniature (HardVFE): per-point features concatenated with the voxel's max
     repeated over its points, then a linear layer; the voxel count is dynamic."""
