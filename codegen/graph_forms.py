@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 
 
-
 def _static_shape(shapes: dict, name: str) -> list[int] | None:
     dims = shapes.get(name)
     if dims is None or any(not isinstance(d, int) or d <= 0 for d in dims):

@@ -1,6 +1,7 @@
 """IREE target: ``--format iree`` compiles model.onnx into model.vmfb (llvm-cpu) and validates it
-against the eager model like every other format; the IREE graph forms are the same functions;
-static shapes pad exactly. docs/iree.md has the measurements."""
+against the eager model like every other format; the graph forms (``codegen/graph_forms.py``,
+in model.onnx and IREE's copy) are the same functions; static shapes pad exactly. docs/iree.md
+has the measurements."""
 
 from __future__ import annotations
 
