@@ -8,7 +8,7 @@ against the eager model.
   ``rewrite_deconvs`` (stride-sized ConvTranspose as MatMul + pixel shuffle),
   ``split_concat_heads`` (a channel Concat read only by 1x1 Convs as summed per-branch Convs),
   ``split_concat_matmuls`` (``MatMul(Concat(a, Tile(max)), W)`` as two MatMuls),
-  ``fold_transposed_batchnorms`` (PFNLayer's BatchNorm between transposes into its MatMul);
+  ``fold_transposed_batchnorms`` (PFN / VFE BatchNorms between transposes into their MatMuls);
 - ``drop_empty_concat_inputs`` and ``list_constants_as_initializers``: constructs IREE's ONNX
   importer rejects (applied to the IREE copy only, ``codegen.iree.iree_onnx``).
 
@@ -310,15 +310,17 @@ def split_concat_matmuls(model) -> list[str]:
 
 
 def fold_transposed_batchnorms(model) -> list[str]:
-    """``Transpose(BatchNorm(Transpose(MatMul(x, W))))`` -> ``MatMul(x, W * s) + t``.
+    """``Transpose(BatchNorm(Transpose(L)))`` -> ``L' + t`` where ``L`` is a MatMul by a constant
+    weight or a sum of such MatMuls (``split_concat_matmuls``'s form of a VFE layer).
 
-    PillarFeatureNet's PFNLayer applies a bias-free linear layer, then a BatchNorm1d over the
-    output channels, with the features permuted to channels-first around it and back after.
-    onnxruntime fuses a BatchNorm only into a Conv that feeds it directly, so here it ran
-    unfused, between two transposes. In inference the BatchNorm is one scale and shift per
-    channel, ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s``, so it folds into the
-    weight's columns. Only the exact pattern is rewritten: each intermediate has one reader,
-    the first permutation moves the last axis to axis 1, and the second one undoes it.
+    PillarFeatureNet's PFNLayer and HardVFE's VFE layers apply a bias-free linear layer, then a
+    BatchNorm1d over the output channels, with the features permuted to channels-first around
+    it and back after. onnxruntime fuses a BatchNorm only into a Conv that feeds it directly, so
+    here it ran unfused, between two transposes. In inference the BatchNorm is one scale and
+    shift per channel, ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s``: ``s`` folds
+    into each weight's columns (``L'``) and ``t`` becomes one Add. Only the exact pattern is
+    rewritten: every intermediate has one reader, the first permutation moves the last axis to
+    axis 1, and the second one undoes it.
     """
     from onnx import helper, numpy_helper
 
@@ -329,52 +331,65 @@ def fold_transposed_batchnorms(model) -> list[str]:
     for node in graph.node:
         for name in _reads(node):
             readers[name] = readers.get(name, 0) + 1
-    by_output = {}  # second transpose's output -> (matmul, first transpose, bn, second transpose)
+
+    def matmuls(name: str) -> list | None:
+        """The MatMuls by constant 2-D weights whose sum ``name`` is, each output read once."""
+        node = producer.get(name)
+        if node is None or readers.get(name, 0) != 1:
+            return None
+        if node.op_type == "MatMul" and node.input[1] in inits and len(inits[node.input[1]].dims) == 2:
+            return [node]
+        if node.op_type == "Add":
+            a, b = matmuls(node.input[0]), matmuls(node.input[1])
+            return a + b if a is not None and b is not None else None
+        return None
+
+    found = {}  # second transpose's output -> (MatMuls, first transpose, BatchNorm)
     for bn in graph.node:
         if bn.op_type != "BatchNormalization" or len([o for o in bn.output if o]) != 1:
             continue
         t1 = producer.get(bn.input[0])
-        mm = producer.get(t1.input[0]) if t1 is not None and t1.op_type == "Transpose" else None
         t2 = next((n for n in graph.node if n.op_type == "Transpose" and n.input[0] == bn.output[0]), None)
-        if mm is None or mm.op_type != "MatMul" or t2 is None or mm.input[1] not in inits:
+        if t1 is None or t1.op_type != "Transpose" or t2 is None:
             continue
         perm1 = list(helper.get_attribute_value(next(a for a in t1.attribute if a.name == "perm")))
         perm2 = list(helper.get_attribute_value(next(a for a in t2.attribute if a.name == "perm")))
         rank = len(perm1)
+        terms = matmuls(t1.input[0])
         if (
-            len(inits[mm.input[1]].dims) != 2
+            terms is None
             or rank < 2
             or perm1[1] != rank - 1
             or len(perm2) != rank
             or [perm1[i] for i in perm2] != list(range(rank))
             or not all(name in inits for name in bn.input[1:5])
-            or any(readers.get(n.output[0], 0) != 1 for n in (mm, t1, bn))
+            or any(readers.get(n.output[0], 0) != 1 for n in (t1, bn))
         ):
             continue
-        by_output[t2.output[0]] = (mm, t1, bn, t2)
-    if not by_output:
+        found[t2.output[0]] = (terms, t1, bn)
+    if not found:
         return []
-    replaced = {id(n) for group in by_output.values() for n in group[:3]}
+    dropped = {id(n) for _, t1, bn in found.values() for n in (t1, bn)}
     done, nodes = [], []
     for node in graph.node:
-        if id(node) in replaced:
+        if id(node) in dropped:
             continue
-        if node.output and node.output[0] in by_output:
-            mm, _, bn, _ = by_output[node.output[0]]
-            gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
-            eps = next((helper.get_attribute_value(a) for a in bn.attribute if a.name == "epsilon"), 1e-5)
-            scale = gamma / np.sqrt(var + eps)
+        if not (node.output and node.output[0] in found):
+            nodes.append(node)
+            continue
+        terms, t1, bn = found[node.output[0]]
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
+        eps = next((helper.get_attribute_value(a) for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        scale = gamma / np.sqrt(var + eps)
+        p = f"{_label(bn)}_form"
+        for j, mm in enumerate(terms):  # each weight read by this MatMul only from here on
             w = numpy_helper.to_array(inits[mm.input[1]]).astype(np.float64) * scale[None, :]
-            p = f"{_label(bn)}_form"
-            graph.initializer.append(numpy_helper.from_array(w.astype(np.float32), f"{p}_w"))
-            graph.initializer.append(numpy_helper.from_array((beta - mean * scale).astype(np.float32), f"{p}_shift"))
-            nodes += [
-                helper.make_node("MatMul", [mm.input[0], f"{p}_w"], [f"{p}_mm"], name=f"{p}_mm"),
-                helper.make_node("Add", [f"{p}_mm", f"{p}_shift"], [node.output[0]], name=f"{p}_shift"),
-            ]
-            done.append(f"BatchNormalization {_label(bn)} folded into MatMul {_label(mm)} ({len(scale)} channels)")
-            continue
-        nodes.append(node)
+            graph.initializer.append(numpy_helper.from_array(w.astype(np.float32), f"{p}_w{j}"))
+            mm.input[1] = f"{p}_w{j}"
+        graph.initializer.append(numpy_helper.from_array((beta - mean * scale).astype(np.float32), f"{p}_shift"))
+        nodes.append(helper.make_node("Add", [t1.input[0], f"{p}_shift"], [node.output[0]], name=f"{p}_shift"))
+        names = ", ".join(_label(mm) for mm in terms)
+        done.append(f"BatchNormalization {_label(bn)} folded into MatMul{'s' if len(terms) > 1 else ''} {names} ({len(scale)} channels)")
     del graph.node[:]
     graph.node.extend(nodes)
     remove_dead_nodes(model)

@@ -107,7 +107,8 @@ def test_graph_forms_compute_the_same_function(tmp_path):
 def test_pfn_batchnorm_folds_into_its_matmul(tmp_path):
     """PFNLayer in miniature: bias-free linear, BatchNorm1d over the permuted channels, ReLU.
     The BatchNorm and both transposes go (folded into the MatMul's weight and an Add); the
-    function is the same. A BatchNorm whose input has a second reader is left alone."""
+    function is the same, also when the linear layer is a sum of MatMuls (a split VFE layer).
+    A BatchNorm whose input has a second reader is left alone."""
     rng = np.random.default_rng(3)
     nodes = [
         helper.make_node("MatMul", ["x", "w"], ["h"], name="linear"),
@@ -123,9 +124,17 @@ def test_pfn_batchnorm_folds_into_its_matmul(tmp_path):
         "mean": rng.standard_normal(8).astype(np.float32),
         "var": rng.uniform(0.1, 3, 8).astype(np.float32),
     }
-    for extra, folded in ((False, True), (True, False)):
+    split = [  # split_concat_matmuls' form of a VFE layer: the linear layer as a sum of MatMuls
+        helper.make_node("MatMul", ["x", "wa"], ["ha"], name="part0"),
+        helper.make_node("MatMul", ["x", "wb"], ["hb"], name="part1"),
+        helper.make_node("Add", ["ha", "hb"], ["h"]),
+    ]
+    inits |= {"wa": rng.standard_normal((10, 8)).astype(np.float32), "wb": rng.standard_normal((10, 8)).astype(np.float32)}
+    for extra, folded in ((False, True), (True, False), ("split", True)):
+        if extra == "split":
+            nodes = split + nodes[1:]
         outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
-        if extra:  # the pre-norm features are a graph output too: folding would lose them
+        if extra is True:  # the pre-norm features are a graph output too: folding would lose them
             outputs.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, None))
         graph = helper.make_graph(
             nodes, "main_graph", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["num_voxels", 32, 10])], outputs,
@@ -139,8 +148,12 @@ def test_pfn_batchnorm_folds_into_its_matmul(tmp_path):
         if not folded:
             assert rewrites == [] and "BatchNormalization" in ops
             continue
-        assert rewrites == ["BatchNormalization norm folded into MatMul linear (8 channels)"]
-        assert ops == ["MatMul", "Add", "Relu"]
+        if extra == "split":
+            assert rewrites == ["BatchNormalization norm folded into MatMuls part0, part1 (8 channels)"]
+            assert ops == ["MatMul", "MatMul", "Add", "Add", "Relu"]
+        else:
+            assert rewrites == ["BatchNormalization norm folded into MatMul linear (8 channels)"]
+            assert ops == ["MatMul", "Add", "Relu"]
         feeds = {"x": rng.standard_normal((7, 32, 10)).astype(np.float32)}
         before = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)[0]
         after = ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, feeds)[0]
