@@ -1,6 +1,7 @@
 """Benchmark of every exported model on its real frame (run on request).
 
     .venv/bin/python bench/models.py [--models SUBSTRING ...] [--runs 5] [--cache bench/results]
+                                     [--skip-iree SUBSTRING ...] [--merge] [--note TEXT]
 
 For each committed head wrapper under generated/ (or those matching ``--models``): export it
 once (``--format all``: PT2, ONNX and the vmfb of the tool's IREE preset, validated against eager;
@@ -68,6 +69,8 @@ def _child(export_dir: Path, runtime: str, runs: int) -> dict:
     args = [torch.from_numpy(saved[n]) for n in names]
     fresh = lambda: [a.clone() for a in args]  # noqa: E731 (the original PillarFeatureNet writes into its input)
     result: dict = {}
+    if runtime == "breakdown":  # one thread: IREE's statistics sum the workers' tile times
+        return _breakdown(export_dir, names, saved, 1, runs)
     if runtime in ("predict", "eager_head", "flops"):
         wrapper = module.build().eval()
         recipe = BY_NAME[module.RECIPE]
@@ -126,6 +129,83 @@ def _child(export_dir: Path, runtime: str, runs: int) -> dict:
     result["threads"] = threads
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result["model"] = meta["model_config"]
+    return result
+
+
+# per-part breakdown: IREE dispatch names and onnxruntime op types -> one of these parts
+PARTS = ("conv", "matmul", "layout", "other")
+
+
+def _part_of_dispatch(name: str) -> str:
+    """``main_graph$async_dispatch_36_conv_62x54x256x3x3x256_f32`` -> ``conv`` (IREE names a
+    dispatch after its root op); data-tiling packs (``_encoding_*``) and transposes -> ``layout``."""
+    if "_conv_" in name:
+        return "conv"
+    if "_matmul_" in name or "_mmt4d_" in name or "_batch_matmul_" in name:
+        return "matmul"
+    if name.startswith("_encoding") or "_pack_" in name or "_unpack_" in name or "_transpose_" in name:
+        return "layout"
+    return "other"
+
+
+def _part_of_op(op: str) -> str:
+    if op in ("Conv", "FusedConv", "NchwcConv", "ConvTranspose"):
+        return "conv"
+    if op in ("MatMul", "Gemm", "FusedMatMul", "FusedGemm", "MatMulInteger"):
+        return "matmul"
+    if op in ("Transpose", "ReorderInput", "ReorderOutput"):
+        return "layout"
+    return "other"
+
+
+def _breakdown(export_dir: Path, names: list[str], saved, threads: int, runs: int) -> dict:
+    """Time per part (ms per call, summed kernel / dispatch time): onnxruntime's profiler by op
+    type, and the IREE vmfb's ``--print_device_statistics`` by dispatch."""
+    import re
+    import tempfile
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from codegen.iree import _tool
+
+    result: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench-breakdown-") as tmp:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(str(export_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        feeds = {n: saved[n] for n in names}
+        session.run(None, feeds)  # warm-up, left out below
+        for _ in range(runs):
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+        runs_seen = [e for e in events if e.get("name") == "model_run"]
+        first = sorted(e["ts"] for e in runs_seen)[1] if len(runs_seen) > 1 else 0
+        parts = dict.fromkeys(PARTS, 0.0)
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first:
+                parts[_part_of_op(e["args"]["op_name"])] += e["dur"] / 1000 / runs
+        result["onnx"] = {k: round(v, 1) for k, v in parts.items()}
+        vmfb = export_dir / "model.vmfb"
+        if vmfb.is_file():
+            flags = []
+            for n in names:
+                np.save(Path(tmp) / f"{n}.npy", saved[n])
+                flags.append(f"--input=@{Path(tmp) / f'{n}.npy'}")
+            proc = subprocess.run(
+                [_tool("iree-benchmark-module"), f"--module={vmfb}", "--device=local-task", "--function=main_graph",
+                 *flags, f"--task_topology_group_count={threads}", f"--benchmark_repetitions={runs}",
+                 "--benchmark_min_time=1x", "--print_device_statistics"],
+                capture_output=True, text=True,
+            )
+            calls = re.search(r"host_execute_queue p=0 q=0 execute\s+count=(\d+)", proc.stdout + proc.stderr)
+            parts = dict.fromkeys(PARTS, 0.0)
+            for m in re.finditer(r"^\s*host_execute (\S+)\s+count=\d+ total=([0-9.]+) (ms|us|ns)", proc.stdout + proc.stderr, re.M):
+                parts[_part_of_dispatch(m.group(1))] += float(m.group(2)) * {"ms": 1, "us": 1e-3, "ns": 1e-6}[m.group(3)]
+            if calls and int(calls.group(1)):
+                result["iree_host"] = {k: round(v / int(calls.group(1)), 1) for k, v in parts.items()}
     return result
 
 
@@ -231,6 +311,11 @@ def bench_model(wrapper: Path, cache: Path, runs: int, log=print, with_iree: boo
         if "patched" in got:
             row["reference_patched"] = got["patched"]
         log(f"  {runtime:<14} {got['median_ms']:9.1f} ms  {got['peak_rss_gib']:.2f} GiB")
+    proc = _spawn([sys.executable, __file__, "--child", str(out), "breakdown", "--runs", str(runs)])
+    if proc.returncode == 0:
+        row["breakdown_ms"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    else:
+        row.setdefault("errors", {})["breakdown"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
     base = row["latency_ms"].get("predict")
     if base:
         row["ratio_to_predict"] = {k: round(v / base, 2) for k, v in row["latency_ms"].items()}
@@ -239,13 +324,13 @@ def bench_model(wrapper: Path, cache: Path, runs: int, log=print, with_iree: boo
     return row
 
 
-def write_report(rows: list[dict], runs: int, note: str = "") -> None:
+def write_report(rows: list[dict], runs: int, notes: list[str] = ()) -> None:
     import torch
 
     DOCS.mkdir(exist_ok=True)
     machine = {"cpus": len(os.sched_getaffinity(0)), "cpu_ids": sorted(os.sched_getaffinity(0)), "python": platform.python_version(), "torch": torch.__version__}
     (DOCS / "bench_models.json").write_text(
-        json.dumps({"machine": machine, "runs": runs, "models": rows}, indent=2) + "\n"
+        json.dumps({"machine": machine, "runs": runs, "notes": list(notes), "models": rows}, indent=2) + "\n"
     )
     runtimes = sorted({k for r in rows for k in r.get("latency_ms", {})}, key=_runtime_order)
     lines = [
@@ -258,7 +343,7 @@ def write_report(rows: list[dict], runs: int, note: str = "") -> None:
         "on a CPU). Peak RSS is the child process's, Python + torch included. Every runtime uses as many threads "
         "as the process has CPUs.",
         "",
-        *([note, ""] if note else []),
+        *[line for note in notes for line in (note, "")],
         "| model | GFLOP | floor ms | " + " | ".join(runtimes) + " | export s / GiB |",
         "|---|---:|---:|" + "---:|" * len(runtimes) + "---:|",
     ]
@@ -303,6 +388,23 @@ def write_report(rows: list[dict], runs: int, note: str = "") -> None:
         a = f"{lat['onnx'] / floor:.2f}× {'✓' if lat['onnx'] / floor <= 1.15 else '✗'}" if floor else ""
         b = f"{lat[tuned] / lat['onnx']:.2f}× {'✓' if lat[tuned] / lat['onnx'] <= 1.2 else '✗'}" if tuned in lat else "not compiled"
         lines.append(f"| {name} | {a} | {b} |")
+    lines += [
+        "",
+        "Per-part breakdown on **one thread** (ms per call: onnxruntime's profiler by op type, IREE's "
+        "`--print_device_statistics` by dispatch, which sums the workers' tile times, hence one thread; kernel "
+        "time only, so the sums are below one-thread latencies). conv: convolutions; matmul: "
+        "MatMul / Gemm (deconvolutions as MatMul, PFN / VFE linears, 1x1 heads after the graph forms); layout: "
+        "transposes, onnxruntime's NCHWc reorders, IREE's data-tiling packs; other: the rest (scatter, "
+        "elementwise, reductions).",
+        "",
+        "| model | runtime | " + " | ".join(PARTS) + " | sum |",
+        "|---|---|" + "---:|" * (len(PARTS) + 1),
+    ]
+    for r in rows:
+        for runtime, parts in r.get("breakdown_ms", {}).items():
+            name = r["wrapper"].removeprefix("wrapper_").removesuffix(".py")
+            cells = [f"{parts.get(k, 0):.1f}" for k in PARTS]
+            lines.append(f"| {name} | {runtime} | " + " | ".join(cells) + f" | {sum(parts.values()):.1f} |")
     lines += [
         "",
         "Peak RSS (GiB) per runtime:",
@@ -370,6 +472,9 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=REPO / "bench" / "results", help="export cache (reused)")
     parser.add_argument("--note", default="", help="a sentence on the conditions, written into the report")
     parser.add_argument(
+        "--merge", action="store_true", help="keep the other models' rows (and notes) of docs/bench_models.json"
+    )
+    parser.add_argument(
         "--skip-iree", nargs="*", default=[], help="wrappers (substrings) exported without IREE (SECOND: iree-compile >18 min)"
     )
     parser.add_argument("--child", nargs=2, metavar=("EXPORT_DIR", "RUNTIME"), help=argparse.SUPPRESS)
@@ -387,7 +492,13 @@ def main() -> int:
         print(f"{wrapper.name}", flush=True)
         with_iree = not any(m in wrapper.name for m in args.skip_iree)
         rows.append(bench_model(wrapper, args.cache, args.runs, with_iree=with_iree))
-    write_report(rows, args.runs, args.note)
+    notes = [args.note] if args.note else []
+    if args.merge and (DOCS / "bench_models.json").is_file():
+        old = json.loads((DOCS / "bench_models.json").read_text())
+        fresh = {r["wrapper"] for r in rows}
+        rows = sorted([r for r in old["models"] if r["wrapper"] not in fresh] + rows, key=lambda r: r["wrapper"])
+        notes = old.get("notes", []) + notes
+    write_report(rows, args.runs, notes)
     return 0
 
 
