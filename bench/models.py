@@ -200,12 +200,14 @@ def _breakdown(export_dir: Path, names: list[str], saved, threads: int, runs: in
                  "--benchmark_min_time=1x", "--print_device_statistics"],
                 capture_output=True, text=True,
             )
-            calls = re.search(r"host_execute_queue p=0 q=0 execute\s+count=(\d+)", proc.stdout + proc.stderr)
+            text = proc.stdout + proc.stderr
+            # one "execute" line per call (submission)
+            calls = sum(int(c) for c in re.findall(r"host_execute_queue p=\d+ q=\d+ execute\s+count=(\d+)", text))
             parts = dict.fromkeys(PARTS, 0.0)
-            for m in re.finditer(r"^\s*host_execute (\S+)\s+count=\d+ total=([0-9.]+) (ms|us|ns)", proc.stdout + proc.stderr, re.M):
+            for m in re.finditer(r"^\s*host_execute (\S+)\s+count=\d+ total=([0-9.]+) (ms|us|ns)", text, re.M):
                 parts[_part_of_dispatch(m.group(1))] += float(m.group(2)) * {"ms": 1, "us": 1e-3, "ns": 1e-6}[m.group(3)]
-            if calls and int(calls.group(1)):
-                result["iree_host"] = {k: round(v / int(calls.group(1)), 1) for k, v in parts.items()}
+            if calls:
+                result["iree_host"] = {k: round(v / calls, 1) for k, v in parts.items()}
     return result
 
 
