@@ -326,6 +326,11 @@ def bench_model(wrapper: Path, cache: Path, runs: int, log=print, with_iree: boo
     return row
 
 
+def _model_name(row: dict) -> str:
+    """``wrapper_<model>.py`` -> ``<model>``."""
+    return row["wrapper"].removeprefix("wrapper_").removesuffix(".py")
+
+
 def write_report(rows: list[dict], runs: int, notes: list[str] = ()) -> None:
     import torch
 
@@ -350,7 +355,7 @@ def write_report(rows: list[dict], runs: int, notes: list[str] = ()) -> None:
         "|---|---:|---:|" + "---:|" * len(runtimes) + "---:|",
     ]
     for r in rows:
-        name = r["wrapper"].removeprefix("wrapper_").removesuffix(".py")
+        name = _model_name(r)
         if not r.get("export_ok"):
             lines.append(
                 f"| {name} | | | " + " | ".join("" for _ in runtimes) + f" | failed: {r.get('error', '')[:80]} |"
@@ -386,7 +391,7 @@ def write_report(rows: list[dict], runs: int, notes: list[str] = ()) -> None:
         lat, floor = r.get("latency_ms", {}), r.get("fp32_floor_ms")
         if "onnx" not in lat:
             continue
-        name = r["wrapper"].removeprefix("wrapper_").removesuffix(".py")
+        name = _model_name(r)
         a = f"{lat['onnx'] / floor:.2f}× {'✓' if lat['onnx'] / floor <= 1.15 else '✗'}" if floor else ""
         b = f"{lat[tuned] / lat['onnx']:.2f}× {'✓' if lat[tuned] / lat['onnx'] <= 1.2 else '✗'}" if tuned in lat else "not compiled"
         lines.append(f"| {name} | {a} | {b} |")
@@ -404,7 +409,7 @@ def write_report(rows: list[dict], runs: int, notes: list[str] = ()) -> None:
     ]
     for r in rows:
         for runtime, parts in r.get("breakdown_ms", {}).items():
-            name = r["wrapper"].removeprefix("wrapper_").removesuffix(".py")
+            name = _model_name(r)
             cells = [f"{parts.get(k, 0):.1f}" for k in PARTS]
             lines.append(f"| {name} | {runtime} | " + " | ".join(cells) + f" | {sum(parts.values()):.1f} |")
     lines += [
@@ -416,7 +421,7 @@ def write_report(rows: list[dict], runs: int, notes: list[str] = ()) -> None:
     ]
     for r in rows:
         if r.get("export_ok"):
-            name = r["wrapper"].removeprefix("wrapper_").removesuffix(".py")
+            name = _model_name(r)
             lines.append(f"| {name} | " + " | ".join(str(r["peak_rss_gib"].get(k, "")) for k in runtimes) + " |")
     errors = [(r["wrapper"], k, e) for r in rows for k, e in r.get("errors", {}).items()]
     errors += [
@@ -454,7 +459,7 @@ def _chart(rows: list[dict], runtimes: list[str]) -> None:
     ax.axhline(1.0, color="k", linewidth=0.6)
     ax.set_xticks(
         x,
-        [r["wrapper"].removeprefix("wrapper_").removesuffix(".py")[:28] for r in rows],
+        [_model_name(r)[:28] for r in rows],
         rotation=25,
         ha="right",
         fontsize=7,

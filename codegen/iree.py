@@ -115,10 +115,10 @@ def iree_onnx(onnx_path: Path, out_path: Path, static: dict[str, int] | None = N
             for d in value.type.tensor_type.shape.dim:
                 if d.dim_param in static:
                     d.dim_value = static[d.dim_param]
-    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     cleanup = drop_empty_concat_inputs(model)
     cleanup += list_constants_as_initializers(model)
-    # model.onnx has the CPU forms already; pinned shapes (static) can make more nodes eligible
+    # model.onnx has the CPU forms already; pinned shapes (static) can make more nodes eligible.
+    # cpu_forms infers the shapes (the clean-ups need none)
     rewrites = cpu_forms(model) + cleanup
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
