@@ -204,6 +204,63 @@ def test_vfe_concat_matmul_form_is_the_same_function(tmp_path):
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
 
 
+def test_voxel_max_moves_before_relu_and_shifts(tmp_path):
+    """A VFE layer's tail in miniature: per-point MatMul, a per-voxel term and a per-channel
+    shift added, ReLU, the max over the points. The max moves first and the result is
+    bit-identical. A term that varies over the points stops the move (the shift still moves);
+    with a second reader of the ReLU (a VFE layer that is not the last) nothing moves."""
+    rng = np.random.default_rng(5)
+    inits = {
+        "w": rng.standard_normal((6, 8)).astype(np.float32),
+        "shift": rng.standard_normal(8).astype(np.float32),
+        "axis1": np.array([1], np.int64),
+    }
+    for case in ("last layer", "relu read twice", "term varies over points"):
+        per_voxel = ["num_voxels", 5, 8] if case == "term varies over points" else ["num_voxels", 1, 8]
+        nodes = [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("Add", ["h", "v"], ["hv"]),
+            helper.make_node("Add", ["hv", "shift"], ["s"]),
+            helper.make_node("Relu", ["s"], ["r"]),
+            helper.make_node("ReduceMax", ["r", "axis1"], ["y"], keepdims=1, name="max"),
+        ]
+        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+        if case == "relu read twice":
+            outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+        graph = helper.make_graph(
+            nodes,
+            "main_graph",
+            [
+                helper.make_tensor_value_info("x", TensorProto.FLOAT, ["num_voxels", 5, 6]),
+                helper.make_tensor_value_info("v", TensorProto.FLOAT, per_voxel),
+            ],
+            outputs,
+            [numpy_helper.from_array(v, k) for k, v in inits.items()],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        model.ir_version = 10
+        onnx.save(model, str(tmp_path / "model.onnx"))
+        rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx")
+        ops = [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
+        if case == "relu read twice":
+            assert rewrites == [] and ops == ["MatMul", "Add", "Add", "Relu", "ReduceMax"]
+            continue
+        if case == "last layer":
+            assert rewrites == ["ReduceMax max moved before its ReLU and 2 Adds"]
+            assert ops == ["MatMul", "ReduceMax", "Add", "Add", "Relu"]
+        else:
+            assert rewrites == ["ReduceMax max moved before its ReLU and 1 Add"]
+            assert ops == ["MatMul", "Add", "ReduceMax", "Add", "Relu"]
+        feeds = {
+            "x": rng.standard_normal((9, 5, 6)).astype(np.float32),
+            "v": rng.standard_normal([9, *per_voxel[1:]]).astype(np.float32),
+        }
+        before = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)[0]
+        after = ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, feeds)[0]
+        assert after.shape == before.shape == (9, 1, 8)
+        np.testing.assert_array_equal(after, before)
+
+
 def test_empty_gathers_leave_concats(tmp_path):
     """``Concat(Gather(Shape(x), []), ...)`` (unoptimised shape arithmetic that IREE's importer
     rejects) loses the empty input; the graph computes the same."""
