@@ -261,6 +261,47 @@ def test_voxel_max_moves_before_relu_and_shifts(tmp_path):
         np.testing.assert_array_equal(after, before)
 
 
+def test_column_writes_become_one_concat(tmp_path):
+    """HardVFE's ``f_center[:, :, i] = ...`` for i = 0, 1, 2 in miniature: three exported
+    ScatterElements (an Identity between them, as torch emits) become one Concat of the three
+    columns, and the values are the same; a column write with a reduction stays a scatter."""
+    rng = np.random.default_rng(6)
+    for reduction in ("none", "add"):
+        nodes = [helper.make_node("ConstantOfShape", ["shape"], ["zeros"])]
+        data = "zeros"
+        for i in range(3):
+            nodes += [
+                helper.make_node("Shape", [f"u{i}"], [f"shape{i}"]),
+                helper.make_node("Expand", [f"c{i}", f"shape{i}"], [f"index{i}"]),
+                helper.make_node("ScatterElements", [data, f"index{i}", f"u{i}"], [f"w{i}"], axis=2, reduction=reduction),
+                helper.make_node("Identity", [f"w{i}"], [f"f{i}"]),
+            ]
+            data = f"f{i}"
+        inits = {f"c{i}": np.array(i, np.int64) for i in range(3)} | {"shape": np.array([7, 4, 3], np.int64)}
+        graph = helper.make_graph(
+            nodes,
+            "main_graph",
+            [helper.make_tensor_value_info(f"u{i}", TensorProto.FLOAT, [7, 4, 1]) for i in range(3)],
+            [helper.make_tensor_value_info("f2", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(v, k) for k, v in inits.items()],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        model.ir_version = 10
+        onnx.save(model, str(tmp_path / "model.onnx"))
+        rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx")
+        ops = [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
+        if reduction == "add":
+            assert rewrites == [] and ops.count("ScatterElements") == 3
+            continue
+        assert rewrites == [f"ScatterElements w{i} (index {i} of 3 along axis 2) as Concat" for i in range(3)]
+        assert ops == ["Concat", "Identity"]  # the Identity names the graph output
+        feeds = {f"u{i}": rng.standard_normal((7, 4, 1)).astype(np.float32) for i in range(3)}
+        before = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)[0]
+        after = ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, feeds)[0]
+        np.testing.assert_array_equal(after, before)
+        np.testing.assert_array_equal(after, np.concatenate([feeds[f"u{i}"] for i in range(3)], axis=2))
+
+
 def test_empty_gathers_leave_concats(tmp_path):
     """``Concat(Gather(Shape(x), []), ...)`` (unoptimised shape arithmetic that IREE's importer
     rejects) loses the empty input; the graph computes the same."""
