@@ -56,7 +56,7 @@ def _child(export_dir: Path, runtime: str, runs: int) -> dict:
 
     from codegen import sample as smp
     from codegen.export import import_wrapper
-    from codegen.generate import reference_context
+    from codegen.generate import predict_context
     from codegen.recipes import BY_NAME
 
     # every runtime uses the CPUs this process may run on (``taskset -c 0`` benches one core)
@@ -81,7 +81,7 @@ def _child(export_dir: Path, runtime: str, runs: int) -> dict:
             s = smp.sample_frame(model, module.FRAME)
 
             def fn():
-                with torch.no_grad(), reference_context(recipe, module.BATCH_SIZE):
+                with torch.no_grad(), predict_context(recipe, module.BATCH_SIZE):
                     model.predict(smp.clone_tree(s.data["inputs"]), s.data["data_samples"])
 
         elif runtime == "eager_head":

@@ -19,7 +19,7 @@ from . import sample as smp
 from .configs import resolve_config
 from .errors import ExportError, ValidationFailed, first_line
 from .boxes import BOX_OUTPUTS
-from .generate import Generated, analyse_inputs, analyse_outputs, reference_context
+from .generate import Generated, analyse_inputs, analyse_outputs, predict_context
 from .graph_forms import cpu_forms
 from .metadata import build_metadata, parse_formats
 from .ops.points import unroll_default
@@ -303,7 +303,7 @@ def run_export(
                     recipe.atol,
                     recipe.rtol,
                     reference=lambda i: predicted_boxes(
-                        model, samples[i], lambda: reference_context(recipe, analysis.batch_size)
+                        model, samples[i], lambda: predict_context(recipe, analysis.batch_size)
                     ),
                     normalize=valid_boxes_by_score,
                     reference_name=recipe.reference,

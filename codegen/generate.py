@@ -164,6 +164,16 @@ def reference_context(recipe: Recipe, batch_size: int):
     return contextlib.nullcontext()
 
 
+def predict_context(recipe: Recipe, batch_size: int):
+    """What mmdet3d's full ``model.predict`` runs under: nothing for the original model; for a
+    recipe with ``reference="patched"`` its ``predict_patches`` (else its tensor-path patches)."""
+    if recipe.reference == "patched":
+        from . import patches
+
+        return patches.applied(recipe.predict_patches or recipe.patches, batch_size=batch_size)
+    return contextlib.nullcontext()
+
+
 def _run_once(model, recipe: Recipe, s: smp.Sample, batch_size: int):
     """The reference tensor path (the original model's, or the patched one for a recipe with
     ``reference="patched"``) on a copy of the sample (the model may write into it)."""

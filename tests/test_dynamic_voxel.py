@@ -24,7 +24,7 @@ from mmcv.ops.voxelize import voxelization as mmcv_voxelization
 
 from codegen import patches, sample
 from codegen.configs import resolve_config
-from codegen.generate import run_tensor_path
+from codegen.generate import predict_context, run_tensor_path
 from codegen.ops.scatter import scatter_to_bev
 from codegen.recipes import recipe_for
 from conftest import REPO, frame_path
@@ -234,6 +234,20 @@ def test_patched_model_equals_mmdet3d_code_path(config, request):
     for r, o in zip(ref, out):
         assert r.abs().max() > 0
         torch.testing.assert_close(o, r, atol=1e-6, rtol=1e-6)
+
+
+def test_predict_runs_under_the_recipe_predict_patches(pp_dv):
+    """mmdet3d's full predict (voxelization, head, box decoding, NMS) fails on this CPU and runs
+    under the recipe's ``predict_patches`` (what bench/models.py and ``--outputs boxes``' reference
+    use)."""
+    model, data = pp_dv
+    recipe = recipe_for(model.cfg.model)
+    with torch.no_grad(), pytest.raises(Exception, match="not found|CUDA"):
+        model.predict(sample.clone_tree(data["inputs"]), data["data_samples"])
+    with torch.no_grad(), predict_context(recipe, 1):
+        pred = model.predict(sample.clone_tree(data["inputs"]), data["data_samples"])[0].pred_instances_3d
+    n = pred.scores_3d.shape[0]
+    assert n > 0 and pred.bboxes_3d.tensor.shape == (n, 7) and torch.isfinite(pred.bboxes_3d.tensor).all()
 
 
 # ------------------------------------------------------------------ (b, c) one-shot CLI export

@@ -8,6 +8,7 @@ import torch
 from codegen import patches
 from codegen import sample as smp
 from codegen.patches.points import POINT_PATCHES
+from codegen.recipes import recipe_for
 from conftest import frame_path
 
 VOTENET = "votenet_8xb16_sunrgbd-3d"
@@ -30,6 +31,7 @@ def test_votenet_cannot_run_on_cpu_without_the_patches(votenet):
 def test_votenet_predicts_on_cpu_with_the_patches(votenet):
     model, s = votenet
     assert s.data["inputs"]["points"][0].shape == (20000, 4)  # SUN RGB-D pipeline: PointSample 20000
+    assert recipe_for(model.cfg.model).predict_patches == POINT_PATCHES  # what bench and --outputs boxes use
     with torch.no_grad(), patches.applied(POINT_PATCHES):
         pred = model.predict(smp.clone_tree(s.data["inputs"]), s.data["data_samples"])[0].pred_instances_3d
         again = model.predict(smp.clone_tree(s.data["inputs"]), s.data["data_samples"])[0].pred_instances_3d

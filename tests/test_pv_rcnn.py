@@ -62,6 +62,7 @@ def test_recipe():
     recipe = recipe_for(smp.load_config(resolve_config(PV_RCNN)).model)
     assert recipe.name == "pv_rcnn" and recipe.reference == "patched"
     assert set(STACKED_POINT_PATCHES + PV_RCNN_PATCHES + SPCONV) == set(recipe.patches)
+    assert recipe.predict_patches == STACKED_POINT_PATCHES  # mmdet3d's own predict: test below
 
 
 def test_pv_rcnn_cannot_run_on_cpu_without_the_patches(pv_rcnn):

@@ -16,7 +16,7 @@ from ..errors import ExportError
 from ..patches.bevfusion import CAMERA_PATCHES as BEVFUSION_CAMERA_PATCHES
 from ..patches.bevfusion import LIDAR_PATCHES as BEVFUSION_LIDAR_PATCHES
 from ..patches.bevfusion import reselect_queries
-from ..patches.points import POINT_OP_PATCHES, STACKED_POINT_PATCHES, reselect_topk
+from ..patches.points import POINT_OP_PATCHES, POINT_PATCHES, STACKED_POINT_PATCHES, reselect_topk
 from ..patches.pv_rcnn import PV_RCNN_PATCHES
 
 
@@ -103,6 +103,10 @@ class Recipe:
     # (the patched eager wrapper, for models whose original cannot run here, e.g. mmcv ops
     # without a CPU kernel); generate's sample run uses the same
     reference: str = "original"
+    # the patches under which mmdet3d's own ``model.predict`` (voxelization, box decoding and
+    # post-processing included) runs on this CPU, for recipes whose original cannot; None: the
+    # recipe's ``patches`` (the tensor path's) suffice
+    predict_patches: tuple[str, ...] | None = None
     # component type -> patches, replacing COMPONENT_PATCHES' entry for this recipe only
     component_patches: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # validate.validate's reselect, bound by export: for outputs that hang on a choice among tied
@@ -180,6 +184,7 @@ RECIPES: tuple[Recipe, ...] = (
         call="self.model._forward(batch_inputs_dict)",
         head="bbox_head",
         reference="patched",  # mmcv's DynamicScatter has no CPU kernel
+        predict_patches=("dynamic_scatter.torch",),
         component_patches=PADDED_MIDDLE_ENCODERS,
     ),
 )
@@ -193,6 +198,7 @@ RECIPES += (
         call="self.model._forward(batch_inputs_dict)",
         head="bbox_head",
         reference="patched",  # mmcv's point ops are CUDA-only: the original cannot run on a CPU
+        predict_patches=POINT_PATCHES,  # + the points-in-boxes ops of the box post-processing
         reselect=reselect_topk,  # Group-Free 3D's top-k seed sampling among near-equal logits
         # not 3DSSD (SSD3DNet): it exports (PT2 0), but its F-FPS samples by distances between
         # learned features, where onnxruntime's float error (1e-6) changes the picks (seed_indices
@@ -234,6 +240,7 @@ RECIPES += (
         call="self.model._forward(batch_inputs_dict)",  # patches.pv_rcnn: fixed-K two-stage forward
         head="rpn_head",
         reference="patched",  # mmcv's stacked point ops are CUDA-only: the original cannot run on a CPU
+        predict_patches=STACKED_POINT_PATCHES,  # the original two-stage predict with the stacked ops swapped
         heads={"PartA2RPNHead": Head((), descriptions=PV_RCNN_OUTPUTS)},  # patches.pv_rcnn's two-stage forward
     ),
 )
