@@ -438,7 +438,9 @@ def hoist_max_over_bias_relu(model) -> list[str]:
 
     found = {}  # id(ReduceMax) -> (x, [c innermost first], relu)
     for node in graph.node:
-        relu = producer.get(node.input[0]) if node.op_type == "ReduceMax" else None
+        if node.op_type != "ReduceMax":
+            continue
+        relu = producer.get(node.input[0])
         keepdims = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "keepdims"), 1)
         axes = _axes(node, inits, helper, numpy_helper) if relu is not None else None
         rank = len(shapes.get(node.input[0]) or [])

@@ -267,7 +267,10 @@ def test_column_writes_become_one_concat(tmp_path):
     columns, and the values are the same; a column write with a reduction stays a scatter."""
     rng = np.random.default_rng(6)
     for reduction in ("none", "add"):
-        nodes = [helper.make_node("ConstantOfShape", ["shape"], ["zeros"])]
+        nodes = [  # a node without inputs too (every form must pass over it)
+            helper.make_node("Constant", [], ["shape"], value=numpy_helper.from_array(np.array([7, 4, 3], np.int64))),
+            helper.make_node("ConstantOfShape", ["shape"], ["zeros"]),
+        ]
         data = "zeros"
         for i in range(3):
             nodes += [
@@ -277,7 +280,7 @@ def test_column_writes_become_one_concat(tmp_path):
                 helper.make_node("Identity", [f"w{i}"], [f"f{i}"]),
             ]
             data = f"f{i}"
-        inits = {f"c{i}": np.array(i, np.int64) for i in range(3)} | {"shape": np.array([7, 4, 3], np.int64)}
+        inits = {f"c{i}": np.array(i, np.int64) for i in range(3)}
         graph = helper.make_graph(
             nodes,
             "main_graph",
