@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .ops.nms import box_iou_rotated, greedy_nms, nms_bev_fixed, nms_normal_bev_fixed, priority_weight, top_k_indices, xyxyr_to_xywhr
+from .ops.nms import box_iou_rotated, greedy_nms, nms_bev_fixed, nms_normal_bev_fixed, priority_weight, top_k_indices, top_k_mask, xyxyr_to_xywhr
 
 BOX_OUTPUTS = ("bboxes_3d", "scores_3d", "labels_3d", "num_boxes")
 
@@ -174,15 +174,11 @@ def topk_ordered(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     ordered by value descending then index ascending.  ``torch.topk`` leaves the order of equal
     values (and which of them make the cut) unspecified in eager while ONNX TopK takes the
     lower index, so the raw op could give the exported graph another box order than eager.
-    Here TopK only ranks distinct keys: the k-th largest value fixes the set (the first tied
-    values by index fill it up), a TopK over ``-index`` lists that set by index, and
+    Here TopK only ranks distinct keys: ``top_k_mask`` fixes the set (the first tied values by
+    index fill it up at the cut), a TopK over ``-index`` lists that set by index, and
     ``_rank_order`` sorts it by value (``x.shape[-1] < 2**24``)."""
     n = x.shape[-1]
-    kth = torch.topk(x, k, dim=-1).values[..., k - 1 :]
-    above = x > kth
-    tied = x == kth
-    need = k - above.sum(-1, keepdim=True)
-    take = above | (tied & (torch.cumsum(tied.to(torch.int64), -1) <= need))
+    take = top_k_mask(x, k)
     index = torch.arange(n, device=x.device).to(torch.float32)
     key = torch.where(take, -index, torch.full_like(index, -math.inf))
     idx = torch.topk(key, k, dim=-1).indices  # the taken ones by increasing index

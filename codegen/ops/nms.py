@@ -445,19 +445,28 @@ def nms_rotated_fixed(
     return _nms_rotated(boxes, scores, iou_threshold, max_out, clockwise, valid, unroll)
 
 
+def top_k_mask(x: Tensor, k: int) -> Tensor:
+    """Which entries are the ``k`` largest along the last axis (bool, the shape of ``x``), equal
+    values by lower index, also at the cut (``x.shape[-1] >= k``). A values-only TopK finds the
+    k-th largest value; a CumSum over the entries tied with it takes the first ones by index.
+    ``torch.topk``'s own choice among ties is unspecified in eager, where ONNX TopK takes the
+    lower index: this mask is the same on every runtime."""
+    kth = torch.topk(x, k, dim=-1).values[..., k - 1 :]
+    above = x > kth
+    tied = x == kth
+    need = k - above.sum(-1, keepdim=True)
+    return above | (tied & (torch.cumsum(tied.to(torch.int64), -1) <= need))
+
+
 def top_k_indices(scores: Tensor, k: int) -> Tensor:
     """Indices ``[k]`` (in increasing index order) of the ``k`` best ``scores`` ``[N]``, equal
     scores by lower index, also at the cut; ``N < k`` is allowed (indices ``>= N`` then mark
-    padding).  Built from two *values-only* TopKs over a static ``k`` (the k-th best score, then
-    the taken indices encoded as exact float keys) and a CumSum for the ties: IREE 3.13 fails
-    to compile a TopK whose indices output is used over a dynamic axis, and ``torch.topk``'s own
-    tie order is unspecified in eager."""
+    padding).  Built from two *values-only* TopKs over a static ``k`` (``top_k_mask``, then the
+    taken indices encoded as exact float keys): IREE 3.13 fails to compile a TopK whose indices
+    output is used over a dynamic axis."""
     n = scores.shape[0]
     padded = torch.cat((scores, scores.new_full((k,), -math.inf)))
-    kth = torch.topk(padded, k).values[k - 1]
-    above = padded > kth
-    tied = padded == kth
-    take = above | (tied & (torch.cumsum(tied.to(torch.int64), 0) <= k - above.sum()))
+    take = top_k_mask(padded, k)
     position = torch.arange(n + k, device=scores.device).to(torch.float32)  # exact below 2**24
     key = torch.where(take, position, position + (n + k))
     return torch.topk(key, k, largest=False).values.to(torch.int64)
