@@ -223,11 +223,13 @@ def _spawn(args: list[str], timeout: float = 3600) -> subprocess.CompletedProces
 
 def _export(wrapper: Path, cache: Path, with_iree: bool = True) -> tuple[Path, dict]:
     """Export (PT2 + ONNX + the validated IREE vmfb) once per wrapper text, IREE presets and
-    graph forms; compile the extra presets."""
-    from codegen import graph_forms, iree
+    exporter source (every file of ``codegen/``: op library, patches, graph forms); compile the
+    extra presets."""
+    from codegen import iree
 
     key = wrapper.read_bytes() + json.dumps([iree.PRESETS, with_iree], sort_keys=True).encode()
-    digest = hashlib.sha256(key + Path(graph_forms.__file__).read_bytes()).hexdigest()[:16]
+    key += b"".join(p.read_bytes() for p in sorted((REPO / "codegen").rglob("*.py")))
+    digest = hashlib.sha256(key).hexdigest()[:16]
     out = cache / wrapper.stem.removeprefix("wrapper_")
     stamp = out / "bench.stamp"
     if stamp.is_file() and stamp.read_text() == digest:
