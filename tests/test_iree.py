@@ -47,6 +47,20 @@ def test_bad_format_is_one_error_line():
 # ------------------------------------------------------------------ graph forms
 
 
+def _save(graph, path) -> None:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+
+
+def _forms(tmp_path, graph) -> tuple[list[str], list[str]]:
+    """``graph`` saved as model.onnx and put through the forms (``iree_onnx``) into iree.onnx:
+    what was rewritten and the rewritten graph's op types."""
+    _save(graph, tmp_path / "model.onnx")
+    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx")
+    return rewrites, [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
+
+
 def _secondfpn_like(path, seed=0):
     """SECONDFPN + Anchor3DHead in miniature: three ConvTranspose upsamplings (kernel = stride,
     with bias) of three scales, ReLU, a channel Concat read by three 1x1 Convs; plus a
@@ -81,9 +95,7 @@ def _secondfpn_like(path, seed=0):
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("cls", "reg", "dir", "other")],
         [numpy_helper.from_array(v, k) for k, v in inits.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 10
-    onnx.save(model, str(path))
+    _save(graph, path)
     return {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
 
 
@@ -140,11 +152,7 @@ def test_pfn_batchnorm_folds_into_its_matmul(tmp_path):
             nodes, "main_graph", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["num_voxels", 32, 10])], outputs,
             [numpy_helper.from_array(v, k) for k, v in inits.items()],
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-        model.ir_version = 10
-        onnx.save(model, str(tmp_path / "model.onnx"))
-        rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx")
-        ops = [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
+        rewrites, ops = _forms(tmp_path, graph)
         if not folded:
             assert rewrites == [] and "BatchNormalization" in ops
             continue
@@ -186,9 +194,7 @@ def _vfe_like(path, seed=1):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(v, k) for k, v in inits.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 10
-    onnx.save(model, str(path))
+    _save(graph, path)
     return {"x": rng.standard_normal((9, 4, 5)).astype(np.float32)}
 
 
@@ -237,11 +243,7 @@ def test_voxel_max_moves_before_relu_and_shifts(tmp_path):
             outputs,
             [numpy_helper.from_array(v, k) for k, v in inits.items()],
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-        model.ir_version = 10
-        onnx.save(model, str(tmp_path / "model.onnx"))
-        rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx")
-        ops = [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
+        rewrites, ops = _forms(tmp_path, graph)
         if case == "relu read twice":
             assert rewrites == [] and ops == ["MatMul", "Add", "Add", "Relu", "ReduceMax"]
             continue
@@ -288,11 +290,7 @@ def test_column_writes_become_one_concat(tmp_path):
             [helper.make_tensor_value_info("f2", TensorProto.FLOAT, None)],
             [numpy_helper.from_array(v, k) for k, v in inits.items()],
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-        model.ir_version = 10
-        onnx.save(model, str(tmp_path / "model.onnx"))
-        rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx")
-        ops = [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
+        rewrites, ops = _forms(tmp_path, graph)
         if reduction == "add":
             assert rewrites == [] and ops.count("ScatterElements") == 3
             continue
@@ -324,9 +322,7 @@ def test_empty_gathers_leave_concats(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(np.array([-1, 1], np.int64), "two")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 10
-    onnx.save(model, str(tmp_path / "model.onnx"))
+    _save(graph, tmp_path / "model.onnx")
     rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx")
     assert rewrites == ["1 empty Gather(..., []) inputs dropped from Concats"]
     ops = [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
@@ -348,9 +344,7 @@ def test_list_constants_become_initializers(tmp_path):
         [helper.make_tensor_value_info("x", TensorProto.INT64, ["n"])],
         [helper.make_tensor_value_info("y", TensorProto.INT64, None)],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 10
-    onnx.save(model, str(tmp_path / "model.onnx"))
+    _save(graph, tmp_path / "model.onnx")
     rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx")
     assert rewrites == ["1 list-valued Constants as initializers"]
     rewritten = onnx.load(str(tmp_path / "iree.onnx"))
