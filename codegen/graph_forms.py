@@ -329,10 +329,7 @@ def fold_transposed_batchnorms(model) -> list[str]:
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, int] = {o.name: 1 for o in graph.output}
-    for node in graph.node:
-        for name in _reads(node):
-            readers[name] = readers.get(name, 0) + 1
+    readers = _reader_counts(graph)
 
     def matmuls(name: str) -> list | None:
         """The MatMuls by constant 2-D weights whose sum ``name`` is, each output read once."""
@@ -424,10 +421,7 @@ def hoist_max_over_bias_relu(model) -> list[str]:
     inits = {t.name: t for t in graph.initializer}
     shapes = _shapes(graph)
     producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, int] = {o.name: 1 for o in graph.output}
-    for node in graph.node:
-        for name in _reads(node):
-            readers[name] = readers.get(name, 0) + 1
+    readers = _reader_counts(graph)
 
     def along(name: str, axes: list[int], rank: int) -> bool:
         """``name`` broadcasts as a constant along ``axes`` of a rank-``rank`` result."""
@@ -678,6 +672,15 @@ def cpu_forms(model) -> list[str]:
     if rewrites:
         topological_sort(model.graph)
     return rewrites
+
+
+def _reader_counts(graph) -> dict[str, int]:
+    """How many nodes read each name (a graph output counts as one reader)."""
+    readers: dict[str, int] = {o.name: 1 for o in graph.output}
+    for node in graph.node:
+        for name in _reads(node):
+            readers[name] = readers.get(name, 0) + 1
+    return readers
 
 
 def _reads(node) -> set[str]:
