@@ -130,8 +130,8 @@ def export_onnx(module: ModuleType, program, path: Path) -> list[str]:
         # nested graphs (SECOND's boxes export: a CastLike inside the autocast body, rank 0 vs 1);
         # the structural check still applies, and validation runs the graph against eager
         onnx.checker.check_model(model)
-    # stride-sized deconvolutions as MatMuls, split concatenated heads, PFN/VFE BatchNorms folded
-    # into their MatMuls: onnxruntime runs PointPillars 12 % faster, IREE needs the deconvolution
+    # the CPU graph forms (codegen/graph_forms.py: deconvolutions as MatMuls, split heads, folded
+    # BatchNorms, ...): onnxruntime runs PointPillars 12 % faster, IREE needs the deconvolution
     # form (docs/iree.md); validation checks the result against eager
     forms = cpu_forms(model)
     if forms:

@@ -154,24 +154,20 @@ def run_tensor_path(model, recipe: Recipe, inputs: dict):
     return _eval_as_wrapper(recipe.call, model, batch_inputs_dict=inputs)
 
 
-def reference_context(recipe: Recipe, batch_size: int):
-    """What the reference runs under: nothing for the original model; the recipe's patches when
-    the original cannot run here (``recipe.reference == "patched"``)."""
+def reference_context(recipe: Recipe, batch_size: int, names: tuple[str, ...] | None = None):
+    """What the reference runs under: nothing for the original model; the recipe's patches (or
+    ``names``) when the original cannot run here (``recipe.reference == "patched"``)."""
     if recipe.reference == "patched":
         from . import patches
 
-        return patches.applied(recipe.patches, batch_size=batch_size)
+        return patches.applied(names or recipe.patches, batch_size=batch_size)
     return contextlib.nullcontext()
 
 
 def predict_context(recipe: Recipe, batch_size: int):
-    """What mmdet3d's full ``model.predict`` runs under: nothing for the original model; for a
-    recipe with ``reference="patched"`` its ``predict_patches`` (else its tensor-path patches)."""
-    if recipe.reference == "patched":
-        from . import patches
-
-        return patches.applied(recipe.predict_patches or recipe.patches, batch_size=batch_size)
-    return contextlib.nullcontext()
+    """What mmdet3d's full ``model.predict`` runs under: ``reference_context`` with the recipe's
+    ``predict_patches`` (else its tensor-path patches)."""
+    return reference_context(recipe, batch_size, recipe.predict_patches)
 
 
 def _run_once(model, recipe: Recipe, s: smp.Sample, batch_size: int):

@@ -508,9 +508,12 @@ def select_scatters_as_concats(model) -> list[str]:
     built: dict[str, tuple[int, list]] = {}  # a form's output -> (axis, [(part, width), ...])
     done, nodes = [], []
     for node in graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute} if node.op_type == "ScatterElements" else {}
-        expand = producer.get(node.input[1]) if node.op_type == "ScatterElements" else None
-        data, updates = (shapes.get(node.input[0]), shapes.get(node.input[2])) if expand is not None else (None, None)
+        if node.op_type != "ScatterElements":
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        expand = producer.get(node.input[1])
+        data, updates = shapes.get(node.input[0]), shapes.get(node.input[2])
         index = constant(expand.input[0]) if expand is not None and expand.op_type == "Expand" else None
         if index is None or index.size != 1 or not data or not updates or len(data) != len(updates):
             nodes.append(node)
@@ -528,22 +531,21 @@ def select_scatters_as_concats(model) -> list[str]:
         while source not in built and source in producer and producer[source].op_type == "Identity":
             source = producer[source].input[0]
         parts = built[source][1] if built.get(source, (None,))[0] == axis else [(node.input[0], size)]
-        kept, offset = [], 0
+        before, after, offset = [], [], 0  # the parts left of index c and right of it
         for name, width in parts:
-            for start, end in ((offset, min(offset + width, c)), (max(offset, c + 1), offset + width)):
+            for side, start, end in ((before, offset, min(offset + width, c)), (after, max(offset, c + 1), offset + width)):
                 if start >= end:
                     continue
                 if end - start == width:
-                    kept.append((name, width))
+                    side.append((name, width))
                     continue
-                piece = f"{p}_slice{len(kept)}"
+                piece = f"{p}_slice{len(before) + len(after)}"
                 for key, value in (("starts", start - offset), ("ends", end - offset), ("axes", axis)):
                     graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), f"{piece}_{key}"))
                 nodes.append(helper.make_node("Slice", [name, f"{piece}_starts", f"{piece}_ends", f"{piece}_axes"], [piece], name=piece))
-                kept.append((piece, end - start))
+                side.append((piece, end - start))
             offset += width
-        at = sum(1 for _ in _prefix(kept, c))
-        kept.insert(at, (node.input[2], 1))
+        kept = before + [(node.input[2], 1)] + after
         nodes.append(helper.make_node("Concat", [name for name, _ in kept], [node.output[0]], axis=axis, name=f"{p}_concat"))
         built[node.output[0]] = (axis, kept)
         done.append(f"ScatterElements {_label(node)} (index {c} of {size} along axis {axis}) as Concat")
@@ -553,16 +555,6 @@ def select_scatters_as_concats(model) -> list[str]:
     graph.node.extend(nodes)
     remove_dead_nodes(model)
     return done
-
-
-def _prefix(parts: list, end: int):
-    """The leading ``(name, width)`` parts that together cover ``[0, end)``."""
-    offset = 0
-    for part in parts:
-        if offset >= end:
-            return
-        yield part
-        offset += part[1]
 
 
 def drop_empty_concat_inputs(model) -> list[str]:
