@@ -11,8 +11,9 @@ against the eager model.
   ``fold_transposed_batchnorms`` (PFN / VFE BatchNorms between transposes into their MatMuls),
   ``hoist_max_over_bias_relu`` (a per-voxel max taken before the ReLU and shifts, not after),
   ``select_scatters_as_concats`` (``x[..., c] = u`` as a Concat instead of a ScatterElements);
-- ``drop_empty_concat_inputs`` and ``list_constants_as_initializers``: constructs IREE's ONNX
-  importer rejects (applied to the IREE copy only, ``codegen.iree.iree_onnx``).
+- ``drop_empty_concat_inputs``, ``list_constants_as_initializers`` and
+  ``row_max_scatters_as_scatter_nd``: constructs IREE's ONNX importer rejects (applied to the
+  IREE copy only, ``codegen.iree.iree_onnx``).
 
 docs/iree.md and docs/bench_models.md have the measurements.
 """
@@ -557,6 +558,45 @@ def select_scatters_as_concats(model) -> list[str]:
     return done
 
 
+def row_max_scatters_as_scatter_nd(model) -> list[str]:
+    """``ScatterElements(data [M, C], Expand(i [N, 1]), u [N, C], axis=0, reduction=max|min)``
+    (a whole row per update, what ``scatter_reduce(0, i.expand(N, C), u, 'amax')`` exports to)
+    -> ``ScatterND(data, i, u, reduction=max|min)``.
+
+    IREE 3.13's importer cannot legalize a max- or min-reducing ScatterElements but lowers the
+    ScatterND to its scatter with a max / min combiner. The same rows get the same maxima (max
+    and min are exact in any order). Applied to the IREE copy only: onnxruntime keeps the
+    ScatterElements, whose CPU kernel runs sequentially (its reducing ScatterND races,
+    microsoft/onnxruntime#23396).
+    """
+    from onnx import helper
+
+    graph = model.graph
+    shapes = _shapes(graph)
+    producer = {o: n for n in graph.node for o in n.output}
+    done = []
+    for node in graph.node:
+        if node.op_type != "ScatterElements":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        reduction = attrs.get("reduction", b"none")
+        reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
+        expand = producer.get(node.input[1])
+        data, updates = shapes.get(node.input[0]), shapes.get(node.input[2])
+        rows = shapes.get(expand.input[0]) if expand is not None and expand.op_type == "Expand" else None
+        if reduction not in ("max", "min") or attrs.get("axis", 0) not in (0, -2) or not rows or rows[1:] != [1]:
+            continue
+        if not data or not updates or len(data) != 2 or len(updates) != 2 or data[1] is None or updates[1] != data[1]:
+            continue
+        label = _label(node)
+        done.append(f"ScatterElements {label} (row-wise {reduction}) as ScatterND")
+        inputs = [node.input[0], expand.input[0], node.input[2]]
+        node.CopyFrom(helper.make_node("ScatterND", inputs, list(node.output), name=f"{label}_form_nd", reduction=reduction))
+    if done:
+        remove_dead_nodes(model)
+    return done
+
+
 def drop_empty_concat_inputs(model) -> list[str]:
     """Drop Concat inputs that are ``Gather(x, [])`` with a constant empty index list.
 
@@ -659,6 +699,9 @@ def cpu_forms(model) -> list[str]:
     rewrites += split_concat_heads(model, unshuffled)
     rewrites += split_concat_matmuls(model)
     rewrites += fold_transposed_batchnorms(model)
+    if rewrites:  # the shapes of what the forms so far built (the hoist reads them)
+        topological_sort(model.graph)
+        model.CopyFrom(onnx.shape_inference.infer_shapes(model, data_prop=True))
     rewrites += hoist_max_over_bias_relu(model)
     rewrites += select_scatters_as_concats(model)
     if rewrites:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .errors import ExportError
-from .graph_forms import cpu_forms, drop_empty_concat_inputs, list_constants_as_initializers
+from .graph_forms import cpu_forms, drop_empty_concat_inputs, list_constants_as_initializers, row_max_scatters_as_scatter_nd
 
 if TYPE_CHECKING:
     from .validate import Runtime
@@ -120,6 +120,7 @@ def iree_onnx(onnx_path: Path, out_path: Path, static: dict[str, int] | None = N
     # model.onnx has the CPU forms already; pinned shapes (static) can make more nodes eligible.
     # cpu_forms infers the shapes (the clean-ups need none)
     rewrites = cpu_forms(model) + cleanup
+    rewrites += row_max_scatters_as_scatter_nd(model)  # needs the shapes cpu_forms inferred
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
     return rewrites, model.graph.name

@@ -91,6 +91,13 @@ def test_scatter_to_bev_drops_invalid_rows():
         if ok:
             expected[b, :, y, x] = f
     assert torch.equal(out, expected)
+    # the first rows invalid (invalid rows repeat the first valid one), and none valid
+    late = valid.clone()
+    late[0] = False
+    expected[coors[0, 0], :, coors[0, 2], coors[0, 3]] = 0
+    assert torch.equal(scatter_to_bev(padded_feats, padded_coors, batch, ny, nx, valid=late), expected)
+    none = torch.zeros_like(valid)
+    assert torch.equal(scatter_to_bev(padded_feats, padded_coors, batch, ny, nx, valid=none), torch.zeros(batch, ch, ny, nx))
     # without valid every row is scattered, as before
     every = torch.zeros(batch, ch, ny, nx)
     for f, (b, _, y, x) in zip(feats, coors.tolist()):

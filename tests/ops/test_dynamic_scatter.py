@@ -142,7 +142,7 @@ class _Op(torch.nn.Module):
 
 @pytest.mark.parametrize(
     "form,reduce,max_impl",
-    [("padded", "max", "sort"), ("padded", "mean", "sort"), ("dynamic", "max", "sort"), ("dynamic", "max", "scatter")],
+    [("padded", "max", "sort"), ("padded", "max", "scatter"), ("padded", "mean", "sort"), ("dynamic", "max", "sort"), ("dynamic", "max", "scatter")],
 )
 def test_dynamic_scatter_exports(request, tmp_path, form, reduce, max_impl):
     feats, coors = _case(request, "kitti")
