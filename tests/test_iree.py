@@ -169,17 +169,20 @@ def test_pfn_batchnorm_folds_into_its_matmul(tmp_path):
         np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
 
 
-def _vfe_like(path, seed=1):
+def _vfe_like(path, seed=1, last=False):
     """A VFE layer in miniature (HardVFE): per-point features concatenated with the voxel's max
-    repeated over its points, then a linear layer; the voxel count is dynamic."""
+    repeated over its points, then a linear layer; the voxel count is dynamic. ``last``: the
+    last layer, whose ReLU'd output is reduced to each voxel's max."""
     rng = np.random.default_rng(seed)
+    tail = [helper.make_node("Relu", ["z"], ["zr"]), helper.make_node("ReduceMax", ["zr", "axis1"], ["y"], keepdims=1, name="max")]
     nodes = [
         helper.make_node("MatMul", ["x", "w0"], ["h"]),
         helper.make_node("Relu", ["h"], ["r"]),
         helper.make_node("ReduceMax", ["r", "axis1"], ["m"], keepdims=1),
         helper.make_node("Tile", ["m", "repeats"], ["rep"]),
         helper.make_node("Concat", ["r", "rep"], ["cat"], axis=-1),
-        helper.make_node("MatMul", ["cat", "w1"], ["y"]),
+        helper.make_node("MatMul", ["cat", "w1"], ["z" if last else "y"]),
+        *(tail if last else []),
     ]
     inits = {
         "w0": rng.standard_normal((5, 6)).astype(np.float32),
@@ -207,6 +210,16 @@ def test_vfe_concat_matmul_form_is_the_same_function(tmp_path):
     before = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)[0]
     after = ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, feeds)[0]
     assert after.shape == before.shape == (9, 4, 7)
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+    # the last layer: the per-voxel MatMul the split made is a term the max moves past (the
+    # forms' shapes are inferred again before the hoist)
+    feeds = _vfe_like(tmp_path / "model.onnx", last=True)
+    rewrites, ops = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx")[0], [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
+    assert rewrites[1:] == ["ReduceMax max moved before its ReLU and 1 Add"]
+    assert ops[-3:] == ["ReduceMax", "Add", "Relu"]
+    before = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)[0]
+    after = ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, feeds)[0]
+    assert after.shape == before.shape == (9, 1, 7)
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
 
 
