@@ -5,6 +5,8 @@ against onnxruntime on a miniature graph in the tests; every export validates th
 against the eager model.
 
 - ``cpu_forms`` (applied to ``model.onnx`` itself, so onnxruntime and IREE both get them):
+  ``fold_constant_castlikes`` (``CastLike(constant, x)`` as a constant, so that constant
+  subgraphs such as a Conv's zero bias fold),
   ``rewrite_deconvs`` (stride-sized ConvTranspose as MatMul + pixel shuffle),
   ``split_concat_heads`` (a channel Concat read only by 1x1 Convs as summed per-branch Convs),
   ``split_concat_matmuls`` (``MatMul(Concat(a, Tile(max)), W)`` as two MatMuls),
@@ -310,6 +312,45 @@ def split_concat_matmuls(model) -> list[str]:
     graph.node.extend(nodes)
     remove_dead_nodes(model)
     return done
+
+
+def fold_constant_castlikes(model) -> list[str]:
+    """``CastLike(constant, x)`` -> the constant in ``x``'s element type (an initializer).
+
+    torch's exporter writes a convolution without bias as ``Conv(x, w, Expand(CastLike(0, x),
+    Shape(w)[:1]))``, and Python scalars in arithmetic as ``CastLike(c, x)``. ``CastLike``
+    reads ``x`` (only its type), so onnxruntime does not treat the result as a constant: the
+    bias is not an initializer, the Conv keeps its BatchNorm unfused and is not moved to the
+    blocked NCHWc layout (MLAS's fast path). Graphs past ``export.OPTIMIZE_MAX_NODES`` skip the
+    ONNX optimiser that folds these: SECOND's RPN convs ran at 127 GFLOP/s instead of ~160 (one
+    thread, 1513 -> 1275 ms per frame). The values are the same.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    constants = {t.name: t for t in graph.initializer}
+    types = {name: t.data_type for name, t in constants.items()}
+    for value in list(graph.value_info) + list(graph.input) + list(graph.output):
+        if value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            constants[node.output[0]] = node.attribute[0].t
+            types[node.output[0]] = node.attribute[0].t.data_type
+    nodes, folded = [], 0
+    for node in graph.node:
+        if node.op_type != "CastLike" or node.input[0] not in constants or not types.get(node.input[1]):
+            nodes.append(node)
+            continue
+        value = numpy_helper.to_array(constants[node.input[0]])
+        graph.initializer.append(numpy_helper.from_array(value.astype(helper.tensor_dtype_to_np_dtype(types[node.input[1]])), node.output[0]))
+        folded += 1
+    if not folded:
+        return []
+    del graph.node[:]
+    graph.node.extend(nodes)
+    remove_dead_nodes(model)
+    return [f"{folded} CastLike of constants as initializers"]
 
 
 def fold_transposed_batchnorms(model) -> list[str]:
@@ -695,7 +736,8 @@ def cpu_forms(model) -> list[str]:
 
     model.CopyFrom(onnx.shape_inference.infer_shapes(model, data_prop=True))
     unshuffled: dict[str, Unshuffled] = {}
-    rewrites = rewrite_deconvs(model, unshuffled)
+    rewrites = fold_constant_castlikes(model)
+    rewrites += rewrite_deconvs(model, unshuffled)
     rewrites += split_concat_heads(model, unshuffled)
     rewrites += split_concat_matmuls(model)
     rewrites += fold_transposed_batchnorms(model)

@@ -116,6 +116,53 @@ def test_graph_forms_compute_the_same_function(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_constant_castlike_folds_so_the_conv_runs_blocked(tmp_path):
+    """A bias-free Conv + BatchNorm as torch exports it when the ONNX optimiser is skipped (large
+    graphs): the zero bias is ``Expand(CastLike(0, x), Shape(w)[:1])``, which onnxruntime cannot
+    fold (CastLike reads x), so it neither fuses the BatchNorm nor moves the Conv to its
+    NCHWc kernels. The CastLike becomes a constant; onnxruntime's optimised graph then has a
+    NCHWc Conv and no BatchNormalization, and the outputs are the same."""
+    rng = np.random.default_rng(8)
+    inits = {
+        "w": rng.standard_normal((16, 16, 3, 3)).astype(np.float32),
+        "one": np.array([1], np.int64),
+        "scale": rng.uniform(0.5, 2, 16).astype(np.float32),
+        "shift": rng.standard_normal(16).astype(np.float32),
+        "mean": rng.standard_normal(16).astype(np.float32),
+        "var": rng.uniform(0.5, 2, 16).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0, np.float32))),
+        helper.make_node("CastLike", ["zero", "x"], ["zero_like"]),
+        helper.make_node("Shape", ["w"], ["out_channels"], end=1),
+        helper.make_node("Expand", ["out_channels", "one"], ["bias_shape"]),
+        helper.make_node("Expand", ["zero_like", "bias_shape"], ["bias"]),
+        helper.make_node("Conv", ["x", "w", "bias"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["b"]),
+        helper.make_node("Relu", ["b"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "main_graph",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 12, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    rewrites, ops = _forms(tmp_path, graph)
+    assert rewrites == ["1 CastLike of constants as initializers"]
+    assert "CastLike" not in ops and "Constant" not in ops
+    feeds = {"x": rng.standard_normal((1, 16, 12, 10)).astype(np.float32)}
+    optimised = {}
+    for name in ("model", "iree"):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{name}.ort.onnx")
+        optimised[name] = ort.InferenceSession(str(tmp_path / f"{name}.onnx"), options).run(None, feeds)[0]
+    np.testing.assert_allclose(optimised["iree"], optimised["model"], rtol=1e-5, atol=1e-5)
+    ran = {name: [(n.domain, n.op_type) for n in onnx.load(str(tmp_path / f"{name}.ort.onnx")).graph.node] for name in ("model", "iree")}
+    assert ("com.microsoft.nchwc", "Conv") not in ran["model"] and ("", "BatchNormalization") in ran["model"]
+    assert ("com.microsoft.nchwc", "Conv") in ran["iree"] and ("", "BatchNormalization") not in ran["iree"]
+
+
 def test_pfn_batchnorm_folds_into_its_matmul(tmp_path):
     """PFNLayer in miniature: bias-free linear, BatchNorm1d over the permuted channels, ReLU.
     The BatchNorm and both transposes go (folded into the MatMul's weight and an Add); the
