@@ -5,8 +5,9 @@ against onnxruntime on a miniature graph in the tests; every export validates th
 against the eager model.
 
 - ``cpu_forms`` (applied to ``model.onnx`` itself, so onnxruntime and IREE both get them):
-  ``fold_constant_castlikes`` (``CastLike(constant, x)`` as a constant, so that constant
-  subgraphs such as a Conv's zero bias fold),
+  ``fold_constants`` (``CastLike(constant, x)`` and small constant shape arithmetic as
+  initializers: a Conv's zero bias becomes a constant),
+  ``fold_deconv_batchnorms`` (a ConvTranspose's BatchNorm into its weights),
   ``rewrite_deconvs`` (stride-sized ConvTranspose as MatMul + pixel shuffle),
   ``split_concat_heads`` (a channel Concat read only by 1x1 Convs as summed per-branch Convs),
   ``split_concat_matmuls`` (``MatMul(Concat(a, Tile(max)), W)`` as two MatMuls),
@@ -314,8 +315,14 @@ def split_concat_matmuls(model) -> list[str]:
     return done
 
 
-def fold_constant_castlikes(model) -> list[str]:
-    """``CastLike(constant, x)`` -> the constant in ``x``'s element type (an initializer).
+# ops whose all-constant instances fold_constants evaluates (shape arithmetic and small values)
+_FOLDABLE = {"Shape", "Expand", "Cast", "Unsqueeze", "Squeeze", "Concat", "Gather", "Slice", "Reshape", "Identity", "Range"}
+_FOLD_MAX_ELEMENTS = 1 << 16  # larger results stay computed (no big initializers in model.onnx)
+
+
+def fold_constants(model) -> list[str]:
+    """``CastLike(constant, x)`` -> the constant in ``x``'s element type, then small all-constant
+    shape arithmetic (``_FOLDABLE``) -> initializers.
 
     torch's exporter writes a convolution without bias as ``Conv(x, w, Expand(CastLike(0, x),
     Shape(w)[:1]))``, and Python scalars in arithmetic as ``CastLike(c, x)``. ``CastLike``
@@ -323,9 +330,12 @@ def fold_constant_castlikes(model) -> list[str]:
     bias is not an initializer, the Conv keeps its BatchNorm unfused and is not moved to the
     blocked NCHWc layout (MLAS's fast path). Graphs past ``export.OPTIMIZE_MAX_NODES`` skip the
     ONNX optimiser that folds these: SECOND's RPN convs ran at 127 GFLOP/s instead of ~160 (one
-    thread, 1513 -> 1275 ms per frame). The values are the same.
+    thread, 1513 -> 1275 ms per frame). The other forms then see constant biases too
+    (``fold_deconv_batchnorms``). The values are the same.
     """
+    import onnx
     from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
 
     graph = model.graph
     constants = {t.name: t for t in graph.initializer}
@@ -335,22 +345,87 @@ def fold_constant_castlikes(model) -> list[str]:
             types[value.name] = value.type.tensor_type.elem_type
     for node in graph.node:
         if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
-            constants[node.output[0]] = node.attribute[0].t
-            types[node.output[0]] = node.attribute[0].t.data_type
-    nodes, folded = [], 0
-    for node in graph.node:
-        if node.op_type != "CastLike" or node.input[0] not in constants or not types.get(node.input[1]):
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            constants[node.output[0]], types[node.output[0]] = tensor, tensor.data_type
+    nodes, castlikes, folded = [], 0, 0
+    for node in graph.node:  # in topological order: a folded result can feed the next fold
+        value = None
+        if node.op_type == "CastLike" and node.input[0] in constants and types.get(node.input[1]):
+            array = numpy_helper.to_array(constants[node.input[0]])
+            value = array.astype(helper.tensor_dtype_to_np_dtype(types[node.input[1]]))
+            castlikes += 1
+        elif node.op_type in _FOLDABLE and len(node.output) == 1 and all(i in constants for i in node.input if i):
+            inputs = [constants[i] for i in node.input if i]
+            if all(np.prod(t.dims, dtype=np.int64) <= _FOLD_MAX_ELEMENTS for t in inputs):
+                one = helper.make_graph([node], "fold", [], [helper.make_empty_tensor_value_info(node.output[0])], inputs)
+                result = ReferenceEvaluator(helper.make_model(one, opset_imports=model.opset_import)).run(None, {})[0]
+                if np.asarray(result).size <= _FOLD_MAX_ELEMENTS:
+                    value = np.asarray(result)
+                    folded += 1
+        if value is None:
             nodes.append(node)
             continue
-        value = numpy_helper.to_array(constants[node.input[0]])
-        graph.initializer.append(numpy_helper.from_array(value.astype(helper.tensor_dtype_to_np_dtype(types[node.input[1]])), node.output[0]))
-        folded += 1
-    if not folded:
+        tensor = numpy_helper.from_array(value, node.output[0])
+        graph.initializer.append(tensor)
+        constants[node.output[0]], types[node.output[0]] = tensor, tensor.data_type
+    if not castlikes and not folded:
         return []
     del graph.node[:]
     graph.node.extend(nodes)
     remove_dead_nodes(model)
-    return [f"{folded} CastLike of constants as initializers"]
+    return [f"{castlikes} CastLike of constants and {folded} constant shape ops as initializers"]
+
+
+def fold_deconv_batchnorms(model) -> list[str]:
+    """``BatchNormalization(ConvTranspose(x, w, b))`` -> ``ConvTranspose(x, w', b')``.
+
+    onnxruntime fuses a BatchNorm into a Conv but not into a ConvTranspose, and the ONNX
+    optimiser that folds it is skipped past ``export.OPTIMIZE_MAX_NODES`` (SECOND's neck). With
+    the BatchNorm folded, ``rewrite_deconvs`` and ``split_concat_heads`` see the
+    ``Relu(deconvolution)`` they rewrite (the head's 1x1 convs before the pixel shuffle). Per
+    output channel ``s = gamma / sqrt(var + eps)``: ``w'[:, c] = w[:, c] s[c]``,
+    ``b' = (b - mean) s + beta``. Only ungrouped ConvTransposes with constant weights (and
+    bias) read by the BatchNorm alone.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers = _reader_counts(graph)
+    done, dropped = [], set()
+    for bn in graph.node:
+        deconv = producer.get(bn.input[0]) if bn.op_type == "BatchNormalization" else None
+        if deconv is None or deconv.op_type != "ConvTranspose" or readers.get(deconv.output[0]) != 1:
+            continue
+        group = next((helper.get_attribute_value(a) for a in deconv.attribute if a.name == "group"), 1)
+        bias = deconv.input[2] if len(deconv.input) > 2 and deconv.input[2] else None
+        if group != 1 or len([o for o in bn.output if o]) != 1 or deconv.input[1] not in inits or (bias and bias not in inits):
+            continue
+        if not all(name in inits for name in bn.input[1:5]):
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
+        eps = next((helper.get_attribute_value(a) for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        scale = gamma / np.sqrt(var + eps)
+        w = numpy_helper.to_array(inits[deconv.input[1]]).astype(np.float64)  # [in, out, kh, kw]
+        b = numpy_helper.to_array(inits[bias]).astype(np.float64) if bias else np.zeros(w.shape[1])
+        p = f"{_label(bn)}_form"
+        graph.initializer.append(numpy_helper.from_array((w * scale[None, :, None, None]).astype(np.float32), f"{p}_w"))
+        graph.initializer.append(numpy_helper.from_array(((b - mean) * scale + beta).astype(np.float32), f"{p}_b"))
+        del deconv.input[1:]
+        deconv.input.extend([f"{p}_w", f"{p}_b"])
+        deconv.output[0] = bn.output[0]
+        dropped.add(id(bn))
+        done.append(f"BatchNormalization {_label(bn)} folded into ConvTranspose {_label(deconv)} ({len(scale)} channels)")
+    if not done:
+        return []
+    kept = [n for n in graph.node if id(n) not in dropped]
+    del graph.node[:]
+    graph.node.extend(kept)
+    remove_dead_nodes(model)
+    return done
 
 
 def fold_transposed_batchnorms(model) -> list[str]:
@@ -736,7 +811,8 @@ def cpu_forms(model) -> list[str]:
 
     model.CopyFrom(onnx.shape_inference.infer_shapes(model, data_prop=True))
     unshuffled: dict[str, Unshuffled] = {}
-    rewrites = fold_constant_castlikes(model)
+    rewrites = fold_constants(model)
+    rewrites += fold_deconv_batchnorms(model)
     rewrites += rewrite_deconvs(model, unshuffled)
     rewrites += split_concat_heads(model, unshuffled)
     rewrites += split_concat_matmuls(model)
