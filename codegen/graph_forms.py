@@ -375,7 +375,8 @@ def fold_constants(model) -> list[str]:
     del graph.node[:]
     graph.node.extend(nodes)
     remove_dead_nodes(model)
-    return [f"{castlikes} CastLike of constants and {folded} constant shape ops as initializers"]
+    parts = [f"{castlikes} CastLike of constants"] * bool(castlikes) + [f"{folded} constant shape ops"] * bool(folded)
+    return [" and ".join(parts) + " as initializers"]
 
 
 def fold_deconv_batchnorms(model) -> list[str]:
