@@ -30,11 +30,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops.dynamic_scatter import dynamic_scatter, dynamic_scatter_padded
+from ..ops.dynamic_scatter import dynamic_scatter, dynamic_scatter_padded, grid_of
 from ..ops.scatter import scatter_to_bev
 from ..ops.voxelize import _iota
 from .voxelnet import dense_tail
-from . import register, static_batch_size
+from . import _BATCH_SIZE, register, static_batch_size
 
 # max reduction of DynamicScatter: "scatter" (ScatterElements max; IREE's copy gets a ScatterND
 # max, graph_forms.row_max_scatters_as_scatter_nd) or "sort" (two sorts, no max-scatter: 109 ms
@@ -47,9 +47,14 @@ def _reduce(scatter_module) -> str:
     return "mean" if scatter_module.average_points else "max"
 
 
-def _scatter(feats: Tensor, coors: Tensor, reduce: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(voxel features [N, C], voxel coors [N, D], point2voxel [N], num_voxels []): padded."""
-    return dynamic_scatter_padded(feats, coors, reduce, MAX_IMPL)
+def _scatter(feats: Tensor, coors: Tensor, scatter_module, reduce: str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(voxel features [N, C], voxel coors [N, D], point2voxel [N], num_voxels []): padded.
+    The module's grid lets small grids (pillars) group the points by counting, without a sort."""
+    grid = grid_of(scatter_module.voxel_size, scatter_module.point_cloud_range)
+    if coors.shape[1] == 4:  # (batch, z, y, x): the batch size bounds the first column
+        batch = _BATCH_SIZE.get()
+        grid = [batch] + grid if batch is not None else None  # unknown: group by sorting
+    return dynamic_scatter_padded(feats, coors, reduce or _reduce(scatter_module), MAX_IMPL, grid)
 
 
 def _per_point(voxel_feats: Tensor, point2voxel: Tensor) -> Tensor:
@@ -83,7 +88,7 @@ def _decorations(self, features: Tensor, coors: Tensor) -> Tensor:
     features_ls = [features]
     if self._with_cluster_center:
         # per channel the mean of the first three channels equals theirs in the full-width mean
-        voxel_mean, _, point2voxel, _ = _scatter(features[:, :3].contiguous(), coors, "mean")
+        voxel_mean, _, point2voxel, _ = _scatter(features[:, :3].contiguous(), coors, self.cluster_scatter, "mean")
         features_ls.append(features[:, :3] - _per_point(voxel_mean, point2voxel))
     if self._with_voxel_center:
         features_ls.append(_voxel_center_offsets(self, features, coors))
@@ -123,10 +128,9 @@ def dynamic_pillar_feature_net_forward(self, features: Tensor, coors: Tensor) ->
     """DynamicPillarFeatureNet.forward in the padded form: ``[N, C]`` pillar features and
     ``[N, 4]`` pillar coors, the first ``M`` rows as the original's, the rest padding (-1)."""
     features = _decorations(self, features, coors)
-    reduce = _reduce(self.pfn_scatter)
     for i, pfn in enumerate(self.pfn_layers):
         point_feats = pfn(features)
-        voxel_feats, voxel_coors, point2voxel, num_voxels = _scatter(point_feats, coors, reduce)
+        voxel_feats, voxel_coors, point2voxel, num_voxels = _scatter(point_feats, coors, self.pfn_scatter)
         if i != len(self.pfn_layers) - 1:
             features = torch.cat([point_feats, _per_point(voxel_feats, point2voxel)], dim=1)
     return voxel_feats, _mark_padding(voxel_coors, num_voxels)
@@ -142,12 +146,11 @@ def dynamic_vfe_forward(
 ):
     """DynamicVFE.forward in the padded form (see ``dynamic_pillar_feature_net_forward``)."""
     features = _decorations(self, features, coors)
-    reduce = _reduce(self.vfe_scatter)
     for i, vfe in enumerate(self.vfe_layers):
         point_feats = vfe(features)
         if i == len(self.vfe_layers) - 1 and self.fusion_layer is not None and img_feats is not None:
             point_feats = self.fusion_layer(img_feats, points, point_feats, img_metas)
-        voxel_feats, voxel_coors, point2voxel, num_voxels = _scatter(point_feats, coors, reduce)
+        voxel_feats, voxel_coors, point2voxel, num_voxels = _scatter(point_feats, coors, self.vfe_scatter)
         if i != len(self.vfe_layers) - 1:
             features = torch.cat([point_feats, _per_point(voxel_feats, point2voxel)], dim=1)
     if self.return_point_feats:
@@ -163,7 +166,7 @@ def dynamic_vfe_forward(
 def dynamic_simple_vfe_forward(self, features: Tensor, coors: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
     """DynamicSimpleVFE.forward (mean of the points of each voxel) in the padded form.
     (The original runs under ``torch.no_grad()``; export runs without gradients anyway.)"""
-    voxel_feats, voxel_coors, _, num_voxels = _scatter(features, coors, _reduce(self.scatter))
+    voxel_feats, voxel_coors, _, num_voxels = _scatter(features, coors, self.scatter)
     return voxel_feats, _mark_padding(voxel_coors, num_voxels)
 
 

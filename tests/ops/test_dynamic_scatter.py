@@ -18,7 +18,7 @@ import torch
 from export_check import assert_exports
 from mmcv.ops.voxelize import voxelization as mmcv_voxelization
 
-from codegen.ops.dynamic_scatter import DynamicScatter, dynamic_scatter, dynamic_scatter_padded
+from codegen.ops.dynamic_scatter import DynamicScatter, dynamic_scatter, dynamic_scatter_padded, grid_of
 
 # PointPillars KITTI and CenterPoint nuScenes (0.1 m) voxel configs
 KITTI = dict(voxel_size=[0.16, 0.16, 4], coors_range=[0, -39.68, -3, 69.12, 39.68, 1])
@@ -108,6 +108,40 @@ def test_dynamic_scatter_matches_reference(request, name, reduce, max_impl):
     assert not out[m:].any() and not vcoors[m:].any()
     valid = (coors >= 0).all(1)
     assert bool((p2v[~valid] == -1).all()) and torch.equal(vcoors[p2v[valid]], coors[valid])
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean", "sum"])
+def test_grouping_by_counting_over_the_grid_matches_reference(request, reduce):
+    """With the grid given (PointPillars' 432 x 496 x 1 pillars), the points are grouped by
+    counting occupied cells instead of sorting their keys (no TopK in the graph: IREE sorts in
+    O(n^2)); the outputs are the sort form's, in mmcv's order."""
+    feats, coors = _case(request, "kitti")
+    grid = grid_of(KITTI["voxel_size"], KITTI["coors_range"])
+    assert grid == [1, 496, 432]
+    ref = _reference(request, "kitti", reduce)
+    _check(dynamic_scatter(feats, coors, reduce, "scatter", grid), ref, reduce)
+    dense = dynamic_scatter_padded(feats, coors, reduce, "scatter", grid)
+    sort = dynamic_scatter_padded(feats, coors, reduce, "scatter")
+    for a, b in zip(dense, sort):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    # batched four-column coors: the batch is the leading grid axis
+    coors2 = torch.cat([torch.nn.functional.pad(coors, (1, 0), value=b) for b in (0, 1)])
+    feats2 = torch.cat([feats, feats.flip(0)])
+    dense = dynamic_scatter_padded(feats2, coors2, reduce, "scatter", grid_of(KITTI["voxel_size"], KITTI["coors_range"], 2))
+    sort = dynamic_scatter_padded(feats2, coors2, reduce, "scatter")
+    for a, b in zip(dense, sort):
+        assert torch.equal(a, b)
+
+
+def test_counting_form_exports_without_sorts(request, tmp_path):
+    feats, coors = _case(request, "kitti")
+    n = torch.export.Dim("num_points", min=2)
+    half = (feats[::2].contiguous(), coors[::2].contiguous())
+    grid = grid_of(KITTI["voxel_size"], KITTI["coors_range"])
+    op = _Op(lambda f, c, r, m: dynamic_scatter_padded(f, c, r, m, grid), "max", "scatter")
+    assert_exports(op, [(feats, coors), half], ({0: n}, {0: n}), tmp_path)
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "op.onnx")).graph.node}
+    assert "TopK" not in ops and "CumSum" in ops
 
 
 def test_module_batched_like_mmcv_loop(request):
