@@ -163,6 +163,25 @@ def test_constant_castlike_folds_so_the_conv_runs_blocked(tmp_path):
     assert ("com.microsoft.nchwc", "Conv") in ran["iree"] and ("", "BatchNormalization") not in ran["iree"]
 
 
+def test_identity_transposes_become_identities(tmp_path):
+    """``Transpose(perm=[0, 1])`` (one per index_put in the unoptimised large exports) copies the
+    tensor in onnxruntime; as an Identity it is dropped. A real permutation stays."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Transpose", ["x"], ["same"], perm=[0, 1]),
+            helper.make_node("Transpose", ["same"], ["y"], perm=[1, 0]),
+        ],
+        "main_graph",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    rewrites, ops = _forms(tmp_path, graph)
+    assert rewrites == ["1 identity Transposes as Identity"]
+    assert ops == ["Identity", "Transpose"]
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    np.testing.assert_array_equal(ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, {"x": x})[0], x.T)
+
+
 def test_pfn_batchnorm_folds_into_its_matmul(tmp_path):
     """PFNLayer in miniature: bias-free linear, BatchNorm1d over the permuted channels, ReLU.
     The BatchNorm and both transposes go (folded into the MatMul's weight and an Add); the
