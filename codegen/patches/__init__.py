@@ -53,6 +53,11 @@ def register(name: str, target: str, why: str) -> Callable[[Callable], Callable]
     return deco
 
 
+def known_batch_size() -> int | None:
+    """The static batch size of the ``applied`` block, or None outside one."""
+    return _BATCH_SIZE.get()
+
+
 def static_batch_size() -> int:
     value = _BATCH_SIZE.get()
     if value is None:

@@ -34,7 +34,7 @@ from ..ops.dynamic_scatter import dynamic_scatter, dynamic_scatter_padded, grid_
 from ..ops.scatter import scatter_to_bev
 from ..ops.voxelize import _iota
 from .voxelnet import dense_tail
-from . import _BATCH_SIZE, register, static_batch_size
+from . import known_batch_size, register, static_batch_size
 
 # max reduction of DynamicScatter: "scatter" (ScatterElements max; IREE's copy gets a ScatterND
 # max, graph_forms.row_max_scatters_as_scatter_nd) or "sort" (two sorts, no max-scatter: 109 ms
@@ -52,7 +52,7 @@ def _scatter(feats: Tensor, coors: Tensor, scatter_module, reduce: str | None = 
     The module's grid lets small grids (pillars) group the points by counting, without a sort."""
     grid = grid_of(scatter_module.voxel_size, scatter_module.point_cloud_range)
     if coors.shape[1] == 4:  # (batch, z, y, x): the batch size bounds the first column
-        batch = _BATCH_SIZE.get()
+        batch = known_batch_size()
         grid = [batch] + grid if batch is not None else None  # unknown: group by sorting
     return dynamic_scatter_padded(feats, coors, reduce or _reduce(scatter_module), MAX_IMPL, grid)
 
