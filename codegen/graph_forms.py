@@ -400,6 +400,17 @@ def identity_transposes_as_identities(model) -> list[str]:
     return [f"{count} identity Transposes as Identity"] if count else []
 
 
+def _batchnorm_affine(bn, inits) -> tuple[np.ndarray, np.ndarray]:
+    """An inference BatchNormalization with constant statistics as ``x * scale + shift`` per
+    channel (float64): ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``."""
+    from onnx import helper, numpy_helper
+
+    gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
+    eps = next((helper.get_attribute_value(a) for a in bn.attribute if a.name == "epsilon"), 1e-5)
+    scale = gamma / np.sqrt(var + eps)
+    return scale, beta - mean * scale
+
+
 def fold_deconv_batchnorms(model) -> list[str]:
     """``BatchNormalization(ConvTranspose(x, w, b))`` -> ``ConvTranspose(x, w', b')``.
 
@@ -428,14 +439,12 @@ def fold_deconv_batchnorms(model) -> list[str]:
             continue
         if not all(name in inits for name in bn.input[1:5]):
             continue
-        gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
-        eps = next((helper.get_attribute_value(a) for a in bn.attribute if a.name == "epsilon"), 1e-5)
-        scale = gamma / np.sqrt(var + eps)
+        scale, shift = _batchnorm_affine(bn, inits)
         w = numpy_helper.to_array(inits[deconv.input[1]]).astype(np.float64)  # [in, out, kh, kw]
         b = numpy_helper.to_array(inits[bias]).astype(np.float64) if bias else np.zeros(w.shape[1])
         p = f"{_label(bn)}_form"
         graph.initializer.append(numpy_helper.from_array((w * scale[None, :, None, None]).astype(np.float32), f"{p}_w"))
-        graph.initializer.append(numpy_helper.from_array(((b - mean) * scale + beta).astype(np.float32), f"{p}_b"))
+        graph.initializer.append(numpy_helper.from_array((b * scale + shift).astype(np.float32), f"{p}_b"))
         del deconv.input[1:]
         deconv.input.extend([f"{p}_w", f"{p}_b"])
         deconv.output[0] = bn.output[0]
@@ -516,15 +525,13 @@ def fold_transposed_batchnorms(model) -> list[str]:
             nodes.append(node)
             continue
         terms, t1, bn = found[node.output[0]]
-        gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
-        eps = next((helper.get_attribute_value(a) for a in bn.attribute if a.name == "epsilon"), 1e-5)
-        scale = gamma / np.sqrt(var + eps)
+        scale, shift = _batchnorm_affine(bn, inits)
         p = f"{_label(bn)}_form"
         for j, mm in enumerate(terms):  # each weight read by this MatMul only from here on
             w = numpy_helper.to_array(inits[mm.input[1]]).astype(np.float64) * scale[None, :]
             graph.initializer.append(numpy_helper.from_array(w.astype(np.float32), f"{p}_w{j}"))
             mm.input[1] = f"{p}_w{j}"
-        graph.initializer.append(numpy_helper.from_array((beta - mean * scale).astype(np.float32), f"{p}_shift"))
+        graph.initializer.append(numpy_helper.from_array(shift.astype(np.float32), f"{p}_shift"))
         nodes.append(helper.make_node("Add", [t1.input[0], f"{p}_shift"], [node.output[0]], name=f"{p}_shift"))
         names = ", ".join(_label(mm) for mm in terms)
         done.append(f"BatchNormalization {_label(bn)} folded into MatMul{'s' if len(terms) > 1 else ''} {names} ({len(scale)} channels)")

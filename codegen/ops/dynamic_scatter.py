@@ -80,6 +80,14 @@ __all__ = ["dynamic_scatter", "dynamic_scatter_padded", "DynamicScatter", "grid_
 _REDUCE = ("max", "sum", "mean")
 
 
+def _row_major(c: Tensor, extent) -> Tensor:
+    """One int64 key per row of ``c`` ``[N, D]``: row-major over the per-column ``extent``."""
+    lin = torch.zeros_like(c[:, 0])
+    for j in range(c.shape[1]):  # static: D columns
+        lin = lin * extent[j] + c[:, j]
+    return lin
+
+
 def _group(coors: Tensor):
     """Sort the packed voxel keys; returns (perm, is_start, group [sorted], valid_sorted, valid,
     order, starts [N + 1])."""
@@ -87,9 +95,7 @@ def _group(coors: Tensor):
     valid = (coors >= 0).all(dim=1)
     c = torch.where(valid[:, None], coors, torch.zeros_like(coors)).to(torch.int64)
     extent = c.amax(dim=0) + 1  # [D] data-dependent extents, kept as a tensor
-    lin = torch.zeros_like(c[:, 0])
-    for j in range(c.shape[1]):  # static: D columns
-        lin = lin * extent[j] + c[:, j]
+    lin = _row_major(c, extent)
     sentinel = torch.prod(extent)
     lin = torch.where(valid, lin, sentinel)
     slin, perm = torch.sort(lin)  # only group membership matters: no stability needed
@@ -135,30 +141,23 @@ def grid_of(voxel_size: Sequence[float], point_cloud_range: Sequence[float], bat
 
 
 def _group_dense(coors: Tensor, grid: Sequence[int]):
-    """Sort-free grouping over a bounded grid: returns (point2voxel [N] (-1: invalid), target [N]
-    (invalid -> N), num_voxels [], voxel_coors [N, D], counts [N]). Voxel ids are the ranks of
-    the occupied cells in row-major order, i.e. the sort form's lexicographic order."""
+    """Sort-free grouping over a bounded grid: returns (point2voxel [N] (-1: invalid), num_voxels
+    [], voxel_coors [N, D]). Voxel ids are the ranks of the occupied cells in row-major order,
+    i.e. the sort form's lexicographic order."""
     n = coors.shape[0]
-    extent = torch.tensor(list(grid), dtype=torch.int64, device=coors.device)
     c = coors.to(torch.int64)
     # rows outside the grid would alias other cells: treated as invalid (mmcv's voxelization
     # marks them -1 already with this grid)
-    valid = ((c >= 0) & (c < extent)).all(dim=1)
-    c = torch.where(valid[:, None], c, torch.zeros_like(c))
-    lin = torch.zeros_like(c[:, 0])
-    for j, e in enumerate(grid):  # static: D columns
-        lin = lin * e + c[:, j]
+    valid = ((c >= 0) & (c < torch.tensor(list(grid), dtype=torch.int64, device=coors.device))).all(dim=1)
     cells = math.prod(grid)
-    lin = torch.where(valid, lin, torch.full_like(lin, cells))
+    lin = torch.where(valid, _row_major(torch.where(valid[:, None], c, torch.zeros_like(c)), grid), torch.full_like(c[:, 0], cells))
     occupied = torch.zeros(cells + 1, dtype=torch.int64, device=coors.device).index_put((lin,), torch.ones_like(lin))[:cells]
-    rank = torch.cumsum(occupied, 0) - 1
-    group = rank.index_select(0, lin.clamp(max=cells - 1))
+    group = (torch.cumsum(occupied, 0) - 1).index_select(0, lin.clamp(max=cells - 1))
     point2voxel = torch.where(valid, group, torch.full_like(group, -1))
-    target = torch.where(valid, group, torch.full_like(group, n))
     voxel_coors = torch.zeros(n + 1, coors.shape[1], dtype=coors.dtype, device=coors.device)
-    voxel_coors = voxel_coors.index_put((target,), coors)[:n]  # a voxel's points write the same row
-    counts = torch.zeros(n + 1, dtype=torch.int64, device=coors.device).scatter_add_(0, target, torch.ones_like(target))[:n]
-    return point2voxel, target, occupied.sum(), voxel_coors, counts
+    # a voxel's points all write the same row
+    voxel_coors = voxel_coors.index_put((torch.where(valid, group, torch.full_like(group, n)),), coors)[:n]
+    return point2voxel, occupied.sum(), voxel_coors
 
 
 def dynamic_scatter_padded(
@@ -182,44 +181,36 @@ def dynamic_scatter_padded(
             coors.new_zeros(0, dtype=torch.int64),
             coors.new_zeros((), dtype=torch.int64),
         )
+    order = _iota(coors[:, 0])
     if grid is not None and math.prod(grid) <= DENSE_MAX_CELLS and (reduce != "max" or max_impl == "scatter"):
-        point2voxel, target, num_voxels, voxel_coors, counts = _group_dense(coors, grid)
-        order = _iota(point2voxel)
-        if reduce == "max":
-            init = torch.full((n + 1, ch), float("-inf"), dtype=feats.dtype, device=feats.device)
-            out = init.scatter_reduce(0, target[:, None].expand(n, ch), feats, "amax", include_self=True)[:n]
-            out = torch.where((order < num_voxels)[:, None], out, torch.zeros_like(out))
-        else:
-            out = feats.new_zeros(n + 1, ch).scatter_add_(0, target[:, None].expand(n, ch), feats)[:n]
-            if reduce == "mean":
-                out = out / counts.clamp(min=1).to(out.dtype)[:, None]
-        return out, voxel_coors, point2voxel, num_voxels
-    perm, is_start, group, valid_s, valid, order, starts = _group(coors)
-    num_voxels = (is_start & valid_s).sum()
-
-    point2voxel = torch.zeros(n, dtype=torch.int64, device=coors.device).index_put_((perm,), group)
-    point2voxel = torch.where(valid, point2voxel, torch.full_like(point2voxel, -1))
-
-    dump = torch.full_like(order, n)
-    voxel_coors = torch.zeros(n + 1, coors.shape[1], dtype=coors.dtype, device=coors.device)
-    voxel_coors = voxel_coors.index_put_((torch.where(is_start & valid_s, group, dump),), coors[perm])[:n]
+        point2voxel, num_voxels, voxel_coors = _group_dense(coors, grid)
+        starts = None
+    else:
+        perm, is_start, group, valid_s, valid, _, starts = _group(coors)
+        num_voxels = (is_start & valid_s).sum()
+        point2voxel = torch.zeros(n, dtype=torch.int64, device=coors.device).index_put_((perm,), group)
+        point2voxel = torch.where(valid, point2voxel, torch.full_like(point2voxel, -1))
+        voxel_coors = torch.zeros(n + 1, coors.shape[1], dtype=coors.dtype, device=coors.device)
+        voxel_coors = voxel_coors.index_put_((torch.where(is_start & valid_s, group, torch.full_like(group, n)),), coors[perm])[:n]
+    target = torch.where(point2voxel >= 0, point2voxel, torch.full_like(point2voxel, n))  # invalid -> dump row
 
     if reduce == "max":
         if max_impl == "sort":
             out = _segment_max_sort(feats, group, perm, order, starts)
         else:
-            target = torch.where(valid, point2voxel, dump)[:, None].expand(n, ch)  # invalid -> dump row
             init = torch.full((n + 1, ch), float("-inf"), dtype=feats.dtype, device=feats.device)
-            out = init.scatter_reduce(0, target, feats, "amax", include_self=True)[:n]
+            out = init.scatter_reduce(0, target[:, None].expand(n, ch), feats, "amax", include_self=True)[:n]
         out = torch.where((order < num_voxels)[:, None], out, torch.zeros_like(out))
     else:
         # ScatterElements(reduction='add'), sequential in input order in eager and onnxruntime
         # (ScatterND(reduction='add'), what index_put(accumulate=True) exports to, races in
         # onnxruntime: microsoft/onnxruntime#23396)
-        target = torch.where(valid, point2voxel, dump)[:, None].expand(n, ch)  # invalid -> dump row
-        out = feats.new_zeros(n + 1, ch).scatter_add_(0, target, feats)[:n]
-        if reduce == "mean":
-            count = starts[order + 1] - starts[:n]  # points per group; 0 beyond the last group
+        out = feats.new_zeros(n + 1, ch).scatter_add_(0, target[:, None].expand(n, ch), feats)[:n]
+        if reduce == "mean":  # points per group; 0 beyond the last group
+            if starts is None:
+                count = torch.zeros(n + 1, dtype=torch.int64, device=coors.device).scatter_add_(0, target, torch.ones_like(target))[:n]
+            else:
+                count = starts[order + 1] - starts[:n]
             out = out / count.clamp(min=1).to(out.dtype)[:, None]
     return out, voxel_coors, point2voxel, num_voxels
 
