@@ -1,6 +1,15 @@
-"""Voxel/pillar feature scatter onto a dense BEV canvas, batched and without Python loops."""
+"""Voxel/pillar feature scatter onto a dense BEV canvas, batched and without Python loops.
+
+``scatter_conv_to_bev`` also applies the backbone's first convolution to the scattered rows
+directly: the canvas is almost empty (PointPillars KITTI: 3945 of 214272 pillars), so the
+convolution of the rows is a small MatMul and a scatter-add into the (4x smaller, stride 2)
+output, instead of a scatter into the full canvas, a layout reorder of it and a dense conv that
+mostly multiplies zeros (onnxruntime, two threads: 34 ms of PointPillars KITTI's 265).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -37,3 +46,85 @@ def scatter_to_bev(
     canvas = features.new_zeros(cells, features.shape[1])
     canvas = canvas.index_put((flat,), features)
     return canvas.view(batch_size, ny, nx, features.shape[1]).permute(0, 3, 1, 2).contiguous()
+
+
+@dataclass(frozen=True)
+class BevConv:
+    """A convolution applied to the BEV canvas: ``weight`` ``[Co, C, kh, kw]`` (groups 1,
+    dilation 1, zero padding), ``bias`` ``[Co]``."""
+
+    weight: Tensor
+    bias: Tensor
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+
+    def output_size(self, ny: int, nx: int) -> tuple[int, int]:
+        kh, kw = self.weight.shape[2:]
+        return (
+            (ny + 2 * self.padding[0] - kh) // self.stride[0] + 1,
+            (nx + 2 * self.padding[1] - kw) // self.stride[1] + 1,
+        )
+
+
+def _slots(position: Tensor, kernel: int, stride: int, padding: int, size: int) -> Tensor:
+    """The output positions an input position (``[N, 1]``) reaches along one axis: output ``o``
+    reads inputs ``o * stride - padding + k``, ``k < kernel``, so ``position`` reaches
+    ``o = (position + padding - k) / stride`` for the taps ``k`` where that divides,
+    ``k = (position + padding) % stride + stride * j``: ``ceil(kernel / stride)`` slots ``j``.
+    Returns ``[N, slots]`` clamped into ``[0, size)``: a slot whose tap is past the kernel or
+    whose output is outside names another output cell, which is harmless (see below)."""
+    slots = torch.arange(-(-kernel // stride), device=position.device).view(1, -1)
+    tap = (position + padding) % stride + stride * slots
+    return torch.div(position + padding - tap, stride, rounding_mode="floor").clamp(0, size - 1)
+
+
+def scatter_conv_to_bev(features: Tensor, coors: Tensor, batch_size: int, ny: int, nx: int, conv: BevConv) -> Tensor:
+    """``conv`` applied to ``scatter_to_bev(features, coors, batch_size, ny, nx)``, returned
+    channels-last ``[B, Ho, Wo, Co]``, computed from the rows instead of the canvas (every row
+    is a pillar: the padded forwards pass their valid rows only).
+
+    1. Each row's features times every kernel tap: one MatMul ``[N + 1, C] x [C, kh*kw*Co]``
+       (row ``N`` is zeros: the product of an empty input cell).
+    2. A map of the input canvas, padded by the conv's padding, to row numbers (``N`` where
+       empty).
+    3. Candidates: the output cells each row reaches (``_slots``). Each candidate's full conv
+       output is computed by gathering, for its ``kh*kw`` input cells, the row there times the
+       tap, and summing them, plus the bias.
+    4. One ScatterND of those values into the output canvas, which starts as the bias.
+
+    Several candidates name the same output cell (neighbouring rows, clamped slots); each
+    computes that cell's complete value in the same order, so their writes are identical and
+    the result does not depend on the write order. Not a scatter-add of per-row products:
+    ``index_put(accumulate=True)`` exports to ``ScatterND(reduction='add')``, which races in
+    onnxruntime with more than one thread (lost updates), and ``ScatterElements(add)`` alone took
+    12 ms on PointPillars KITTI (two threads) against this whole form's 8; and not one scatter per
+    tap: each copies the output canvas.
+    """
+    co, _, kh, kw = conv.weight.shape
+    sy, sx = conv.stride
+    py, px = conv.padding
+    ho, wo = conv.output_size(ny, nx)
+    n = features.shape[0]
+    coors = coors.long()
+    b, y, x = coors[:, 0:1], coors[:, 2:3], coors[:, 3:4]
+    # 1. products [(N + 1) * kh * kw, Co]
+    rows = torch.cat([features, features.new_zeros(1, features.shape[1])])
+    products = (rows @ conv.weight.permute(1, 2, 3, 0).reshape(-1, kh * kw * co)).reshape(-1, co)
+    # 2. the input canvas padded by the conv's padding, to row numbers
+    pad_y, pad_x = ny + 2 * py, nx + 2 * px
+    cell = ((b * pad_y + y + py) * pad_x + x + px).reshape(n)
+    row_of = torch.full((batch_size * pad_y * pad_x,), n, dtype=torch.int64, device=features.device)
+    row_of = row_of.index_put((cell,), torch.arange(n, device=features.device))
+    # 3. candidates [M] and their values
+    oy = _slots(y, kh, sy, py, ho)[:, :, None]
+    ox = _slots(x, kw, sx, px, wo)[:, None, :]
+    b = b[:, :, None]
+    first_input = ((b * pad_y + oy * sy) * pad_x + ox * sx).reshape(-1, 1)
+    taps = torch.arange(kh, device=features.device).view(-1, 1) * pad_x + torch.arange(kw, device=features.device)
+    row = row_of.index_select(0, (first_input + taps.reshape(1, -1)).reshape(-1)).view(-1, kh * kw)
+    product = row * (kh * kw) + torch.arange(kh * kw, device=features.device)
+    values = products.index_select(0, product.reshape(-1)).view(-1, kh * kw, co).sum(1) + conv.bias
+    # 4. the output canvas
+    out_cell = ((b * ho + oy) * wo + ox).reshape(-1)
+    canvas = conv.bias.to(features.dtype).view(1, co).expand(batch_size * ho * wo, co)
+    return canvas.index_put((out_cell,), values).view(batch_size, ho, wo, co)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
-from ..ops.scatter import scatter_to_bev
+from ..ops.scatter import BevConv, scatter_conv_to_bev, scatter_to_bev
 from . import register, static_batch_size
 
 
@@ -22,9 +24,23 @@ def voxelnet_extract_feat(self, batch_inputs_dict: dict):
 
 def dense_tail(detector, voxel_features: Tensor, coors: Tensor, prefix: str = ""):
     """Middle encoder (with the wrapper's static batch size) -> backbone -> optional neck: the part
-    every voxel detector's ``extract_feat`` shares; ``prefix="pts_"`` for the MVX detectors."""
-    x = getattr(detector, prefix + "middle_encoder")(voxel_features, coors, static_batch_size())
-    x = getattr(detector, prefix + "backbone")(x)
+    every voxel detector's ``extract_feat`` shares; ``prefix="pts_"`` for the MVX detectors.
+
+    A pillar scatter followed by a SECOND backbone hands the backbone's first conv + BN + ReLU to
+    the scatter (``first_layer``), which convolves the pillar rows instead of the empty canvas."""
+    middle = getattr(detector, prefix + "middle_encoder")
+    backbone = getattr(detector, prefix + "backbone")
+    first = fusable_first_layer(middle, backbone)
+    if first is None:
+        x = backbone(middle(voxel_features, coors, static_batch_size()))
+    else:
+        x = middle(voxel_features, coors, static_batch_size(), first_layer=first)
+        x = backbone.blocks[0][2](x).permute(0, 3, 1, 2)  # an elementwise ReLU: applied channels-last, as the output
+        outs = []
+        for i, block in enumerate(backbone.blocks):
+            x = block[3:](x) if i == 0 else block(x)
+            outs.append(x)
+        x = tuple(outs)  # SECOND.forward's output
     if getattr(detector, f"with_{prefix}neck"):
         x = getattr(detector, prefix + "neck")(x)
     return x
@@ -49,9 +65,44 @@ def mvx_extract_pts_feat(self, voxel_dict: dict, points=None, img_feats=None, ba
     "mmdet3d.models.middle_encoders.pillar_scatter:PointPillarsScatter.forward",
     "per-sample Python loop with boolean masks (data-dependent shapes)",
 )
-def pillars_scatter_forward(self, voxel_features: Tensor, coors: Tensor, batch_size=None) -> Tensor:
+def pillars_scatter_forward(
+    self, voxel_features: Tensor, coors: Tensor, batch_size=None, first_layer: BevConv | None = None
+) -> Tensor:
     # the caller's batch_size may be a tensor (MVX detectors): the wrapper's static one rules
+    if first_layer is not None:
+        return scatter_conv_to_bev(voxel_features, coors, static_batch_size(), self.ny, self.nx, first_layer)
     return scatter_to_bev(voxel_features, coors, static_batch_size(), self.ny, self.nx)
+
+
+def fusable_first_layer(middle: torch.nn.Module, backbone: torch.nn.Module) -> BevConv | None:
+    """The first conv of a SECOND backbone with its eval BatchNorm folded in, when the middle
+    encoder is a pillar scatter whose patched forward takes it and the block starts with plain
+    Conv2d, BatchNorm, ReLU (every pillar config of mmdet3d 1.4.0); else None."""
+    from mmdet3d.models.backbones import SECOND
+    from mmdet3d.models.middle_encoders import PointPillarsScatter
+
+    # the patched scatters (.vectorized, .padded) take it; the original forward does not
+    takes_it = "first_layer" in inspect.signature(type(middle).forward).parameters
+    if not (isinstance(middle, PointPillarsScatter) and takes_it):
+        return None
+    if type(backbone) is not SECOND or len(backbone.blocks[0]) < 3:
+        return None
+    conv, norm, act = backbone.blocks[0][:3]
+    plain = (
+        type(conv) is torch.nn.Conv2d
+        and conv.groups == 1
+        and conv.dilation == (1, 1)
+        and conv.padding_mode == "zeros"
+        and isinstance(conv.padding, tuple)
+    )
+    eval_norm = isinstance(norm, torch.nn.modules.batchnorm._BatchNorm) and norm.affine and not norm.training
+    if not (plain and eval_norm and type(act) is torch.nn.ReLU):
+        return None
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    bias = norm.bias - norm.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return BevConv(conv.weight * scale.view(-1, 1, 1, 1), bias, conv.stride, conv.padding)
 
 
 @register(
