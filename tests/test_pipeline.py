@@ -142,8 +142,10 @@ def test_generated_wrapper_runs_and_equals_the_original_model(generated):
         patched = wrapper(**{k: v.clone() for k, v in inputs.items()})
         wrapper.patched = False
         original = wrapper(**{k: v.clone() for k, v in inputs.items()})
+    # not bit-exact: the patched scatter applies the backbone's first conv with its BatchNorm
+    # folded in, to the pillar rows (ops.scatter.scatter_conv_to_bev), which rounds differently
     for p, o in zip(patched, original):
-        torch.testing.assert_close(p, o, rtol=0, atol=0)
+        torch.testing.assert_close(p, o, rtol=1e-5, atol=1e-5 * o.abs().max().item())
 
 
 def test_generation_is_byte_identical_across_hash_seeds(tmp_path):
@@ -245,8 +247,8 @@ def test_exported_graphs_match_the_eager_model_exactly_enough(exported):
     out, _ = exported
     meta = json.loads((out / "metadata.json").read_text())
     worst = meta["validation"]["max_abs_diff"]
-    assert worst["pt2"] == 0.0  # same kernels as eager
-    assert worst["onnx"] < 1e-6  # measured 5.6e-8
+    assert worst["pt2"] < 1e-7  # measured 3.7e-9 (the folded first conv, see above)
+    assert worst["onnx"] < 1e-6  # measured 3.7e-9
     text = (out / "validation.txt").read_text()
     assert "PASSED" in text and "✗" not in text
 
@@ -328,7 +330,7 @@ def test_dynamic_voxel_count_on_a_third_size(exported):
     got = session.run(None, {k: a.numpy() for k, a in zip(module.INPUT_NAMES, args)})
     for r, p, o in zip(ref, pt2, got):
         assert r.shape == p.shape == o.shape
-        torch.testing.assert_close(p, r, rtol=0, atol=0)
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(o, r.numpy(), atol=1e-5, rtol=1e-5)
 
 
@@ -418,8 +420,8 @@ def test_checkpoint_round_trip(tmp_path):
         got = pt2(
             *[torch.from_numpy(saved[k]) for k in ("voxels", "num_points", "coors")]
         )
-    for e, g in zip(expected, got):
-        np.testing.assert_array_equal(g.numpy(), e)
+    for e, g in zip(expected, got):  # the folded first conv: 5.6e-5 on outputs up to ~7
+        np.testing.assert_allclose(g.numpy(), e, rtol=1e-4, atol=2e-5 * np.abs(e).max())
     # and the weights really are the checkpoint's: a random model gives other outputs
     assert not np.allclose(
         expected[0], smp.load_model(CONFIG)._forward(batch)[0][0].detach().numpy()

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..ops.dynamic_scatter import dynamic_scatter, dynamic_scatter_padded, grid_of
-from ..ops.scatter import BevConv, scatter_conv_to_bev, scatter_to_bev
+from ..ops.scatter import scatter_to_bev
 from ..ops.voxelize import _iota
 from .voxelnet import dense_tail
 from . import known_batch_size, register, static_batch_size
@@ -175,19 +175,8 @@ def dynamic_simple_vfe_forward(self, features: Tensor, coors: Tensor, *args, **k
     "mmdet3d.models.middle_encoders.pillar_scatter:PointPillarsScatter.forward",
     "padded pillar rows (coors -1) must not reach the canvas; per-sample loop as in .vectorized",
 )
-def pillars_scatter_padded_forward(
-    self, voxel_features: Tensor, coors: Tensor, batch_size=None, first_layer: BevConv | None = None
-) -> Tensor:
-    valid = coors[:, 0] >= 0
-    if first_layer is not None:
-        # the padded encoders put the M pillars first: convolve those rows only (the padding
-        # rows are one per point, 4x as many on KITTI), M entering as an unbacked size
-        m = valid.sum().item()
-        torch._check(m >= 0)
-        torch._check(m <= coors.shape[0])
-        rows, coors = voxel_features[:m], coors[:m]
-        return scatter_conv_to_bev(rows, coors, static_batch_size(), self.ny, self.nx, first_layer)
-    return scatter_to_bev(voxel_features, coors, static_batch_size(), self.ny, self.nx, valid=valid)
+def pillars_scatter_padded_forward(self, voxel_features: Tensor, coors: Tensor, batch_size=None) -> Tensor:
+    return scatter_to_bev(voxel_features, coors, static_batch_size(), self.ny, self.nx, valid=coors[:, 0] >= 0)
 
 
 @register(
