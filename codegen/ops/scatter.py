@@ -66,46 +66,48 @@ class BevConv:
         )
 
 
-def _slots(position: Tensor, kernel: int, stride: int, padding: int, size: int) -> Tensor:
+def _slots(position: Tensor, kernel: int, stride: int, padding: int, size: int) -> tuple[Tensor, Tensor]:
     """The output positions an input position (``[N, 1]``) reaches along one axis: output ``o``
     reads inputs ``o * stride - padding + k``, ``k < kernel``, so ``position`` reaches
     ``o = (position + padding - k) / stride`` for the taps ``k`` where that divides,
     ``k = (position + padding) % stride + stride * j``: ``ceil(kernel / stride)`` slots ``j``.
-    Returns ``[N, slots]`` clamped into ``[0, size)``: a slot whose tap is past the kernel or
-    whose output is outside names another output cell, which is harmless (see below)."""
+    Returns ``[N, slots]`` output positions and whether each is one (tap inside the kernel,
+    position inside the output)."""
     slots = torch.arange(-(-kernel // stride), device=position.device).view(1, -1)
     tap = (position + padding) % stride + stride * slots
-    return torch.div(position + padding - tap, stride, rounding_mode="floor").clamp(0, size - 1)
+    out = torch.div(position + padding - tap, stride, rounding_mode="floor")
+    return out, (tap < kernel) & (out >= 0) & (out < size)
 
 
 def scatter_conv_to_bev(features: Tensor, coors: Tensor, batch_size: int, ny: int, nx: int, conv: BevConv) -> Tensor:
     """``conv`` applied to ``scatter_to_bev(features, coors, batch_size, ny, nx)``, returned
     channels-last ``[B, Ho, Wo, Co]``, computed from the rows instead of the canvas (every row
     is a pillar: the hard-voxel scatter only; the dynamic-voxel one has a row per point, and
-    the candidates of all those rows cost more than the canvas: PointPillars-DV 294 -> 306 ms).
+    computing from all those rows cost more than the canvas: PointPillars-DV 294 -> 306 ms).
 
     1. Each row's features times every kernel tap: one MatMul ``[N + 1, C] x [C, kh*kw*Co]``
        (row ``N`` is zeros: the product of an empty input cell).
     2. A map of the input canvas, padded by the conv's padding, to row numbers (``N`` where
        empty).
-    3. Candidates: the output cells each row reaches (``_slots``). Each candidate's full conv
-       output is computed by gathering, for its ``kh*kw`` input cells, the row there times the
-       tap, and summing them, plus the bias.
-    4. One ScatterND of those values into the output canvas, which starts as the bias.
+    3. The output cells the rows reach (``_slots``), flagged on the output grid and listed once
+       each, in grid order: a CumSum of the flags gives each its place (``U`` cells, an unbacked
+       size; 17-20 % of the rows' slots on the shared frames, neighbouring pillars share cells).
+    4. Each listed cell's full conv output: for its ``kh*kw`` input cells, the row there times
+       the tap, gathered and summed, plus the bias.
+    5. One ScatterND of those values (unique cells) into the output canvas, which starts as the
+       bias.
 
-    Several candidates name the same output cell (neighbouring rows, clamped slots); each
-    computes that cell's complete value in the same order, so their writes are identical and
-    the result does not depend on the write order. Not a scatter-add of per-row products:
-    ``index_put(accumulate=True)`` exports to ``ScatterND(reduction='add')``, which races in
-    onnxruntime with more than one thread (lost updates), and ``ScatterElements(add)`` alone took
-    12 ms on PointPillars KITTI (two threads) against this whole form's 8; and not one scatter per
-    tap: each copies the output canvas.
+    Not a scatter-add of per-row products: ``index_put(accumulate=True)`` exports to
+    ``ScatterND(reduction='add')``, which races in onnxruntime with more than one thread (lost
+    updates), and ``ScatterElements(add)`` alone took 12 ms on PointPillars KITTI (two threads);
+    and not one scatter per tap: each copies the output canvas.
     """
     co, _, kh, kw = conv.weight.shape
     sy, sx = conv.stride
     py, px = conv.padding
     ho, wo = conv.output_size(ny, nx)
     n = features.shape[0]
+    device = features.device
     coors = coors.long()
     b, y, x = coors[:, 0:1], coors[:, 2:3], coors[:, 3:4]
     # 1. products [(N + 1) * kh * kw, Co]
@@ -114,18 +116,33 @@ def scatter_conv_to_bev(features: Tensor, coors: Tensor, batch_size: int, ny: in
     # 2. the input canvas padded by the conv's padding, to row numbers
     pad_y, pad_x = ny + 2 * py, nx + 2 * px
     cell = ((b * pad_y + y + py) * pad_x + x + px).reshape(n)
-    row_of = torch.full((batch_size * pad_y * pad_x,), n, dtype=torch.int64, device=features.device)
-    row_of = row_of.index_put((cell,), torch.arange(n, device=features.device))
-    # 3. candidates [M] and their values
-    oy = _slots(y, kh, sy, py, ho)[:, :, None]
-    ox = _slots(x, kw, sx, px, wo)[:, None, :]
-    b = b[:, :, None]
+    row_of = torch.full((batch_size * pad_y * pad_x,), n, dtype=torch.int64, device=device)
+    row_of = row_of.index_put((cell,), torch.arange(n, device=device))
+    # 3. the output cells reached, once each (slots that reach none flag a cell past the grid)
+    cells = batch_size * ho * wo
+    oy, oky = _slots(y, kh, sy, py, ho)
+    ox, okx = _slots(x, kw, sx, px, wo)
+    reached = ((b[:, :, None] * ho + oy[:, :, None]) * wo + ox[:, None, :]).reshape(-1)
+    reached = torch.where((oky[:, :, None] & okx[:, None, :]).reshape(-1), reached, cells)
+    flag = torch.zeros(cells + 1, dtype=torch.int64, device=device)
+    flag = flag.index_put((reached,), torch.ones_like(reached))[:cells]
+    u = flag.sum().item()
+    torch._check(u >= 0)
+    torch._check(u <= cells)
+    # a permutation of the grid, the reached cells first (unique indices: no write races)
+    index = torch.arange(cells, device=device)
+    before = flag.cumsum(0)
+    place = torch.where(flag > 0, before - 1, u + index - before)
+    listed = torch.zeros(cells, dtype=torch.int64, device=device).index_put((place,), index)[:u]
+    # 4. their values
+    b = torch.div(listed, ho * wo, rounding_mode="floor")
+    oy = torch.div(listed, wo, rounding_mode="floor") - b * ho
+    ox = listed - torch.div(listed, wo, rounding_mode="floor") * wo
     first_input = ((b * pad_y + oy * sy) * pad_x + ox * sx).reshape(-1, 1)
-    taps = torch.arange(kh, device=features.device).view(-1, 1) * pad_x + torch.arange(kw, device=features.device)
+    taps = torch.arange(kh, device=device).view(-1, 1) * pad_x + torch.arange(kw, device=device)
     row = row_of.index_select(0, (first_input + taps.reshape(1, -1)).reshape(-1)).view(-1, kh * kw)
-    product = row * (kh * kw) + torch.arange(kh * kw, device=features.device)
+    product = row * (kh * kw) + torch.arange(kh * kw, device=device)
     values = products.index_select(0, product.reshape(-1)).view(-1, kh * kw, co).sum(1) + conv.bias
-    # 4. the output canvas
-    out_cell = ((b * ho + oy) * wo + ox).reshape(-1)
-    canvas = conv.bias.to(features.dtype).view(1, co).expand(batch_size * ho * wo, co)
-    return canvas.index_put((out_cell,), values).view(batch_size, ho, wo, co)
+    # 5. the output canvas
+    canvas = conv.bias.to(features.dtype).view(1, co).expand(cells, co)
+    return canvas.index_put((listed,), values).view(batch_size, ho, wo, co)
