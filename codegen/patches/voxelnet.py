@@ -97,7 +97,8 @@ def pillars_scatter_forward(
 def fusable_first_layer(middle: torch.nn.Module, backbone: torch.nn.Module) -> BevConv | None:
     """The first conv of a SECOND backbone with its eval BatchNorm folded in, when the middle
     encoder is a pillar scatter whose patched forward takes it and the block starts with plain
-    Conv2d, BatchNorm, ReLU (every pillar config of mmdet3d 1.4.0); else None."""
+    Conv2d, BatchNorm (eval, running statistics), ReLU, as in every SECOND-backbone pillar config of
+    mmdet3d 1.4.0; else None (e.g. the RegNet-backbone PointPillars configs)."""
     from mmdet3d.models.backbones import SECOND
     from mmdet3d.models.middle_encoders import PointPillarsScatter
 
@@ -115,7 +116,12 @@ def fusable_first_layer(middle: torch.nn.Module, backbone: torch.nn.Module) -> B
         and conv.padding_mode == "zeros"
         and isinstance(conv.padding, tuple)
     )
-    eval_norm = isinstance(norm, torch.nn.modules.batchnorm._BatchNorm) and norm.affine and not norm.training
+    eval_norm = (
+        isinstance(norm, torch.nn.modules.batchnorm._BatchNorm)
+        and norm.affine
+        and norm.running_var is not None
+        and not norm.training
+    )
     if not (plain and eval_norm and type(act) is torch.nn.ReLU):
         return None
     scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
