@@ -2,9 +2,10 @@
 
 ``scatter_conv_to_bev`` also applies the backbone's first convolution to the scattered rows
 directly: the canvas is almost empty (PointPillars KITTI: 3945 of 214272 pillars), so the
-convolution of the rows is a small MatMul and a scatter-add into the (4x smaller, stride 2)
-output, instead of a scatter into the full canvas, a layout reorder of it and a dense conv that
-mostly multiplies zeros (onnxruntime, two threads: 34 ms of PointPillars KITTI's 265).
+convolution of the rows is a small MatMul, a gather and sum for each output cell the rows reach,
+and one scatter into the (4x smaller, stride 2) output, instead of a scatter into the full canvas,
+a layout reorder of it and a dense conv that mostly multiplies zeros (onnxruntime, two threads:
+34 ms of PointPillars KITTI's 265).
 """
 
 from __future__ import annotations
