@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .voxel_slots import stable_partition
+
 
 def scatter_to_bev(
     features: Tensor, coors: Tensor, batch_size: int, ny: int, nx: int, valid: Tensor | None = None
@@ -127,14 +129,12 @@ def scatter_conv_to_bev(features: Tensor, coors: Tensor, batch_size: int, ny: in
     reached = torch.where((oky[:, :, None] & okx[:, None, :]).reshape(-1), reached, cells)
     flag = torch.zeros(cells + 1, dtype=torch.int64, device=device)
     flag = flag.index_put((reached,), torch.ones_like(reached))[:cells]
-    u = flag.sum().item()
+    # the grid's cells, the reached ones first (in grid order)
+    order, _, counts, _ = stable_partition(1 - flag, 2)
+    u = counts[0].item()
     torch._check(u >= 0)
     torch._check(u <= cells)
-    # a permutation of the grid, the reached cells first (unique indices: no write races)
-    index = torch.arange(cells, device=device)
-    before = flag.cumsum(0)
-    place = torch.where(flag > 0, before - 1, u + index - before)
-    listed = torch.zeros(cells, dtype=torch.int64, device=device).index_put((place,), index)[:u]
+    listed = order[:u]
     # 4. their values
     b = torch.div(listed, ho * wo, rounding_mode="floor")
     oy = torch.div(listed, wo, rounding_mode="floor") - b * ho

@@ -17,7 +17,8 @@ slots (PillarFeatureNet max, HardVFE), not for PFN ``avg`` (a sum over all slots
 Export notes: each group's size is data-dependent (``.item()``, an unbacked size); each group
 gets one extra row (voxel ``order[0]`` again, its output dropped) so that no group is empty,
 since an empty unbacked size leaves reshapes undecidable. No sort: the group order comes from a
-one-hot cumulative sum, the permutation from one ScatterND of unique positions.
+one-hot cumulative sum, the permutation from one ScatterND of unique positions
+(``stable_partition``, which ``ops.scatter`` uses too).
 """
 
 from __future__ import annotations
@@ -32,6 +33,20 @@ def slot_limits(slots: int) -> tuple[int, ...]:
     """Groups of up to 1/16, 1/4 and all of the slots (nuScenes 64: 4, 16, 64; KITTI 32: 2, 8, 32).
     On the shared frames this leaves 15 % (nuScenes) and 27 % (KITTI) of the slots."""
     return tuple(sorted({max(2, slots // 16), max(2, slots // 4), slots}))
+
+
+def stable_partition(group: Tensor, groups: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rows ordered by ``group`` (``[N]``, values in ``[0, groups)``), each group keeping input
+    order, without a sort: a one-hot CumSum ranks each row within its group. Returns ``order``
+    (``[N]``: the row at each grouped position), ``position`` (``[N]``: each row's grouped
+    position, the inverse of ``order``), ``counts`` and ``starts`` (``[groups]``)."""
+    onehot = (group[:, None] == torch.arange(groups, device=group.device)).long()  # [N, groups]
+    counts = onehot.sum(0)
+    rank = (onehot.cumsum(0) - 1).gather(1, group[:, None])[:, 0]  # place within its group
+    starts = counts.cumsum(0) - counts
+    position = starts.index_select(0, group) + rank
+    order = torch.zeros_like(group).index_put((position,), torch.arange(group.shape[0], device=group.device))
+    return order, position, counts, starts
 
 
 def encode_by_point_count(
@@ -49,12 +64,7 @@ def encode_by_point_count(
     group = torch.zeros_like(n)
     for limit in limits[:-1]:
         group = group + (n >= limit).long()
-    onehot = (group[:, None] == torch.arange(len(limits), device=n.device)).long()  # [V, groups]
-    counts = onehot.sum(0)
-    rank = (onehot.cumsum(0) - 1).gather(1, group[:, None])[:, 0]  # place within its group
-    offset = counts.cumsum(0) - counts
-    position = offset.index_select(0, group) + rank  # place in the grouped order
-    order = torch.zeros_like(n).index_put((position,), torch.arange(v, device=n.device))
+    order, position, counts, offset = stable_partition(group, len(limits))
     outs = []
     for g, limit in enumerate(limits):
         m = counts[g].item()

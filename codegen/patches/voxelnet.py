@@ -21,7 +21,7 @@ def voxelnet_extract_feat(self, batch_inputs_dict: dict):
     voxel_dict = batch_inputs_dict["voxels"]
     voxels, num_points, coors = voxel_dict["voxels"], voxel_dict["num_points"], voxel_dict["coors"]
     voxel_features = encode_voxels(self.voxel_encoder, voxels, num_points, coors)
-    return dense_tail(self, voxel_features, voxel_dict["coors"])
+    return dense_tail(self, voxel_features, coors)
 
 
 # below this many slots per voxel the groups do not pay (CenterPoint pillar: 20 slots, 79 % full)
@@ -77,7 +77,7 @@ def mvx_extract_pts_feat(self, voxel_dict: dict, points=None, img_feats=None, ba
         return None
     voxels, num_points, coors = voxel_dict["voxels"], voxel_dict["num_points"], voxel_dict["coors"]
     voxel_features = encode_voxels(self.pts_voxel_encoder, voxels, num_points, coors, img_feats, batch_input_metas)
-    return dense_tail(self, voxel_features, voxel_dict["coors"], prefix="pts_")
+    return dense_tail(self, voxel_features, coors, prefix="pts_")
 
 
 @register(
