@@ -109,6 +109,10 @@ def box_iou_aligned(boxes1: Tensor, boxes2: Tensor, offset: int = 0, aligned: bo
     return inter / (area_a + area_b - inter)
 
 
+#: Added to the values a clipping minimum must ignore (they then lie far beyond its bound 1).
+_FAR = 1e30
+
+
 def _cross(ax: Tensor, ay: Tensor, bx: Tensor, by: Tensor) -> Tensor:
     return ax * by - bx * ay
 
@@ -157,18 +161,24 @@ def _intersection_area(a, b) -> Tensor:
     pbx, pby, ebx, eby = (v.unsqueeze(0) for v in b)  # B edge k on dim 1
     # A edge m is inside B edge k's half-plane iff alpha + t * beta >= 0
     beta = _cross(ebx, eby, eax, eay)
-    beta = torch.where(beta == 0, torch.full_like(beta, 1e-20), beta)
+    beta = beta + (beta == 0).to(beta.dtype) * 1e-20  # beta + 0 is beta
     alpha = _cross(ebx, eby, pax - pbx, pay - pby)
     t = -alpha / beta
     qx = pax + t * eax - pbx  # crossing point relative to B's corner k
     qy = pay + t * eay - pby
     u = (qx * ebx + qy * eby) / (ebx * ebx + eby * eby)
-    zero, one = torch.zeros_like(t), torch.ones_like(t)
-    # entering (beta > 0) raises t0, leaving lowers t1; for B the sign of beta flips
-    ta0 = torch.where(beta > 0, t, zero).amax(1)
-    ta1 = torch.where(beta < 0, t, one).amin(1)
-    tb0 = torch.where(beta < 0, u, zero).amax(0)
-    tb1 = torch.where(beta > 0, u, one).amin(0)
+    # entering (beta > 0) raises t0, leaving (beta < 0, the rest: beta is not 0 now) lowers t1;
+    # for B the sign of beta flips.  Opposite edges of B (A) have opposite signs of beta, so each
+    # max / min below has unselected entries, i.e. always includes its 0 / 1 bound.  The
+    # selections are arithmetic, not Wheres (which onnxruntime ran at ~3 ns an element, 80 % of
+    # a 1024-box IoU matrix): an unselected t / u times 0 is a zero, and plus _FAR it lies beyond
+    # the bound 1 (t and u are finite: |beta| >= 1e-20).
+    enter = (beta > 0).to(t.dtype)
+    leave = 1 - enter
+    ta0 = (t * enter).amax(1)
+    ta1 = torch.clamp((t + enter * _FAR).amin(1), max=1.0)
+    tb0 = (u * leave).amax(0)
+    tb1 = torch.clamp((u + leave * _FAR).amin(0), max=1.0)
     area2 = _pieces_area2(*a, ta0, ta1) + _pieces_area2(*b, tb0, tb1)
     return 0.5 * area2
 

@@ -159,18 +159,23 @@ def furthest_point_sample_with_dist(points_dist: Tensor, num: int, unroll: bool 
 #: blocks of 32 centres (two threads; 256 centres: 222 ms).
 BALL_BLOCK_PAIRS = 1 << 20
 
+#: The point count assumed for sizing the blocks when the export cannot know it: a count the
+#: graph computes itself (an unbacked size, e.g. PV-RCNN's sparse-conv voxel centres).
+UNKNOWN_POINT_COUNT = 16384
+
 
 def _centre_blocks(m, n) -> list[slice]:
     """Blocks of ``m`` centres for ``n`` points (``BALL_BLOCK_PAIRS`` each, at least 16 centres).
 
-    The blocks are written out in the graph, so ``m`` must be static; ``n`` may be a dynamic
-    size, and then its size in the export's sample sets the block (any other ``n`` gives the
-    same results, only the cache fit changes).  One block otherwise."""
+    The blocks are written out in the graph, so ``m`` must be static (one block otherwise);
+    ``n`` may be a dynamic size, and then its size in the export's sample (or
+    ``UNKNOWN_POINT_COUNT``) sets the block: any other ``n`` gives the same results, only the
+    cache fit changes."""
     if not isinstance(m, int):
         return [slice(None)]
     hint = n if isinstance(n, int) else getattr(getattr(n, "node", None), "hint", None)
     if not isinstance(hint, int) or hint <= 0:
-        return [slice(None)]
+        hint = UNKNOWN_POINT_COUNT
     size = max(16, BALL_BLOCK_PAIRS // hint)
     return [slice(start, min(start + size, m)) for start in range(0, m, size)] if size < m else [slice(None)]
 
@@ -376,7 +381,8 @@ def stack_grouping_operation(
     count = counts.index_select(0, batch).unsqueeze(1)
     local = idx.to(torch.int64)
     valid = (local >= 0) & (local < count)
-    rows = torch.where(valid, start + local, torch.zeros_like(local)).reshape(-1)
-    out = features.index_select(0, rows).reshape(m, s, channels)
-    out = torch.where(valid.unsqueeze(-1), out, torch.zeros_like(out))
+    # out of the cloud reads an appended zero row: no pass over the [M, S, C] result to zero it
+    padded = torch.cat((features, torch.zeros_like(features[:1])))
+    rows = torch.where(valid, start + local, torch.full_like(local, n)).reshape(-1)
+    out = padded.index_select(0, rows).reshape(m, s, channels)
     return out.permute(0, 2, 1)
