@@ -180,23 +180,30 @@ def _centre_blocks(m, n) -> list[slice]:
     return [slice(start, min(start + size, m)) for start in range(0, m, size)] if size < m else [slice(None)]
 
 
+def _squared_distances(c: Tensor, px: Tensor, py: Tensor, pz: Tensor) -> Tensor:
+    """``(dx*dx + dy*dy) + dz*dz`` between centres ``c [..., 3]`` and the point coordinates
+    ``px / py / pz`` (broadcast against ``c[..., i]``), the kernels' operation order."""
+    dx = c[..., 0] - px
+    dy = c[..., 1] - py
+    dz = c[..., 2] - pz
+    return (dx * dx + dy * dy) + dz * dz
+
+
 def _first_hits(hits: Callable[[slice], Tensor], m, n, sample_num: int, like: Tensor) -> Tensor:
     """The ``sample_num`` first hit columns of every centre row, as float values ``[..., M, S]``;
     ``n`` (the column count or any bound above the hit columns) where a row has fewer hits.
 
-    ``hits(block)`` gives the ``[..., M_block, N]`` hit mask of a block of centres.  The key of
+    ``hits(block)`` gives the ``[..., M_block, N]`` hit mask of a block of centres; ``like`` has
+    one row per column.  The key of
     a column is its index for a hit and ``n`` for a miss, ``n - hit * (n - index)`` (Cast, Mul,
     Sub: exact below 2**24 columns; a Where over the pairs took 134 ms of VoteNet SA1's 368 in
     onnxruntime); the ``sample_num`` smallest keys (a values-only TopK: the tied miss keys are
     never told apart) are the first hits in column order."""
-    gap = None
+    order = torch.cumsum(torch.ones_like(like[:, 0]), 0) - 1  # arange(N) as float, one per column
+    gap = n - order
     first = []
     for block in _centre_blocks(m, n):
-        hit = hits(block)
-        if gap is None:
-            order = torch.cumsum(torch.ones_like(like[: hit.shape[-1], 0]), 0) - 1  # arange as float
-            gap = n - order
-        key = n - hit.to(gap.dtype) * gap
+        key = n - hits(block).to(gap.dtype) * gap
         first.append(torch.topk(key, sample_num, dim=-1, largest=False, sorted=True).values)
     return torch.cat(first, dim=-2) if len(first) > 1 else first[0]
 
@@ -218,11 +225,7 @@ def ball_query(min_radius: float, max_radius: float, sample_num: int, xyz: Tenso
     px, py, pz = p[..., 0], p[..., 1], p[..., 2]
 
     def hits(block: slice) -> Tensor:
-        c = center_xyz[:, block].unsqueeze(2)  # [B, m, 1, 3]
-        dx = c[..., 0] - px
-        dy = c[..., 1] - py
-        dz = c[..., 2] - pz
-        d2 = (dx * dx + dy * dy) + dz * dz  # [B, m, N]
+        d2 = _squared_distances(center_xyz[:, block].unsqueeze(2), px, py, pz)  # [B, m, N]
         if r_min2 == 0.0 and r_max2 > 0.0:
             return d2 < r_max2
         return (d2 == 0) | ((d2 >= r_min2) & (d2 < r_max2))
@@ -268,12 +271,8 @@ def three_nn(unknown: Tensor, known: Tensor) -> tuple[Tensor, Tensor]:
     Vectorised as three ``argmin`` passes (first minimum) over ``[B, N, M]``, each masking the
     previous pick, which reproduces that tie rule exactly.  Requires ``M >= 3`` (mmcv leaves
     index 0 / distance 1e20 in unused slots when ``M < 3``)."""
-    u = unknown.unsqueeze(2)  # [B, N, 1, 3]
     k = known.unsqueeze(1)  # [B, 1, M, 3]
-    dx = u[..., 0] - k[..., 0]
-    dy = u[..., 1] - k[..., 1]
-    dz = u[..., 2] - k[..., 2]
-    d = (dx * dx + dy * dy) + dz * dz  # [B, N, M]
+    d = _squared_distances(unknown.unsqueeze(2), k[..., 0], k[..., 1], k[..., 2])  # [B, N, M]
     inf = torch.full_like(d, float("inf"))
     order = torch.arange(d.shape[2], device=d.device)
     dists, idxs = [], []
@@ -340,11 +339,7 @@ def stack_ball_query(
     center_batch, _ = _segments(center_xyz_batch_cnt, center_xyz.shape[0], center_xyz)
 
     def hits(block: slice) -> Tensor:
-        c = center_xyz[block].unsqueeze(1)  # [m, 1, 3]
-        dx = c[..., 0] - px
-        dy = c[..., 1] - py
-        dz = c[..., 2] - pz
-        hit = ((dx * dx + dy * dy) + dz * dz) < r2  # [m, N + S]
+        hit = _squared_distances(center_xyz[block].unsqueeze(1), px, py, pz) < r2  # [m, N + S]
         if xyz_batch_cnt.shape[0] > 1:
             hit = hit & (center_batch[block].unsqueeze(1) == point_batch.unsqueeze(0))
         return hit

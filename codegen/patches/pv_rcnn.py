@@ -179,7 +179,6 @@ def stack_query_and_group(self, xyz, xyz_batch_cnt, new_xyz, new_xyz_batch_cnt, 
 
     idx = m.ball_query(0, self.radius, self.sample_nums, xyz, new_xyz, xyz_batch_cnt, new_xyz_batch_cnt)
     empty = (idx[:, 0] == -1).view(-1, 1, 1)  # [M, 1, 1]
-    unread = idx
     idx = torch.where(empty[:, :, 0], torch.zeros_like(idx), idx)
     grouped_xyz = m.grouping_operation(xyz, idx, xyz_batch_cnt, new_xyz_batch_cnt) - new_xyz.unsqueeze(-1)
     grouped_xyz = torch.where(empty, torch.zeros_like(grouped_xyz), grouped_xyz)
@@ -189,8 +188,8 @@ def stack_query_and_group(self, xyz, xyz_batch_cnt, new_xyz, new_xyz_batch_cnt, 
     # the original groups the zeroed idx, then zeroes the empty balls' features; here every slot
     # of an empty ball is -1, out of the cloud, which the grouping reads as 0 (the same zeros,
     # without a pass over the [M, C, S] features)
-    unread = torch.where(empty[:, :, 0], torch.full_like(unread, -1), unread)
-    grouped_features = m.grouping_operation(features, unread, xyz_batch_cnt, new_xyz_batch_cnt)
+    out_of_cloud = torch.where(empty[:, :, 0], torch.full_like(idx, -1), idx)
+    grouped_features = m.grouping_operation(features, out_of_cloud, xyz_batch_cnt, new_xyz_batch_cnt)
     if self.use_xyz:
         return torch.cat([grouped_xyz, grouped_features], dim=1), idx
     return grouped_features, idx
