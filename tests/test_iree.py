@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from codegen.errors import ExportError
+from codegen.graph_forms import cpu_forms
 from codegen.iree import PADDINGS, compile_onnx, iree_onnx, iree_runtime, pad_inputs, padding_rule
 from codegen.metadata import parse_formats
 from conftest import CONFIG, REPO, cli, frame_path
@@ -161,6 +162,36 @@ def test_constant_castlike_folds_so_the_conv_runs_blocked(tmp_path):
     ran = {name: [(n.domain, n.op_type) for n in onnx.load(str(tmp_path / f"{name}.ort.onnx")).graph.node] for name in ("model", "iree")}
     assert ("com.microsoft.nchwc", "Conv") not in ran["model"] and ("", "BatchNormalization") in ran["model"]
     assert ("com.microsoft.nchwc", "Conv") in ran["iree"] and ("", "BatchNormalization") not in ran["iree"]
+
+
+def test_castlike_of_a_fill_becomes_a_fill_of_the_target_type(tmp_path):
+    """``new_zeros`` of a canvas as torch exports it, ``CastLike(ConstantOfShape(shape), x)``: a
+    float canvas filled in its own type (no cast of the whole buffer per run), same values; a
+    fill read by another node too stays for that reader."""
+    rng = np.random.default_rng(9)
+    nodes = [
+        helper.make_node("ConstantOfShape", ["shape"], ["fill"], value=numpy_helper.from_array(np.array([2], np.int64))),
+        helper.make_node("CastLike", ["fill", "x"], ["canvas"]),
+        helper.make_node("ScatterElements", ["canvas", "idx", "x"], ["y"], axis=1),
+        helper.make_node("Cast", ["fill"], ["n"], to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "main_graph",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4]), helper.make_tensor_value_info("idx", TensorProto.INT64, [3, 4])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "n")],
+        [numpy_helper.from_array(np.array([3, 9], np.int64), "shape")],
+    )
+    _save(graph, tmp_path / "model.onnx")
+    feeds = {"x": rng.standard_normal((3, 4)).astype(np.float32), "idx": np.stack([rng.permutation(9)[:4] for _ in range(3)])}
+    before = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
+    rewrites, ops = _forms(tmp_path, graph)
+    assert rewrites == ["1 CastLike of ConstantOfShape as fills of the target type"]
+    assert "CastLike" not in ops and ops.count("ConstantOfShape") == 2
+    after = ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, feeds)
+    assert (before[0] == 2).sum() == 15 and before[0].dtype == after[0].dtype == np.float32
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_identity_transposes_become_identities(tmp_path):
@@ -403,8 +434,12 @@ def test_row_max_scatter_becomes_scatter_nd_that_iree_compiles(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
     )
     rewrites, ops = _forms(tmp_path, graph)
-    assert rewrites == ["ScatterElements smax (row-wise max) as ScatterND"]
-    assert ops == ["ScatterND"]
+    # model.onnx gets the flattened scatter (cpu_forms), IREE's copy that one as a ScatterND
+    assert rewrites == ["ScatterElements smax (row-wise max) on flattened tensors", "ScatterElements smax_form_flat (1-D max) as ScatterND"]
+    assert "ScatterElements" not in ops and ops.count("ScatterND") == 1
+    flat = onnx.load(str(tmp_path / "model.onnx"))
+    assert cpu_forms(flat) == rewrites[:1]
+    onnx.save(flat, str(tmp_path / "flat.onnx"))
     rng = np.random.default_rng(7)
     feeds = {
         "data": np.full((5, 4), -np.inf, np.float32),
@@ -416,8 +451,10 @@ def test_row_max_scatter_becomes_scatter_nd_that_iree_compiles(tmp_path):
         expected[row] = np.maximum(expected[row], values)
     before = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)[0]
     after = ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, feeds)[0]
+    flattened = ort.InferenceSession(str(tmp_path / "flat.onnx")).run(None, feeds)[0]
     np.testing.assert_array_equal(before, expected)
     np.testing.assert_array_equal(after, expected)
+    np.testing.assert_array_equal(flattened, expected)
     compile_onnx(tmp_path / "model.onnx", tmp_path / "model.vmfb")
     got = iree_runtime(tmp_path / "model.vmfb", list(feeds)).run(tuple(feeds.values()))
     np.testing.assert_array_equal(np.asarray(got[0]), expected)

@@ -102,7 +102,7 @@ def fusable_first_layer(middle: torch.nn.Module, backbone: torch.nn.Module) -> B
     from mmdet3d.models.backbones import SECOND
     from mmdet3d.models.middle_encoders import PointPillarsScatter
 
-    # the hard-voxel patched scatter (.vectorized) takes it; .padded and the original do not
+    # the patched scatters (.vectorized, .padded) take it; the original does not
     takes_it = "first_layer" in inspect.signature(type(middle).forward).parameters
     if not (isinstance(middle, PointPillarsScatter) and takes_it):
         return None

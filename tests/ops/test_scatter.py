@@ -143,9 +143,20 @@ def test_pointpillars_tail_with_fused_first_layer_equals_mmdet3d(pointpillars):
     torch.testing.assert_close(out[0], ref[0], atol=1e-5 * scale, rtol=1e-5)
 
 
-def test_padded_pillar_scatter_keeps_the_canvas(pointpillars):
-    """The dynamic-voxel scatter (``pillar_scatter.padded``) is not handed the first layer: its
-    rows are one per point (fixed shape), and convolving them all cost more than the canvas."""
-    model, _, _ = pointpillars
-    with patches.applied(("pillar_scatter.padded",), batch_size=1):
-        assert fusable_first_layer(model.middle_encoder, model.backbone) is None
+def test_padded_pillar_scatter_with_first_layer_skips_padding_rows(pointpillars):
+    """The dynamic-voxel scatter (``pillar_scatter.padded``) takes the first layer too: it
+    convolves its first ``M`` rows (the pillars; padding rows, coors -1, come after them), and
+    the result equals that conv on the canvas of the pillars alone."""
+    model, features, coors = pointpillars
+    g = torch.Generator().manual_seed(1)
+    padded_features = torch.cat([features, torch.randn(500, features.shape[1], generator=g)])
+    padded_coors = torch.cat([coors, torch.full((500, 4), -1, dtype=coors.dtype)])
+    with torch.no_grad(), patches.applied(("pillar_scatter.padded",), batch_size=1):
+        first = fusable_first_layer(model.middle_encoder, model.backbone)
+        assert isinstance(first, BevConv)
+        canvas = model.middle_encoder(padded_features, padded_coors, 1)
+        out = model.middle_encoder(padded_features, padded_coors, 1, first_layer=first)
+    ref = torch.nn.functional.conv2d(canvas, first.weight, first.bias, first.stride, first.padding)
+    ref = ref.permute(0, 2, 3, 1)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-5 * ref.abs().max(), rtol=1e-5)

@@ -165,12 +165,15 @@ def test_to_dense_equals_spconv_dense(kitti_sites):
     coarse = torch.unique(kitti_sites[:, 1:] // torch.tensor([4, 8, 8], dtype=torch.int32), dim=0)
     indices = torch.cat([torch.cat([torch.zeros_like(coarse[:, :1]), coarse], 1),
                          torch.cat([torch.ones_like(coarse[:40, :1]), coarse[:40]], 1)]).int()
-    x = spconv.SparseConvTensor(features_for(indices, 3), indices, [11, 200, 176], 2)
-    for channels_first in (True, False):
-        ref = x.dense(channels_first)
-        ours = sc.to_dense(x, channels_first)
-        assert ours.shape == ref.shape
-        assert torch.equal(ours, ref)
+    one = indices[: coarse.shape[0]]
+    for x in (spconv.SparseConvTensor(features_for(indices, 3), indices, [11, 200, 176], 2),
+              spconv.SparseConvTensor(features_for(one, 3), one, [11, 200, 176], 1)):
+        for channels_first in (True, False):
+            ref = x.dense(channels_first)
+            ours = sc.to_dense(x, channels_first)
+            assert ours.shape == ref.shape
+            assert torch.equal(ours, ref)
+            assert ours.is_contiguous()
 
 
 class _Layers(torch.nn.Module):
