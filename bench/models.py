@@ -206,8 +206,10 @@ def _breakdown(export_dir: Path, names: list[str], saved, threads: int, runs: in
                 capture_output=True, text=True,
             )
             text = proc.stdout + proc.stderr
-            # one "execute" line per call (submission)
-            calls = sum(int(c) for c in re.findall(r"host_execute_queue p=\d+ q=\d+ execute\s+count=(\d+)", text))
+            # calls: the benchmark's iterations (its non-aggregate rows). Not the queue's "execute"
+            # submissions: a graph with data-dependent sizes submits several per call (PointPillars-DV:
+            # 4, split where the host reads a size back), which made earlier breakdowns 2-4x too small
+            calls = sum(int(c) for c in re.findall(r"^BM_\S+/real_time\s+\S+ \w+\s+\S+ \w+\s+(\d+)", text, re.M))
             parts = dict.fromkeys(PARTS, 0.0)
             for m in re.finditer(r"^\s*host_execute (\S+)\s+count=\d+ total=([0-9.]+) (ms|us|ns)", text, re.M):
                 parts[_part_of_dispatch(m.group(1))] += float(m.group(2)) * {"ms": 1, "us": 1e-3, "ns": 1e-6}[m.group(3)]

@@ -348,8 +348,16 @@ def camera_tensors(data_samples) -> dict[str, torch.Tensor]:
 def run_pipeline(cfg, item: dict, label: str, kind: str = "frame") -> dict:
     """The config's own test pipeline on one data item (as mmdet3d.apis' inference functions run
     it); one ExportError line when it fails or drops the item (a ``kind`` named ``label``)."""
+    import random
+
     from mmengine.dataset import Compose
 
+    # random test-time steps (PointSample's np.random.choice in the SUN RGB-D / ScanNet configs)
+    # draw from a seeded state: the same frame gives the same sample in every run (the caller's
+    # random state is restored afterwards)
+    np_state, py_state = np.random.get_state(), random.getstate()
+    np.random.seed(SEED)
+    random.seed(SEED)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -358,6 +366,9 @@ def run_pipeline(cfg, item: dict, label: str, kind: str = "frame") -> dict:
             raise
         except Exception as exc:
             raise ExportError(f"the test pipeline failed on {label}: {type(exc).__name__}: {exc}") from None
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
     if packed is None:
         raise ExportError(f"the test pipeline dropped the {kind} {label}")
     # a test-time-augmentation wrapper (MultiScaleFlipAug3D with Pack3DDetInputs inside) packs one

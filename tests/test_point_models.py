@@ -21,6 +21,23 @@ def votenet():
     return model, smp.sample_frame(model, smp.default_frame_ref(model.cfg))
 
 
+def test_random_test_pipeline_steps_are_seeded(votenet):
+    """SUN RGB-D's test pipeline draws 20,000 of the frame's points at random (PointSample):
+    the sample is the same in every run (the exported graph is validated on it), and the
+    caller's numpy random state is left as it was."""
+    import numpy as np
+
+    model, s = votenet
+    np.random.seed(123)
+    expected_next = np.random.random()
+    np.random.seed(123)
+    again = smp.sample_frame(model, smp.default_frame_ref(model.cfg))
+    assert np.random.random() == expected_next
+    first, second = s.data["inputs"]["points"][0], again.data["inputs"]["points"][0]
+    assert first.shape == (20000, second.shape[1])
+    assert torch.equal(first, second)
+
+
 def test_votenet_cannot_run_on_cpu_without_the_patches(votenet):
     model, s = votenet
     with torch.no_grad(), pytest.raises(Exception) as info:
