@@ -683,7 +683,7 @@ def select_scatters_as_concats(model) -> list[str]:
             continue
         axis = attrs.get("axis", 0) % len(data)
         size, c = data[axis], int(index.reshape(()))
-        if attrs.get("reduction", b"none") not in (b"none", "none") or size is None or updates[axis] != 1 or not -size <= c < size:
+        if _scatter_reduction(node) != "none" or size is None or updates[axis] != 1 or not -size <= c < size:
             nodes.append(node)
             continue
         c %= size
@@ -734,8 +734,7 @@ def _row_reducing_scatters(model):
         if node.op_type != "ScatterElements":
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        reduction = attrs.get("reduction", b"none")
-        reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
+        reduction = _scatter_reduction(node)
         expand = producer.get(node.input[1])
         data, updates = shapes.get(node.input[0]), shapes.get(node.input[2])
         rows = shapes.get(expand.input[0]) if expand is not None and expand.op_type == "Expand" else None
@@ -811,10 +810,7 @@ def row_max_scatters_as_scatter_nd(model) -> list[str]:
         node.CopyFrom(helper.make_node("ScatterND", inputs, list(node.output), name=f"{label}_form_nd", reduction=reduction))
     shapes = _shapes(graph)
     for node in list(graph.node):
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        reduction = attrs.get("reduction", b"none")
-        reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
-        if node.op_type != "ScatterElements" or reduction not in ("max", "min"):
+        if node.op_type != "ScatterElements" or (reduction := _scatter_reduction(node)) not in ("max", "min"):
             continue
         if len(shapes.get(node.input[0]) or []) != 1 or len(shapes.get(node.input[1]) or []) != 1:
             continue
@@ -907,6 +903,14 @@ def remove_dead_nodes(model) -> None:
     unused = [t for t in graph.initializer if t.name not in needed]
     for t in unused:
         graph.initializer.remove(t)
+
+
+def _scatter_reduction(node) -> str:
+    """A scatter node's ``reduction`` attribute as a str (``"none"`` when absent)."""
+    from onnx import helper
+
+    value = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "reduction"), b"none")
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _label(node) -> str:

@@ -170,6 +170,15 @@ def dynamic_simple_vfe_forward(self, features: Tensor, coors: Tensor, *args, **k
     return voxel_feats, _mark_padding(voxel_coors, num_voxels)
 
 
+def _leading_rows(coors: Tensor, minimum: int) -> int:
+    """``M``, the rows before the padding (the padded encoders put the voxels first, padding rows
+    have coors -1), as an unbacked size with its bounds (at least ``minimum``, at most the rows)."""
+    m = (coors[:, 0] >= 0).sum().item()
+    torch._check(m >= minimum, lambda: "no voxel in range")
+    torch._check(m <= coors.shape[0])
+    return m
+
+
 @register(
     "pillar_scatter.padded",
     "mmdet3d.models.middle_encoders.pillar_scatter:PointPillarsScatter.forward",
@@ -183,12 +192,9 @@ def pillars_scatter_padded_forward(
     as in ``sparse_encoder.padded``): onnxruntime then skips the canvas, its reorder and the dense
     stride-2 conv on PointPillars-DV (~54 ms of 765 on one thread). On all ``N`` rows (one per
     point) the rows' products cost more than the canvas."""
-    valid = coors[:, 0] >= 0
     if first_layer is None:
-        return scatter_to_bev(voxel_features, coors, static_batch_size(), self.ny, self.nx, valid=valid)
-    m = valid.sum().item()
-    torch._check(m >= 0)
-    torch._check(m <= coors.shape[0])
+        return scatter_to_bev(voxel_features, coors, static_batch_size(), self.ny, self.nx, valid=coors[:, 0] >= 0)
+    m = _leading_rows(coors, minimum=0)
     return scatter_conv_to_bev(voxel_features[:m], coors[:m], static_batch_size(), self.ny, self.nx, first_layer)
 
 
@@ -205,9 +211,7 @@ def sparse_encoder_padded_forward(self, voxel_features: Tensor, coors: Tensor, b
     (unbacked) size instead of routing padding rows through every layer."""
     from mmdet3d.models.middle_encoders.sparse_encoder import SparseConvTensor  # spconv's or mmcv's
 
-    m = (coors[:, 0] >= 0).sum().item()
-    torch._check(m >= 1, lambda: "no voxel in range")
-    torch._check(m <= coors.shape[0])
+    m = _leading_rows(coors, minimum=1)
     voxel_features, coors = voxel_features[:m], coors[:m].int()
     input_sp_tensor = SparseConvTensor(voxel_features, coors, self.sparse_shape, batch_size)
     x = self.conv_input(input_sp_tensor)
