@@ -105,11 +105,9 @@ def _child(export_dir: Path, runtime: str, runs: int) -> dict:
                 program(*fresh())
 
     elif runtime == "onnx":
-        import onnxruntime as ort
+        from codegen.validate import ort_session
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(export_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        session = ort_session(export_dir / "model.onnx", threads)
         feeds = {n: saved[n] for n in names}
         fn = lambda: session.run(None, feeds)  # noqa: E731
     elif runtime.startswith("iree_"):
@@ -170,17 +168,13 @@ def _breakdown(export_dir: Path, names: list[str], saved, threads: int, runs: in
     import tempfile
 
     import numpy as np
-    import onnxruntime as ort
 
     from codegen.iree import _tool
+    from codegen.validate import ort_session
 
     result: dict = {}
     with tempfile.TemporaryDirectory(prefix="bench-breakdown-") as tmp:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.enable_profiling = True
-        opts.profile_file_prefix = str(Path(tmp) / "ort")
-        session = ort.InferenceSession(str(export_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        session = ort_session(export_dir / "model.onnx", threads, profile_prefix=str(Path(tmp) / "ort"))
         feeds = {n: saved[n] for n in names}
         session.run(None, feeds)  # warm-up, left out below
         for _ in range(runs):

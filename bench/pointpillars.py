@@ -107,10 +107,10 @@ def main() -> int:
         inputs = tuple(torch.from_numpy(saved[n]) for n in module.INPUT_NAMES)
         results["num_voxels"] = int(inputs[0].shape[0])
 
-        import onnxruntime as ort
+        from codegen.validate import ort_session
 
         pt2 = torch.export.load(str(out / "model.pt2")).module()
-        session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+        session = ort_session(out / "model.onnx")
         feeds = {n: saved[n] for n in module.INPUT_NAMES}
 
         def eager():

@@ -7,6 +7,7 @@ import platform
 
 from . import __version__
 from .errors import ExportError
+from .validate import ORT_CONFIG
 
 PACKAGES = (
     "torch", "mmcv", "mmdet", "mmdet3d", "mmengine", "onnx", "onnxruntime", "onnxscript",
@@ -85,6 +86,8 @@ def build_metadata(
         "onnx_opset": opset,
         # CPU graph forms applied to model.onnx, node by node (codegen/graph_forms.py)
         **({"onnx_graph_forms": onnx_forms} if onnx_forms is not None else {}),
+        # the onnxruntime session settings validation ran with (and `run` uses): codegen.validate
+        **({"runtime_options": {"onnxruntime": dict(ORT_CONFIG)}} if "onnx" in formats else {}),
         # how model.vmfb was compiled (preset, flags, graph rewrites, static shapes): codegen/iree.py
         **({"iree": iree} if iree else {}),
         "batch_size": analysis.batch_size,

@@ -47,6 +47,7 @@ PATCHES = (
     "spconv.dense",
     "bevfusion.extract_feat",
     "depth_lss.forward",
+    "depth_lss.cam_feats",
     "lss.bev_pool",
 )
 BATCH_SIZE = 1

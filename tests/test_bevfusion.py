@@ -114,6 +114,28 @@ def test_stand_ins_equal_the_kernels(lidar_model, nuscenes_points):
     assert torch.equal(bev_pool(feats, coords, 1, 1, 360, 360), codegen_bev_pool(feats, coords, 1, 1, 360, 360))
 
 
+
+def test_camera_features_outer_product_equals_bevfusion():
+    """The patched ``DepthLSSTransform.get_cam_feats`` (outer product formed in the output's
+    ``[B, N, D, fH, fW, C]`` order, no permute of the 118x larger result) gives BEVFusion's
+    tensor bit for bit, on the lidar-camera config's view transform with random weights."""
+    checkout.activate(source_root())
+    from projects.BEVFusion.bevfusion.depth_lss import DepthLSSTransform
+
+    from codegen.patches.bevfusion import depth_lss_get_cam_feats
+
+    torch.manual_seed(0)
+    bounds = dict(xbound=[-54.0, 54.0, 0.3], ybound=[-54.0, 54.0, 0.3], zbound=[-10.0, 10.0, 20.0], dbound=[1.0, 60.0, 0.5])
+    vt = DepthLSSTransform(in_channels=256, out_channels=80, image_size=[256, 704], feature_size=[32, 88], downsample=2, **bounds).eval()
+    x = torch.randn(1, 2, 256, 32, 88)
+    d = torch.rand(1, 2, 1, 256, 704) * (torch.rand(1, 2, 1, 256, 704) < 0.05) * 60  # sparse lidar depths
+    with torch.no_grad():
+        original = vt.get_cam_feats(x, d)
+        ours = depth_lss_get_cam_feats(vt, x, d)
+    assert original.shape == ours.shape == (1, 2, 118, 32, 88, 80)
+    assert ours.is_contiguous() and not original.is_contiguous()
+    assert torch.equal(ours, original)
+
 def test_pretrained_backbone_url_is_not_fetched():
     from codegen.configs import resolve_config
 

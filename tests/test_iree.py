@@ -413,11 +413,13 @@ def test_column_writes_become_one_concat(tmp_path):
         np.testing.assert_array_equal(after, np.concatenate([feeds[f"u{i}"] for i in range(3)], axis=2))
 
 
-def test_row_max_scatter_becomes_scatter_nd_that_iree_compiles(tmp_path):
+@pytest.mark.parametrize("rows", ["m", 5])
+def test_row_max_scatter_becomes_scatter_nd_that_iree_compiles(tmp_path, rows):
     """DynamicScatter's max, ``scatter_reduce(0, i.expand(N, C), u, 'amax')``, exports as a
     max-reducing ScatterElements, which IREE's importer cannot legalize. The IREE copy has a
     ScatterND with the row indices instead: onnxruntime gives the same rows on both graphs, and
-    the compiled vmfb gives them too, with repeated rows (several points in one voxel)."""
+    the compiled vmfb gives them too, with repeated rows (several points in one voxel). With a
+    static ``data`` the flat index of model.onnx is int32, which the ScatterND takes as int64."""
     nodes = [
         helper.make_node("Shape", ["u"], ["shape"]),
         helper.make_node("Expand", ["i", "shape"], ["index"]),
@@ -427,13 +429,14 @@ def test_row_max_scatter_becomes_scatter_nd_that_iree_compiles(tmp_path):
         nodes,
         "main_graph",
         [
-            helper.make_tensor_value_info("data", TensorProto.FLOAT, ["m", 4]),
+            helper.make_tensor_value_info("data", TensorProto.FLOAT, [rows, 4]),
             helper.make_tensor_value_info("i", TensorProto.INT64, ["n", 1]),
             helper.make_tensor_value_info("u", TensorProto.FLOAT, ["n", 4]),
         ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
     )
     rewrites, ops = _forms(tmp_path, graph)
+    assert ops.count("Cast") == (2 if rows == 5 else 1)  # rows index -> flat index type (-> int64)
     # model.onnx gets the flattened scatter (cpu_forms), IREE's copy that one as a ScatterND
     assert rewrites == ["ScatterElements smax (row-wise max) on flattened tensors", "ScatterElements smax_form_flat (1-D max) as ScatterND"]
     assert "ScatterElements" not in ops and ops.count("ScatterND") == 1
@@ -459,6 +462,53 @@ def test_row_max_scatter_becomes_scatter_nd_that_iree_compiles(tmp_path):
     got = iree_runtime(tmp_path / "model.vmfb", list(feeds)).run(tuple(feeds.values()))
     np.testing.assert_array_equal(np.asarray(got[0]), expected)
 
+
+
+def test_row_add_scatter_is_flattened_with_an_int32_index(tmp_path):
+    """bev_pool's ``scatter_add(0, i.expand(N, C), u)`` (a row-wise add ScatterElements, which
+    onnxruntime runs element by element through a 2-D index) runs on 1-D views: the same additions
+    in the same order, so onnxruntime's sums are bit-identical, repeated rows included. ``data``
+    has a static size below 2**31, so the flat index is int32 (half the memory of the int64 one).
+    IREE compiles the flattened scatter and sums the same rows."""
+    nodes = [
+        helper.make_node("Shape", ["u"], ["shape"]),
+        helper.make_node("Expand", ["i", "shape"], ["index"]),
+        helper.make_node("ScatterElements", ["data", "index", "u"], ["y"], axis=0, reduction="add", name="sadd"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "main_graph",
+        [
+            helper.make_tensor_value_info("data", TensorProto.FLOAT, [6, 5]),
+            helper.make_tensor_value_info("i", TensorProto.INT64, ["n", 1]),
+            helper.make_tensor_value_info("u", TensorProto.FLOAT, ["n", 5]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    _save(graph, tmp_path / "model.onnx")
+    flat = onnx.load(str(tmp_path / "model.onnx"))
+    assert cpu_forms(flat) == ["ScatterElements sadd (row-wise add) on flattened tensors"]
+    (scatter,) = [n for n in flat.graph.node if n.op_type == "ScatterElements"]
+    inferred = onnx.shape_inference.infer_shapes(flat).graph.value_info
+    index_type = {v.name: v.type.tensor_type.elem_type for v in inferred}[scatter.input[1]]
+    assert index_type == TensorProto.INT32
+    onnx.save(flat, str(tmp_path / "flat.onnx"))
+    rng = np.random.default_rng(3)
+    feeds = {
+        "data": rng.standard_normal((6, 5)).astype(np.float32),
+        "i": rng.integers(0, 5, (200, 1)).astype(np.int64),  # ~40 updates per row; row 5 gets none
+        "u": rng.standard_normal((200, 5)).astype(np.float32),
+    }
+    expected = feeds["data"].copy()
+    for row, values in zip(feeds["i"][:, 0], feeds["u"]):
+        expected[row] += values  # float32, in update order
+    before = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)[0]
+    after = ort.InferenceSession(str(tmp_path / "flat.onnx")).run(None, feeds)[0]
+    np.testing.assert_array_equal(before, expected)
+    np.testing.assert_array_equal(after, expected)
+    compile_onnx(tmp_path / "flat.onnx", tmp_path / "flat.vmfb")
+    got = np.asarray(iree_runtime(tmp_path / "flat.vmfb", list(feeds)).run(tuple(feeds.values()))[0])
+    np.testing.assert_allclose(got, expected, atol=1e-5)  # IREE may sum in another order
 
 def test_empty_gathers_leave_concats(tmp_path):
     """``Concat(Gather(Shape(x), []), ...)`` (unoptimised shape arithmetic that IREE's importer

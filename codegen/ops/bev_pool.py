@@ -32,9 +32,11 @@ float32 additions in the same order, in eager and in onnxruntime.  No sort is ne
 Export notes: no ``index_put(accumulate=True)`` (ONNX ``ScatterND(reduction='add')`` races in
 onnxruntime 1.32), no boolean-mask filtering (``x[kept]`` becomes routing to the dump row), no integer
 floor division (the batch index is an expanded ``arange``).  ONNX ``ScatterElements`` needs indices
-of the update's shape, so the exported graph materialises an int64 ``[num_points, C]`` index
-(twice the size of ``x`` in float32): for BEVFusion nuScenes (6 x 118 x 32 x 88 frustum points,
-C = 80) that is ~1.3 GB per sample on top of the 0.64 GB feature tensor.
+of the update's shape, so the exported graph materialises a ``[num_points, C]`` index. In
+``model.onnx`` the graph form ``flatten_row_scatters`` runs the scatter on 1-D views with an int32
+index ``cell * C + c`` (the same additions in the same order): for BEVFusion nuScenes (6 x 118 x 32
+x 88 frustum points, C = 80) a 0.64 GB index instead of the exporter's 1.3 GB int64 one, and
+onnxruntime's scatter, one thread, 7.1 s + 1.2 s for the index -> 1.9 s + 0.5 s.
 """
 
 from __future__ import annotations

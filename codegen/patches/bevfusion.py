@@ -46,7 +46,7 @@ CAMERA_KEYS = ("lidar2img", "cam2img", "cam2lidar", "img_aug_matrix", "lidar_aug
 DEFAULT_EYE = ("img_aug_matrix", "lidar_aug_matrix")
 
 LIDAR_PATCHES = ("bevfusion.pts_feat", "transfusion.topk", "spconv.conv", "spconv.dense")
-CAMERA_PATCHES = ("bevfusion.extract_feat", "depth_lss.forward", "lss.bev_pool")
+CAMERA_PATCHES = ("bevfusion.extract_feat", "depth_lss.forward", "depth_lss.cam_feats", "lss.bev_pool")
 
 
 def batch_metas(inputs: dict) -> list[dict]:
@@ -435,6 +435,28 @@ def base_depth_transform_forward(
     )
     x = self.get_cam_feats(img, depth)
     return self.bev_pool(geom, x)
+
+
+@register(
+    "depth_lss.cam_feats",
+    f"{BEVFUSION}.depth_lss:DepthLSSTransform.get_cam_feats",
+    "builds the depth x feature outer product channel-first, then permutes it: a 640 MB transpose per frame",
+)
+def depth_lss_get_cam_feats(self, x: Tensor, d: Tensor) -> Tensor:
+    """``DepthLSSTransform.get_cam_feats`` with the outer product of depth probabilities and
+    context features formed in the output's ``[B, N, D, fH, fW, C]`` order (the features are
+    permuted before it, 80 x 32 x 88 per camera, not after, 118 times as many values). The same
+    products, so bit-identical; onnxruntime, one thread: Transpose 335 ms + Mul 120 ms -> one Mul."""
+    B, N, C, fH, fW = x.shape
+    d = d.view(B * N, *d.shape[2:])
+    x = x.view(B * N, C, fH, fW)
+    d = self.dtransform(d)
+    x = torch.cat([d, x], dim=1)
+    x = self.depthnet(x)
+    depth = x[:, : self.D].softmax(dim=1)
+    feats = x[:, self.D : (self.D + self.C)].permute(0, 2, 3, 1).contiguous()
+    out = depth.unsqueeze(-1) * feats.unsqueeze(1)  # [BN, D, fH, fW, 1] * [BN, 1, fH, fW, C]
+    return out.view(B, N, self.D, fH, fW, self.C)
 
 
 @register(
