@@ -136,6 +136,20 @@ def test_camera_features_outer_product_equals_bevfusion():
     assert ours.is_contiguous() and not original.is_contiguous()
     assert torch.equal(ours, original)
 
+
+def test_per_point_3x3_products_equal_the_matmul():
+    """``get_geometry``'s per-point 3x3 products as broadcast multiply-adds (``_apply3x3``, no
+    per-point GEMM in onnxruntime) equal BEVFusion's ``m.view(..., 3, 3).matmul(p.unsqueeze(-1))``
+    bit for bit, so the frustum points land in the same BEV cells."""
+    from codegen.patches.bevfusion import _apply3x3
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        m = torch.randn(2, 6, 3, 3, generator=gen)
+        p = torch.randn(2, 6, 20, 8, 11, 3, generator=gen) * 30
+        ref = m.view(2, 6, 1, 1, 1, 3, 3).matmul(p.unsqueeze(-1)).squeeze(-1)
+        assert torch.equal(_apply3x3(m, p), ref)
+
 def test_pretrained_backbone_url_is_not_fetched():
     from codegen.configs import resolve_config
 
@@ -243,26 +257,34 @@ def test_patched_camera_branch_equals_bevfusion():
     features differ only through the cofactor 3x3 inverse (torch.inverse has no ONNX form)."""
     from codegen import patches
     from codegen.patches.bevfusion import CAMERA_PATCHES, LIDAR_PATCHES, batch_metas
+    from codegen.validate import one_thread
 
     frame_path("NuScenesDataset")
     model = smp.load_model(str(config_path(LIDAR_CAM)))
     s = smp.sample_frame(model, smp.default_frame_ref(model.cfg))
     depths = []
-    original_cam_feats = type(model.view_transform).get_cam_feats
+    cls = type(model.view_transform)
 
-    def keep_depth(self, x, d):
-        depths.append(d)
-        return original_cam_feats(self, x, d)
+    def extract_keeping_depth():
+        """``extract_feat`` with the depth image that reaches ``get_cam_feats`` (the original's
+        or, under the patches, the patched one) kept in ``depths``."""
+        cam_feats = cls.get_cam_feats
+
+        def keep_depth(self, x, d):
+            depths.append(d)
+            return cam_feats(self, x, d)
+
+        cls.get_cam_feats = keep_depth
+        try:
+            return model.extract_feat(smp.clone_tree(s.data["inputs"]), metas)
+        finally:
+            cls.get_cam_feats = cam_feats
 
     metas = batch_metas(s.data["inputs"])
-    with torch.no_grad():
-        type(model.view_transform).get_cam_feats = keep_depth
-        try:
-            original = model.extract_feat(smp.clone_tree(s.data["inputs"]), metas)
-            with patches.applied(LIDAR_PATCHES + CAMERA_PATCHES, batch_size=1):
-                patched = model.extract_feat(smp.clone_tree(s.data["inputs"]), metas)
-        finally:
-            type(model.view_transform).get_cam_feats = original_cam_feats
+    with torch.no_grad(), one_thread():  # spconv's CPU kernels race with more (lidar branch: 4e-6)
+        original = extract_keeping_depth()
+        with patches.applied(LIDAR_PATCHES + CAMERA_PATCHES, batch_size=1):
+            patched = extract_keeping_depth()
     assert depths[0].shape == (1, 6, 1, 256, 704) and int((depths[0] > 0).sum()) > 1000
     assert torch.equal(depths[0], depths[1])
     torch.testing.assert_close(patched[0], original[0], atol=1e-6, rtol=1e-6)
