@@ -413,6 +413,23 @@ def test_column_writes_become_one_concat(tmp_path):
         np.testing.assert_array_equal(after, np.concatenate([feeds[f"u{i}"] for i in range(3)], axis=2))
 
 
+def _row_scatter_graph(reduction: str, name: str, rows, channels: int):
+    """``y = ScatterElements(data [rows, C], Expand(i [n, 1], Shape(u)), u [n, C], axis=0,
+    reduction)``: what ``scatter_reduce`` / ``scatter_add`` with a row index ``i.expand(n, C)``
+    export to."""
+    nodes = [
+        helper.make_node("Shape", ["u"], ["shape"]),
+        helper.make_node("Expand", ["i", "shape"], ["index"]),
+        helper.make_node("ScatterElements", ["data", "index", "u"], ["y"], axis=0, reduction=reduction, name=name),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("data", TensorProto.FLOAT, [rows, channels]),
+        helper.make_tensor_value_info("i", TensorProto.INT64, ["n", 1]),
+        helper.make_tensor_value_info("u", TensorProto.FLOAT, ["n", channels]),
+    ]
+    return helper.make_graph(nodes, "main_graph", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+
+
 @pytest.mark.parametrize("rows", ["m", 5])
 def test_row_max_scatter_becomes_scatter_nd_that_iree_compiles(tmp_path, rows):
     """DynamicScatter's max, ``scatter_reduce(0, i.expand(N, C), u, 'amax')``, exports as a
@@ -420,22 +437,7 @@ def test_row_max_scatter_becomes_scatter_nd_that_iree_compiles(tmp_path, rows):
     ScatterND with the row indices instead: onnxruntime gives the same rows on both graphs, and
     the compiled vmfb gives them too, with repeated rows (several points in one voxel). With a
     static ``data`` the flat index of model.onnx is int32, which the ScatterND takes as int64."""
-    nodes = [
-        helper.make_node("Shape", ["u"], ["shape"]),
-        helper.make_node("Expand", ["i", "shape"], ["index"]),
-        helper.make_node("ScatterElements", ["data", "index", "u"], ["y"], axis=0, reduction="max", name="smax"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "main_graph",
-        [
-            helper.make_tensor_value_info("data", TensorProto.FLOAT, [rows, 4]),
-            helper.make_tensor_value_info("i", TensorProto.INT64, ["n", 1]),
-            helper.make_tensor_value_info("u", TensorProto.FLOAT, ["n", 4]),
-        ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-    )
-    rewrites, ops = _forms(tmp_path, graph)
+    rewrites, ops = _forms(tmp_path, _row_scatter_graph("max", "smax", rows, 4))
     assert ops.count("Cast") == (2 if rows == 5 else 1)  # rows index -> flat index type (-> int64)
     # model.onnx gets the flattened scatter (cpu_forms), IREE's copy that one as a ScatterND
     assert rewrites == ["ScatterElements smax (row-wise max) on flattened tensors", "ScatterElements smax_form_flat (1-D max) as ScatterND"]
@@ -470,22 +472,7 @@ def test_row_add_scatter_is_flattened_with_an_int32_index(tmp_path):
     in the same order, so onnxruntime's sums are bit-identical, repeated rows included. ``data``
     has a static size below 2**31, so the flat index is int32 (half the memory of the int64 one).
     IREE compiles the flattened scatter and sums the same rows."""
-    nodes = [
-        helper.make_node("Shape", ["u"], ["shape"]),
-        helper.make_node("Expand", ["i", "shape"], ["index"]),
-        helper.make_node("ScatterElements", ["data", "index", "u"], ["y"], axis=0, reduction="add", name="sadd"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "main_graph",
-        [
-            helper.make_tensor_value_info("data", TensorProto.FLOAT, [6, 5]),
-            helper.make_tensor_value_info("i", TensorProto.INT64, ["n", 1]),
-            helper.make_tensor_value_info("u", TensorProto.FLOAT, ["n", 5]),
-        ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-    )
-    _save(graph, tmp_path / "model.onnx")
+    _save(_row_scatter_graph("add", "sadd", 6, 5), tmp_path / "model.onnx")
     flat = onnx.load(str(tmp_path / "model.onnx"))
     assert cpu_forms(flat) == ["ScatterElements sadd (row-wise add) on flattened tensors"]
     (scatter,) = [n for n in flat.graph.node if n.op_type == "ScatterElements"]
