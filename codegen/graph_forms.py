@@ -342,10 +342,7 @@ def fold_constants(model) -> list[str]:
 
     graph = model.graph
     constants = {t.name: t for t in graph.initializer}
-    types = {name: t.data_type for name, t in constants.items()}
-    for value in list(graph.value_info) + list(graph.input) + list(graph.output):
-        if value.type.tensor_type.elem_type:
-            types[value.name] = value.type.tensor_type.elem_type
+    types = _elem_types(graph)
     for node in graph.node:
         if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
             tensor = onnx.TensorProto()
@@ -816,7 +813,7 @@ def row_max_scatters_as_scatter_nd(model) -> list[str]:
         done.append(f"ScatterElements {label} (row-wise {reduction}) as ScatterND")
         inputs = [node.input[0], rows, node.input[2]]
         node.CopyFrom(helper.make_node("ScatterND", inputs, list(node.output), name=f"{label}_form_nd", reduction=reduction))
-    shapes = _shapes(graph)
+    shapes, types = _shapes(graph), _elem_types(graph)
     for node in list(graph.node):
         if node.op_type != "ScatterElements" or (reduction := _scatter_reduction(node)) not in ("max", "min"):
             continue
@@ -827,7 +824,7 @@ def row_max_scatters_as_scatter_nd(model) -> list[str]:
         graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), axes))
         at = list(graph.node).index(node)
         index = node.input[1]
-        if _elem_type(graph, index) != TensorProto.INT64:  # ScatterND takes int64 indices only
+        if types.get(index) != TensorProto.INT64:  # ScatterND takes int64 indices only
             graph.node.insert(at, helper.make_node("Cast", [index], [f"{label}_nd_i64"], to=TensorProto.INT64, name=f"{label}_nd_i64"))
             index, at = f"{label}_nd_i64", at + 1
         unsqueeze = helper.make_node("Unsqueeze", [index, axes], [f"{label}_nd_index"], name=f"{label}_nd_index")
@@ -925,15 +922,14 @@ def _scatter_reduction(node) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _elem_type(graph, name: str) -> int | None:
-    """The element type (``TensorProto`` enum) of ``name`` as inferred or declared, else None."""
-    for t in graph.initializer:
-        if t.name == name:
-            return t.data_type
-    for value in (*graph.input, *graph.value_info, *graph.output):
-        if value.name == name and value.type.HasField("tensor_type"):
-            return value.type.tensor_type.elem_type
-    return None
+def _elem_types(graph) -> dict[str, int]:
+    """The element type (``TensorProto`` enum) of every initializer and of every value whose type
+    is inferred or declared."""
+    types = {t.name: t.data_type for t in graph.initializer}
+    for value in list(graph.value_info) + list(graph.input) + list(graph.output):
+        if value.type.tensor_type.elem_type:
+            types[value.name] = value.type.tensor_type.elem_type
+    return types
 
 
 def _label(node) -> str:
