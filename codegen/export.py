@@ -22,7 +22,7 @@ from .boxes import BOX_OUTPUTS
 from .generate import Generated, analyse_inputs, analyse_outputs, predict_context
 from .graph_forms import cpu_forms
 from .metadata import build_metadata, parse_formats
-from .ops.points import unroll_default
+from .ops.points import export_forms
 from .progress import Steps
 from .recipes import BY_NAME, recipe_for
 from .iree import Compiled, IreeOptions, compile_onnx, iree_runtime, padding_rule
@@ -272,8 +272,9 @@ def run_export(
         shutil.copyfile(wrapper_path, out / Path(wrapper_path).name)
         with steps.step(8, "+".join(formats)):
             # sequential loops (FPS, NMS): one ONNX Scan each, unless IREE (which miscompiles Scan)
-            # needs them unrolled - a graph and an export time that grow with the step count
-            with unroll_default("iree" in formats):
+            # needs them unrolled - a graph and an export time that grow with the step count - and
+            # without the data-dependent sizes of windowed ball queries
+            with export_forms("iree" in formats):
                 program = export_program(module, wrapper, args[0])
             runtimes: list[Runtime] = []
             if "pt2" in formats:

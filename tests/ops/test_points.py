@@ -7,8 +7,10 @@ from __future__ import annotations
 
 
 import numpy as np
+import pytest
 import torch
 
+from codegen.ops import points
 from codegen.ops.points import (
     ball_query,
     furthest_point_sample,
@@ -143,6 +145,20 @@ def test_fps_ties_lowest_index(scannet_points):
     assert (got < 500).all()
 
 
+def test_fps_two_level_argmax_ties(scannet_points, monkeypatch):
+    """Large clouds take each step's argmax in two levels (rows of ``FPS_ARGMAX_ROW`` points):
+    on a cloud of 3 copies of 3001 points (ties at every step, and 9003 points fill no whole
+    number of rows) the picks are the reference's, first copies only."""
+    base = subset(scannet_points, 3001, 30)[:, :3]
+    cloud = torch.from_numpy(np.concatenate([base, base, base])[None])
+    assert cloud.shape[1] >= points.FPS_BLOCKED_MIN and cloud.shape[1] % points.FPS_ARGMAX_ROW
+    got = furthest_point_sample(cloud, 200)[0].numpy()
+    np.testing.assert_array_equal(got, fps_reference(cloud[0].numpy(), 200))
+    assert (got < 3001).all()
+    monkeypatch.setattr(points, "FPS_BLOCKED_MIN", 10**9)  # the one-level form: the same picks
+    np.testing.assert_array_equal(furthest_point_sample(cloud, 200)[0].numpy(), got)
+
+
 def test_fps_with_dist_sunrgbd(sunrgbd_points):
     """Feature-space FPS (as in 3DSSD's F-FPS): squared distances of xyz + rgb/255 features."""
     clouds = np.stack([subset(sunrgbd_points, 1200, s) for s in (4, 5)])
@@ -155,9 +171,12 @@ def test_fps_with_dist_sunrgbd(sunrgbd_points):
         np.testing.assert_array_equal(got[b].numpy(), fps_with_dist_reference(dist[b], 128))
 
 
-def test_ball_query_votenet_radius(scannet_points):
+@pytest.mark.parametrize("windowed", [True, False])
+def test_ball_query_votenet_radius(scannet_points, monkeypatch, windowed):
     """VoteNet SA1 grouping: radius 0.2, 64 samples around FPS centres (centres are cloud points,
-    so ``d2 == 0`` matters for min_radius > 0), plus a ring query and an empty far-away ball."""
+    so ``d2 == 0`` matters for min_radius > 0), plus a ring query and an empty far-away ball;
+    in windows of centres against x slabs of the points (10M pairs, one cloud) and dense."""
+    monkeypatch.setattr(points, "WINDOWED_QUERIES", windowed)
     cloud = subset(scannet_points, scannet_points.shape[0], 6)[:, :3]  # the whole scene, ~40k points
     centres_idx = fps_reference(cloud, 256)
     centres = np.concatenate([cloud[centres_idx], np.array([[100.0, 100.0, 100.0]], F32)])
@@ -295,6 +314,26 @@ def test_export_ball_query_in_centre_blocks(scannet_points, tmp_path):
     program = assert_exports(Op(lambda x, c: ball_query(0.0, 0.2, 32, x, c)), inputs, dims, tmp_path, exact=True)
     topks = [n for n in program.graph.nodes if n.op == "call_function" and "topk" in str(n.target)]
     assert len(topks) == 4
+
+
+def test_export_ball_query_windowed(sunrgbd_points, tmp_path):
+    """One cloud, 512 centres x 20000 points: 8 windows of 64 centres in x order, each against
+    the x slab of points it can reach (sizes the graph computes from the data); the reloaded PT2
+    and onnxruntime equal eager, and eager the kernel reference, on this cloud and on one of
+    another size (the slabs' sizes are not fixed by the export sample)."""
+    a, b = (subset(sunrgbd_points, n, s)[:, :3] for n, s in ((20000, 40), (12000, 41)))
+    inputs = [
+        (torch.from_numpy(x[None]), torch.from_numpy(np.ascontiguousarray(x[fps_reference(x[:3000], 512)][None])))
+        for x in (a, b)
+    ]
+    dims = ({1: torch.export.Dim("n", min=3000, max=200000)}, None)
+    program = assert_exports(Op(lambda x, c: ball_query(0.0, 0.2, 64, x, c)), inputs, dims, tmp_path, exact=True)
+    topks = [n for n in program.graph.nodes if n.op == "call_function" and "topk" in str(n.target)]
+    assert len(topks) == 8
+    for x, c in inputs:
+        np.testing.assert_array_equal(
+            ball_query(0.0, 0.2, 64, x, c)[0].numpy(), ball_query_reference(0.0, 0.2, 64, x[0].numpy(), c[0].numpy())
+        )
 
 
 def test_export_grouping_and_gather(scannet_points, tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from codegen.ops import points
 from codegen.ops.points import stack_ball_query, stack_grouping_operation
 from export_check import assert_exports, forbidden_onnx_ops
 
@@ -100,14 +101,21 @@ def test_stack_ball_query_kitti(stacked, radius, nsample):
     assert want[ctr_cnt[0] :].max() < xyz_cnt[1]
 
 
-def test_stack_ball_query_one_cloud(stacked):
-    """PV-RCNN's case (batch size 1: the batch comparison is skipped), on the whole front half."""
+@pytest.mark.parametrize("windowed", [True, False])
+def test_stack_ball_query_one_cloud(stacked, monkeypatch, windowed):
+    """PV-RCNN's case (batch size 1: the batch comparison is skipped), on the whole front half:
+    windows of centres against x slabs of the points, and dense."""
+    monkeypatch.setattr(points, "WINDOWED_QUERIES", windowed)
+    monkeypatch.setattr(points, "WINDOWED_MIN_PAIRS", 1 << 20)
     clouds, centres = stacked
     xyz, xyz_cnt = _stack([clouds[0][:, :3]])
     ctr, ctr_cnt = _stack([centres[0]])
     args = [torch.from_numpy(a) for a in (xyz, xyz_cnt, ctr, ctr_cnt)]
-    got = stack_ball_query(0.8, 16, *args)
-    np.testing.assert_array_equal(got.numpy(), stack_ball_query_reference(0.8, 16, xyz, xyz_cnt, ctr, ctr_cnt))
+    for radius in (0.8, 4.8):
+        got = stack_ball_query(radius, 16, *args)
+        want = stack_ball_query_reference(radius, 16, xyz, xyz_cnt, ctr, ctr_cnt)
+        np.testing.assert_array_equal(got.numpy(), want)
+        assert (want[:, 0] == -1).sum() >= 2 and (want[:, -1] > want[:, 0]).any()
 
 
 def test_stack_ball_query_fewer_points_than_samples(stacked):
