@@ -2,10 +2,11 @@
 
 Every function traces with ``torch.export.export(..., strict=False)`` with dynamic batch / point
 counts and exports with the dynamo ONNX exporter (opset 18) to plain ops (Gather/GatherElements,
-Sub/Mul/Add, Min, ArgMax/ArgMin, values-only TopK, Where): no NonZero, Unique, ScatterElements.
-With the default ``unroll`` the exported graphs also compile with IREE 3.13 (llvm-cpu) and give
-the eager results: indices exactly, floats within 3e-7 (checked by hand for FPS, FPS with
-distances, ball query, grouping, three_nn and three_interpolate).
+Sub/Mul/Add, Min, ArgMax/ArgMin, MaxPool, values-only TopK, Where, Slice): no NonZero, Unique,
+ScatterElements.  In the forms ``export_forms(iree=True)`` selects (loops unrolled, no windowed
+ball queries) the exported graphs also compile with IREE 3.13 (llvm-cpu) and give the eager
+results: indices exactly, floats within 3e-7 (checked by hand for FPS, FPS with distances, ball
+query, grouping, three_nn and three_interpolate).
 Index outputs are int32 like mmcv's.  The float arithmetic follows the CUDA kernels' operation
 order (``dx*dx + dy*dy + dz*dz`` left to right), so results are bitwise equal to a CPU evaluation
 of the kernel formula (CUDA itself may contract to FMA and differ in the last ulp).
