@@ -313,8 +313,10 @@ def ball_query(min_radius: float, max_radius: float, sample_num: int, xyz: Tenso
     ``d2 == 0 or (min_r^2 <= d2 < max_r^2)`` (radii squared in float32), stop after
     ``sample_num``; empty slots repeat the first hit; a ball without hits is all 0.
     Vectorised: the hit mask over the ``[B, M, N]`` pairs, in blocks of centres, gives the first
-    hits (``_first_hits``).  With ``min_r == 0`` the test is ``d2 < max_r^2`` alone (``d2`` is a
-    sum of squares; NaN is a miss either way).  Requires ``N >= sample_num`` (TopK)."""
+    hits (``_first_hits``); one cloud with many pairs (``_windowed``) compares windows of centres
+    with x slabs of the points (``_first_hits_windowed``).  With ``min_r == 0`` the test is
+    ``d2 < max_r^2`` alone (``d2`` is a sum of squares; NaN is a miss either way).  Requires
+    ``N >= sample_num`` (TopK)."""
     r_max2 = float(torch.tensor(max_radius, dtype=torch.float32) ** 2)
     r_min2 = float(torch.tensor(min_radius, dtype=torch.float32) ** 2)
     n = xyz.shape[1]
@@ -432,7 +434,8 @@ def stack_ball_query(
     ``sample_num`` points at infinity (never a hit) are appended so that ``N < sample_num``
     works without copying the ``[M, N]`` keys.  With one cloud (``B == 1``, static) the batch
     comparison is skipped.  Cost: about ten passes over ``[M, N]`` float32/bool tensors (PV-RCNN's
-    RoI grid: 21600 x 2048)."""
+    RoI grid: 21600 x 2048), or over the slabs of a windowed query (one cloud, ``_windowed``:
+    ``_first_hits_windowed``)."""
     n = xyz.shape[0]
     r2 = float(torch.tensor(radius, dtype=torch.float32) ** 2)
     padded = torch.cat((xyz, torch.full_like(xyz[:1], float("inf")).expand(sample_num, 3)))  # [N + S, 3]
@@ -441,15 +444,18 @@ def stack_ball_query(
     point_batch, point_start = _segments(xyz_batch_cnt, n + sample_num, padded)  # padding: batch B
     center_batch, _ = _segments(center_xyz_batch_cnt, center_xyz.shape[0], center_xyz)
 
+    def inside(d2: Tensor) -> Tensor:
+        return d2 < r2
+
     def hits(block: slice) -> Tensor:
-        hit = _squared_distances(center_xyz[block].unsqueeze(1), px, py, pz) < r2  # [m, N + S]
+        hit = inside(_squared_distances(center_xyz[block].unsqueeze(1), px, py, pz))  # [m, N + S]
         if xyz_batch_cnt.shape[0] > 1:
             hit = hit & (center_batch[block].unsqueeze(1) == point_batch.unsqueeze(0))
         return hit
 
     m = center_xyz.shape[0]
     if xyz_batch_cnt.shape[0] == 1 and _windowed(m, n):
-        first = _first_hits_windowed(lambda d2: d2 < r2, xyz, center_xyz, radius, sample_num)
+        first = _first_hits_windowed(inside, xyz, center_xyz, radius, sample_num)
     else:
         first = _first_hits(hits, m, n, sample_num, padded)  # [M, S]
     found = first < n
