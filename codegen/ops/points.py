@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import size_hint
+
 # ---------------------------------------------------------------------------------------------
 # fixed-count sequential loops
 # ---------------------------------------------------------------------------------------------
@@ -105,13 +107,6 @@ FPS_BLOCKED_MIN = 8192
 FPS_ARGMAX_ROW = 128
 
 
-def _size_hint(n) -> int | None:
-    """``n`` itself when static, else the export sample's value of the dynamic size (None when the
-    graph computes it, e.g. PV-RCNN's sparse-conv voxel centres)."""
-    hint = n if isinstance(n, int) else getattr(getattr(n, "node", None), "hint", None)
-    return hint if isinstance(hint, int) and hint > 0 else None
-
-
 def furthest_point_sample(points: Tensor, num: int, unroll: bool | None = None) -> Tensor:
     """``mmcv.ops.furthest_point_sample(points [B, N, 3], num) -> idx [B, num]`` int32.
 
@@ -131,7 +126,7 @@ def furthest_point_sample(points: Tensor, num: int, unroll: bool | None = None) 
     idx = torch.zeros(batch, 1, 1, dtype=torch.int64, device=points.device)
     if num <= 1:
         return idx[:, :num, 0].to(torch.int32)
-    hint = _size_hint(n)
+    hint = size_hint(n)
     row = FPS_ARGMAX_ROW if hint is not None and hint >= FPS_BLOCKED_MIN else 0
     # separate copies, not views: a scan body may not close over aliasing tensors
     xs, ys, zs = (points[:, :, i].unsqueeze(1).clone() for i in range(3))  # [B, 1, N] each
@@ -210,7 +205,7 @@ def _centre_blocks(m, n) -> list[slice]:
     cache fit changes."""
     if not isinstance(m, int):
         return [slice(None)]
-    hint = _size_hint(n) or UNKNOWN_POINT_COUNT
+    hint = size_hint(n) or UNKNOWN_POINT_COUNT
     size = max(16, BALL_BLOCK_PAIRS // hint)
     return [slice(start, min(start + size, m)) for start in range(0, m, size)] if size < m else [slice(None)]
 
@@ -260,7 +255,7 @@ WINDOW_MIN_CENTRES = 64
 
 
 def _windowed(m, n) -> bool:
-    hint = _size_hint(n) or UNKNOWN_POINT_COUNT
+    hint = size_hint(n) or UNKNOWN_POINT_COUNT
     return WINDOWED_QUERIES and isinstance(m, int) and m * hint >= WINDOWED_MIN_PAIRS
 
 

@@ -207,10 +207,39 @@ def test_exports_with_dynamic_site_count(kitti_sites, tmp_path, kind):
     # candidate count and the output count), not one per kernel offset
     import onnx
 
-    nonzero = sum(node.op_type == "NonZero" for node in onnx.load(str(tmp_path / "op.onnx")).graph.node)
+    nodes = onnx.load(str(tmp_path / "op.onnx")).graph.node
+    nonzero = sum(node.op_type == "NonZero" for node in nodes)
     assert nonzero == (0 if kind == "subm" else 2), nonzero
+    # all offsets of the 16-channel layer in one GEMM (offset_groups)
+    assert sum(node.op_type in ("MatMul", "Gemm") for node in nodes) == 1
     # the exported graph also agrees with spconv itself on the smaller input
     ref = run(layers, *inputs[1], SECOND_GRID["shape"])
     out_f, out_i = program.module()(*inputs[1])
     assert torch.equal(out_i, ref.indices)
     torch.testing.assert_close(out_f, ref.features, atol=1e-4, rtol=1e-5)
+
+
+def test_offset_groups_split_the_kernel_evenly():
+    assert sc.offset_groups(27, 16) == [(0, 27)]
+    assert sc.offset_groups(27, 128) == [(0, 13), (13, 27)]  # at most 16 offsets of 128 channels
+    assert sc.offset_groups(27, 4096) == [(k, k + 1) for k in range(27)]
+    # the export sample's site count bounds a group's gathered bytes
+    groups = sc.offset_groups(27, 16, sites=2_000_000)  # 128 MB an offset: 4 offsets a group
+    assert len(groups) == 7 and all(e - s <= 4 for s, e in groups)
+    assert groups[0][0] == 0 and groups[-1][1] == 27
+    assert all(e == s for (_, e), (s, _) in zip(groups, groups[1:]))
+
+
+def test_grouped_offsets_export_like_eager(kitti_sites, tmp_path, monkeypatch):
+    """Several offset groups (a small reduction bound) give the same layer output as the eager
+    per-offset loop, in PT2 and ONNX."""
+    monkeypatch.setattr(sc, "SPARSE_GEMM_K", 64)  # 4 offsets of 16 channels a group: 7 groups
+    layers, channels = make_layers("subm")
+    feats = features_for(kitti_sites, channels)
+    inputs = [(feats, kitti_sites), (feats[:5000].clone(), kitti_sites[:5000].clone())]
+    n = torch.export.Dim("num_sites", min=2)
+    assert_exports(_Layers(layers, SECOND_GRID["shape"]), inputs, ({0: n}, {0: n}), tmp_path, atol=1e-4)
+    import onnx
+
+    nodes = onnx.load(str(tmp_path / "op.onnx")).graph.node
+    assert sum(node.op_type in ("MatMul", "Gemm") for node in nodes) == 7
