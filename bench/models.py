@@ -495,7 +495,7 @@ def main() -> int:
         "--merge", action="store_true", help="keep the other models' rows (and notes) of docs/bench_models.json"
     )
     parser.add_argument(
-        "--skip-iree", nargs="*", default=[], help="wrappers (substrings) exported without IREE (SECOND: iree-compile >18 min)"
+        "--skip-iree", nargs="*", default=[], help="wrappers (substrings) exported without IREE (models whose iree-compile takes long or fails: docs/iree.md)"
     )
     parser.add_argument("--child", nargs=2, metavar=("EXPORT_DIR", "RUNTIME"), help=argparse.SUPPRESS)
     args = parser.parse_args()

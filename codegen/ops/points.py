@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import size_hint
+from .sort import radix_sorts
 
 # ---------------------------------------------------------------------------------------------
 # fixed-count sequential loops
@@ -45,14 +46,16 @@ UNROLL_DEFAULT = True
 
 @contextlib.contextmanager
 def export_forms(iree: bool):
-    """The op forms while exporting: for IREE, sequential loops unrolled (``UNROLL_DEFAULT``) and
-    no data-dependent sizes (``WINDOWED_QUERIES`` off); otherwise ONNX Scans and windowed ball
-    queries, which onnxruntime runs faster."""
+    """The op forms while exporting: for IREE, sequential loops unrolled (``UNROLL_DEFAULT``), no
+    data-dependent sizes (``WINDOWED_QUERIES`` off) and the large integer-key sorts as radix sorts
+    (``codegen.ops.sort.radix_sorts``); otherwise ONNX Scans, windowed ball queries and TopK sorts,
+    which onnxruntime runs faster."""
     global UNROLL_DEFAULT, WINDOWED_QUERIES
     saved = UNROLL_DEFAULT, WINDOWED_QUERIES
     UNROLL_DEFAULT, WINDOWED_QUERIES = iree, not iree
     try:
-        yield
+        with radix_sorts(iree):
+            yield
     finally:
         UNROLL_DEFAULT, WINDOWED_QUERIES = saved
 

@@ -56,7 +56,8 @@ layer has two: the number of valid (offset, site) candidates P (one ``nonzero``)
 count M (with a run-time assert M >= 1, which spconv's ``SparseSequential`` needs to branch on
 ``indices.shape[0] != 0``); its maps are scattered into static ``[K, N]`` / ``[M]`` tensors.
 Only ops with ONNX translations are used (sort, cumsum, nonzero, gather, index_put; no
-searchsorted, no index_add, no min/max scatter).
+searchsorted, no index_add, no min/max scatter); for IREE exports the sorts are radix sorts
+(``codegen.ops.sort``: IREE's own sort is an O(n^2) loop).
 
 Differences from spconv 2.3.8 CPU, all where spconv has no usable result: a bias is added
 (spconv's CPU inference path asserts "cpu don't support act and bias"; training mode adds it the
@@ -82,6 +83,7 @@ import torch
 from torch import Tensor
 
 from . import size_hint
+from .sort import radix_active, sort_keys
 
 RULEBOOK_TAG = "mmdet3d_export.sparse_conv"
 _INT64_LIMIT = 2**62
@@ -260,17 +262,17 @@ def _inverse_map(forward: Tensor, n_target, source: Tensor, salt: int = 0) -> Te
     return back.index_put_((forward,), source)[:n_target].clamp(max=source.shape[0])
 
 
-def _merge_rank(site_keys: Tensor, query_keys: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _merge_rank(site_keys: Tensor, query_keys: Tensor, bound: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``searchsorted`` by one sort (ONNX has no searchsorted): the site keys in sorted order,
     ``perm`` with ``sorted_keys = site_keys[perm]`` and, for every query, the number of site keys
     strictly below it (its left insertion point into ``sorted_keys``); also each site's own
     sorted position.  Returns ``(sorted_keys, perm, site_rank, query_rank)``.
 
-    ``site_keys`` [N] unique and >= 0, ``query_keys`` [...] >= 0.  Queries sort before equal
-    sites (tag 0 vs 1).  Every size stays a function of N (no boolean-mask selection)."""
+    ``site_keys`` [N] unique, all keys in ``[0, bound)``.  Queries sort before equal sites (tag 0
+    vs 1).  Every size stays a function of N (no boolean-mask selection)."""
     n = site_keys.shape[0]
     merged = torch.cat([site_keys * 2 + 1, query_keys.reshape(-1) * 2])
-    svals, sperm = torch.sort(merged)
+    svals, sperm = sort_keys(merged, 2 * bound)
     is_site = svals % 2
     before = torch.cumsum(is_site, 0) - is_site
     rank = torch.empty_like(before).index_put_((sperm,), before)
@@ -299,6 +301,7 @@ def subm_rulebook(
     # key weight of one step along each axis
     step = [math.prod(dims[a + 1:]) for a in range(ndim)]
     key = _linear_key(indices, dims, reach)
+    key_bound = batch_size * math.prod(dims)  # queries stay inside the padded key space too
 
     # offsets k > centre (row-major) are looked up; k' = kv-1-k are the same pairs swapped.
     # A query per kernel "row" (all axes but the last) whose row index is above the centre row;
@@ -334,9 +337,9 @@ def subm_rulebook(
     if queries:
         qdelta = torch.tensor([q[0] for q in queries], dtype=torch.int64, device=key.device)
         qkeys = key.unsqueeze(0) + qdelta.unsqueeze(1)
-        skeys, perm, own_rank, qpos = _merge_rank(key, qkeys)
+        skeys, perm, own_rank, qpos = _merge_rank(key, qkeys, key_bound)
     else:
-        skeys, perm, own_rank, qpos = _merge_rank(key, key[:0])
+        skeys, perm, own_rank, qpos = _merge_rank(key, key[:0], key_bound)
     # sorted keys with a sentinel that no target equals (targets are >= 0); perm padded alike
     skeys_pad = torch.cat([skeys, skeys.new_full((1,), -1)])
     perm_pad = torch.cat([perm, perm.new_zeros(1)])
@@ -468,13 +471,13 @@ def conv_rulebook(
 
     # first appearance of each unique key: sort key * (P + 1) + j (all distinct -> any sort is
     # exact; svals - sperm = key * (P + 1) compares like the key, no division); a stable sort of
-    # the keys instead if the composite could overflow int64
+    # the keys instead if the composite could overflow int64 or for IREE (a radix sort, stable)
     j = torch.arange(p, device=cand.device)
-    if out_volume * (kv * in_volume + 1) < _INT64_LIMIT:
+    if out_volume * (kv * in_volume + 1) < _INT64_LIMIT and not radix_active():
         svals, sperm = torch.sort(cand * (p + 1) + j)
         scaled = svals - sperm
     else:
-        scaled, sperm = torch.sort(cand, stable=True)
+        scaled, sperm = sort_keys(cand, out_volume, stable=True)
     is_first = torch.ones_like(scaled, dtype=torch.bool)
     is_first[1:] = scaled[1:] != scaled[:-1]
     # first appearances in scan order; their ranks number the output sites (spconv's order)

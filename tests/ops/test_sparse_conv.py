@@ -243,3 +243,33 @@ def test_grouped_offsets_export_like_eager(kitti_sites, tmp_path, monkeypatch):
 
     nodes = onnx.load(str(tmp_path / "op.onnx")).graph.node
     assert sum(node.op_type in ("MatMul", "Gemm") for node in nodes) == 7
+
+
+@pytest.mark.parametrize("kind", ["subm", "strided", "inverse"])
+def test_layers_compile_in_iree_and_equal_spconv(kitti_sites, tmp_path, kind):
+    """The IREE form (``export_forms(iree=True)``: the rulebooks' sorts as radix sorts, which IREE
+    runs in linear time) compiles with the ``host`` preset, and the vmfb gives spconv's sites and
+    features on two site counts."""
+    import onnx
+
+    from codegen.iree import compile_onnx, iree_runtime
+    from codegen.ops.points import export_forms
+
+    layers, channels = make_layers(kind)
+    feats = features_for(kitti_sites, channels)
+    n = torch.export.Dim("num_sites", min=2)
+    with torch.no_grad(), export_forms(iree=True):
+        program = torch.export.export(
+            _Layers(layers, SECOND_GRID["shape"]), (feats, kitti_sites), dynamic_shapes=({0: n}, {0: n}), strict=False
+        )
+    path = tmp_path / "op.onnx"
+    torch.onnx.export(program, (), str(path), dynamo=True, opset_version=18, external_data=False)
+    assert "TopK" not in {node.op_type for node in onnx.load(str(path)).graph.node}
+    compile_onnx(path, tmp_path / "op.vmfb")
+    runtime = iree_runtime(tmp_path / "op.vmfb", ["features", "indices"], static={})
+    for count in (kitti_sites.shape[0], 5000):
+        args = feats[:count].contiguous(), kitti_sites[:count].contiguous()
+        ref = run(layers, *args, SECOND_GRID["shape"])
+        out_f, out_i = (np.asarray(o) for o in runtime.run(tuple(a.numpy() for a in args)))
+        np.testing.assert_array_equal(out_i, ref.indices.numpy())
+        np.testing.assert_allclose(out_f, ref.features.numpy(), atol=1e-4, rtol=1e-5)

@@ -1,0 +1,83 @@
+"""Sorting integer keys in a form IREE runs in linear time.
+
+``torch.sort`` exports to ONNX ``TopK`` (k = n), which onnxruntime runs as a real sort but IREE
+3.13 lowers to ``iree_linalg_ext.sort``, an O(n^2) loop on llvm-cpu (docs/iree.md: 231 s for a
+per-channel sort of 64 x 16897 values).  The op library's large sorts are of non-negative int64
+keys below a bound known when exporting (linear keys of a grid, pair ranks), so for IREE exports
+they can be an LSD radix sort instead: ``ceil(log2(bound) / RADIX_BITS)`` passes, each a stable
+counting sort of one digit made of ops IREE compiles (a one-hot compare, ``CumSum``, one
+non-reducing scatter that inverts the permutation, gathers).  O(n * 2^RADIX_BITS) work a pass, stable, same order as
+``torch.sort(keys, stable=True)``.
+
+``sort_keys`` picks the form: the radix sort while exporting under ``radix_sorts()`` (the exporter
+turns it on for IREE, ``codegen.ops.points.export_forms``), ``torch.sort`` otherwise (onnxruntime's
+TopK is faster than the passes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+#: Bits of a key per pass: 16 bins, a [n, 16] running count per pass.
+RADIX_BITS = 4
+#: Set by ``radix_sorts()``: sort_keys takes the radix form while exporting.
+RADIX_SORTS = False
+
+
+@contextlib.contextmanager
+def radix_sorts(enabled: bool = True) -> Iterator[None]:
+    global RADIX_SORTS
+    saved = RADIX_SORTS
+    RADIX_SORTS = enabled
+    try:
+        yield
+    finally:
+        RADIX_SORTS = saved
+
+
+def radix_sort(keys: Tensor, bound: int) -> tuple[Tensor, Tensor]:
+    """``(values, perm)`` of the int64 ``keys`` [n] (all in ``[0, bound)``) in ascending order,
+    ties in input order, as ``torch.sort(keys, stable=True)``."""
+    if bound < 1:
+        raise ValueError("bound must be positive")
+    radix = 1 << RADIX_BITS
+    bins = torch.arange(radix, dtype=keys.dtype, device=keys.device)
+    iota = torch.arange(keys.shape[0], device=keys.device)
+    values, perm = keys, iota
+    shift = 0
+    while (1 << shift) < bound:
+        # ``//``, exported as an integer Div: ONNX BitShift takes unsigned types only (IREE's
+        # importer does not legalize the Cast to uint64 before it), and torch.div(...,
+        # rounding_mode=...) exports as a float32 Div + Floor, inexact above 2**24
+        digit = values // (1 << shift) % radix
+        onehot = (digit.unsqueeze(1) == bins).to(torch.int64)  # [n, radix]
+        before = torch.cumsum(onehot, 0) - onehot  # earlier keys with the same digit
+        totals = onehot.sum(0)
+        start = torch.cumsum(totals, 0) - totals  # first slot of each digit
+        dest = start.index_select(0, digit) + before.gather(1, digit.unsqueeze(1)).squeeze(1)
+        # slot -> key moving there (dest is a permutation: every slot written), then two gathers.
+        # The scatter writes a fresh buffer of its own fill: IREE 3.13 ran a scatter whose data
+        # and updates were one tensor in place (later reads saw its writes), and merges
+        # identical fills (see sparse_conv._inverse_map)
+        source = torch.full_like(values, -1 - shift).index_put((dest,), iota)
+        values, perm = values.index_select(0, source), perm.index_select(0, source)
+        shift += RADIX_BITS
+    return values, perm
+
+
+def radix_active() -> bool:
+    """Whether ``sort_keys`` takes the radix form here (exporting under ``radix_sorts()``)."""
+    return RADIX_SORTS and torch.compiler.is_exporting()
+
+
+def sort_keys(keys: Tensor, bound: int, stable: bool = False) -> tuple[Tensor, Tensor]:
+    """``torch.sort(keys, stable=stable)`` of int64 keys in ``[0, bound)``; the radix form (always
+    stable) when exporting under ``radix_sorts()``."""
+    if radix_active():
+        return radix_sort(keys, bound)
+    # stable=False would trace to aten.sort.stable, which the ONNX exporter has no function for
+    return torch.sort(keys, stable=True) if stable else torch.sort(keys)
