@@ -73,6 +73,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .sort import radix_active, sort_keys
 from .voxelize import _iota
 
 __all__ = ["dynamic_scatter", "dynamic_scatter_padded", "DynamicScatter", "grid_of"]
@@ -88,17 +89,29 @@ def _row_major(c: Tensor, extent) -> Tensor:
     return lin
 
 
-def _group(coors: Tensor):
+def _group(coors: Tensor, grid: Sequence[int] | None = None):
     """Sort the packed voxel keys; returns (perm, is_start, group [sorted], valid_sorted, valid,
-    order, starts [N + 1])."""
+    order, starts [N + 1]).
+
+    Keys are row-major over the coors' data-dependent extents, or, in IREE exports with the
+    ``grid`` known, over the grid (a static bound, so a radix sort: ``codegen.ops.sort``; rows
+    outside the grid are invalid, as in ``_group_dense``).  Same groups in the same order."""
     n = coors.shape[0]
     valid = (coors >= 0).all(dim=1)
+    if grid is not None and radix_active():
+        limit = torch.tensor(list(grid), dtype=coors.dtype, device=coors.device)
+        valid = valid & (coors < limit).all(dim=1)
+        extent, sentinel = grid, math.prod(grid)
     c = torch.where(valid[:, None], coors, torch.zeros_like(coors)).to(torch.int64)
-    extent = c.amax(dim=0) + 1  # [D] data-dependent extents, kept as a tensor
+    if grid is None or not radix_active():
+        extent = c.amax(dim=0) + 1  # [D] data-dependent extents, kept as a tensor
+        sentinel = torch.prod(extent)
     lin = _row_major(c, extent)
-    sentinel = torch.prod(extent)
     lin = torch.where(valid, lin, sentinel)
-    slin, perm = torch.sort(lin)  # only group membership matters: no stability needed
+    if isinstance(sentinel, int):
+        slin, perm = sort_keys(lin, sentinel + 1)
+    else:
+        slin, perm = torch.sort(lin)  # only group membership matters: no stability needed
     order = _iota(lin)
     is_start = (slin != slin[(order - 1).clamp(min=0)]) | (order == 0)
     group = torch.cumsum(is_start.to(torch.int64), 0) - 1
@@ -168,7 +181,8 @@ def dynamic_scatter_padded(
 
     ``grid``: the coors columns' extents (``grid_of``). With at most ``DENSE_MAX_CELLS`` cells and
     no sorted max, points are grouped by counting over the grid instead of sorting their keys
-    (IREE lowers sorts to O(n^2) loops); the outputs are the same."""
+    (IREE lowers sorts to O(n^2) loops); on larger grids IREE exports sort the keys with a radix
+    sort (``radix_sorts()``, bound: the grid).  The outputs are the same."""
     if reduce not in _REDUCE:
         raise ValueError(f"reduce must be one of {_REDUCE}, got {reduce!r}")
     if max_impl not in ("scatter", "sort"):
@@ -186,7 +200,7 @@ def dynamic_scatter_padded(
         point2voxel, num_voxels, voxel_coors = _group_dense(coors, grid)
         starts = None
     else:
-        perm, is_start, group, valid_s, valid, _, starts = _group(coors)
+        perm, is_start, group, valid_s, valid, _, starts = _group(coors, grid)
         num_voxels = (is_start & valid_s).sum()
         point2voxel = torch.zeros(n, dtype=torch.int64, device=coors.device).index_put_((perm,), group)
         point2voxel = torch.where(valid, point2voxel, torch.full_like(point2voxel, -1))

@@ -11,6 +11,8 @@ sum-divided-by-count per voxel.  The voxel coordinates themselves come from mmcv
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import pytest
@@ -18,7 +20,7 @@ import torch
 from export_check import assert_exports
 from mmcv.ops.voxelize import voxelization as mmcv_voxelization
 
-from codegen.ops.dynamic_scatter import DynamicScatter, dynamic_scatter, dynamic_scatter_padded, grid_of
+from codegen.ops.dynamic_scatter import DENSE_MAX_CELLS, DynamicScatter, dynamic_scatter, dynamic_scatter_padded, grid_of
 
 # PointPillars KITTI and CenterPoint nuScenes (0.1 m) voxel configs
 KITTI = dict(voxel_size=[0.16, 0.16, 4], coors_range=[0, -39.68, -3, 69.12, 39.68, 1])
@@ -140,6 +142,24 @@ def test_counting_form_exports_without_sorts(request, tmp_path):
     grid = grid_of(KITTI["voxel_size"], KITTI["coors_range"])
     op = _Op(lambda f, c, r, m: dynamic_scatter_padded(f, c, r, m, grid), "max", "scatter")
     assert_exports(op, [(feats, coors), half], ({0: n}, {0: n}), tmp_path)
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "op.onnx")).graph.node}
+    assert "TopK" not in ops and "CumSum" in ops
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+def test_large_grid_radix_form_exports_without_topk(request, tmp_path, reduce):
+    """CenterPoint's 0.1 m nuScenes grid (42M cells: no counting) in an IREE export: the keys
+    over the static grid, radix-sorted; same voxels and features as the reference."""
+    from codegen.ops.sort import radix_sorts
+
+    feats, coors = _case(request, "nus")
+    grid = grid_of(NUS["voxel_size"], NUS["coors_range"])
+    assert math.prod(grid) > DENSE_MAX_CELLS
+    n = torch.export.Dim("num_points", min=2)
+    half = (feats[::2].contiguous(), coors[::2].contiguous())
+    op = _Op(lambda f, c, r, m: dynamic_scatter(f, c, r, m, grid), reduce, "scatter")
+    with radix_sorts():
+        assert_exports(op, [(feats, coors), half], ({0: n}, {0: n}), tmp_path, atol=1e-5)
     ops = {node.op_type for node in onnx.load(str(tmp_path / "op.onnx")).graph.node}
     assert "TopK" not in ops and "CumSum" in ops
 
