@@ -81,3 +81,36 @@ def sort_keys(keys: Tensor, bound: int, stable: bool = False) -> tuple[Tensor, T
         return radix_sort(keys, bound)
     # stable=False would trace to aten.sort.stable, which the ONNX exporter has no function for
     return torch.sort(keys, stable=True) if stable else torch.sort(keys)
+
+
+#: IREE exports take a top-k over rows of at most this many keys at a time: IREE 3.13 keeps a
+#: TopK row on the stack of one dispatch (limit 32 KB; BEVFusion's 324,000-cell heatmap asked for
+#: 2.6 MB and did not compile).
+TOPK_ROW = 1024
+
+
+def top_k_keys(keys: Tensor, k: int) -> Tensor:
+    """``torch.topk(keys, k, dim=-1, largest=True, sorted=True).indices`` of int64 ``keys``
+    ``[B, n]`` (unique, all >= 0 per row).  In IREE exports, with a static n and k at most
+    ``TOPK_ROW // 2``, (``radix_sorts()``) rows
+    longer than ``TOPK_ROW`` are cut into pieces of at most that many keys: the top k of every piece
+    (padding -1, never chosen while a row has k real keys), then the same over the survivors until
+    one piece is left.  Unique keys: the same indices in the same order."""
+    n = keys.shape[-1]
+    if not radix_active() or not isinstance(n, int) or n <= TOPK_ROW or k > TOPK_ROW // 2:
+        return torch.topk(keys, k, dim=-1, largest=True, sorted=True).indices
+    batch = keys.shape[0]
+    position = torch.arange(n, device=keys.device).expand(batch, n)
+    while n > TOPK_ROW:
+        pieces = -(-n // TOPK_ROW)
+        width = max(-(-n // pieces), k)
+        pad = pieces * width - n
+        if pad:
+            keys = torch.cat([keys, keys.new_full((batch, pad), -1)], dim=1)
+            position = torch.cat([position, position.new_zeros((batch, pad))], dim=1)
+        best = torch.topk(keys.view(batch, pieces, width), k, dim=-1, largest=True, sorted=True)
+        keys = best.values.reshape(batch, pieces * k)
+        position = position.reshape(batch, pieces, width).gather(2, best.indices).reshape(batch, pieces * k)
+        n = pieces * k
+    last = torch.topk(keys, k, dim=-1, largest=True, sorted=True).indices
+    return position.gather(1, last)
