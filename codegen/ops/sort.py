@@ -6,8 +6,9 @@ per-channel sort of 64 x 16897 values).  The op library's large sorts are of non
 keys below a bound known when exporting (linear keys of a grid, pair ranks), so for IREE exports
 they can be an LSD radix sort instead: ``ceil(log2(bound) / RADIX_BITS)`` passes, each a stable
 counting sort of one digit made of ops IREE compiles (a one-hot compare, ``CumSum``, one
-non-reducing scatter that inverts the permutation, gathers).  O(n * 2^RADIX_BITS) work a pass, stable, same order as
-``torch.sort(keys, stable=True)``.
+non-reducing scatter that inverts the permutation, gathers).  O(n * 2^RADIX_BITS) work a pass;
+stable, the same order as ``torch.sort(keys, stable=True)``.  ``top_k_keys`` likewise cuts a long
+TopK row into pieces for IREE.
 
 ``sort_keys`` picks the form: the radix sort while exporting under ``radix_sorts()`` (the exporter
 turns it on for IREE, ``codegen.ops.points.export_forms``), ``torch.sort`` otherwise (onnxruntime's
@@ -30,6 +31,7 @@ RADIX_SORTS = False
 
 @contextlib.contextmanager
 def radix_sorts(enabled: bool = True) -> Iterator[None]:
+    """Within the block, exports take the IREE forms of ``sort_keys`` and ``top_k_keys``."""
     global RADIX_SORTS
     saved = RADIX_SORTS
     RADIX_SORTS = enabled
