@@ -98,20 +98,17 @@ def _group(coors: Tensor, grid: Sequence[int] | None = None):
     outside the grid are invalid, as in ``_group_dense``).  Same groups in the same order."""
     n = coors.shape[0]
     valid = (coors >= 0).all(dim=1)
-    if grid is not None and radix_active():
+    on_grid = grid is not None and radix_active()
+    if on_grid:
         limit = torch.tensor(list(grid), dtype=coors.dtype, device=coors.device)
         valid = valid & (coors < limit).all(dim=1)
-        extent, sentinel = grid, math.prod(grid)
     c = torch.where(valid[:, None], coors, torch.zeros_like(coors)).to(torch.int64)
-    if grid is None or not radix_active():
-        extent = c.amax(dim=0) + 1  # [D] data-dependent extents, kept as a tensor
-        sentinel = torch.prod(extent)
-    lin = _row_major(c, extent)
-    lin = torch.where(valid, lin, sentinel)
-    if isinstance(sentinel, int):
-        slin, perm = sort_keys(lin, sentinel + 1)
-    else:
-        slin, perm = torch.sort(lin)  # only group membership matters: no stability needed
+    # [D] extents: the grid's, or data-dependent ones kept as a tensor
+    extent = grid if on_grid else c.amax(dim=0) + 1
+    sentinel = math.prod(grid) if on_grid else torch.prod(extent)
+    lin = torch.where(valid, _row_major(c, extent), sentinel)
+    # only group membership matters: no stability needed
+    slin, perm = sort_keys(lin, sentinel + 1) if on_grid else torch.sort(lin)
     order = _iota(lin)
     is_start = (slin != slin[(order - 1).clamp(min=0)]) | (order == 0)
     group = torch.cumsum(is_start.to(torch.int64), 0) - 1

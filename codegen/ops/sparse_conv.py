@@ -41,9 +41,10 @@ run compiled kernels (a hash-map rulebook and a gather/GEMM/scatter loop) that n
     input with a zero row appended, and a group of offsets is one ``Gather`` - ``MatMul`` -
     ``Add`` (``offset_groups``: the rows of the group side by side against the stacked weights,
     a reduction of up to ``SPARSE_GEMM_K`` values instead of one GEMM over 16-128 channels per
-    offset: fewer nodes, a faster ONNX export, larger GEMMs for the threads).  It multiplies ``n_out``
-    rows per offset instead of the pairs only (2.3x the FLOPs on SECOND's encoder; onnxruntime
-    ran SECOND 7 % slower than with the pairs, 1.64 s vs 1.53 s on one thread) in exchange for static per-offset shapes: the earlier per-offset ``nonzero`` gave every layer
+    offset: fewer nodes, a faster ONNX export, larger GEMMs for the threads).  It multiplies
+    ``n_out`` rows per offset instead of the pairs only (2.3x the FLOPs on SECOND's encoder;
+    onnxruntime ran SECOND 7 % slower than with the pairs, 1.64 s vs 1.53 s on one thread) in
+    exchange for static per-offset shapes: the earlier per-offset ``nonzero`` gave every layer
     13-28 unbacked sizes whose symbolic sums (cat / split of 27 pieces) dominated the ONNX
     conversion (the exporter's decomposition re-trace reasons about every one of them).  SECOND,
     both versions side by side on the same shared machine: torch.export 26 -> 12 s, ONNX
