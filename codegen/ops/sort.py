@@ -5,7 +5,7 @@
 per-channel sort of 64 x 16897 values).  The op library's large sorts are of non-negative int64
 keys below a bound known when exporting (linear keys of a grid, pair ranks), so for IREE exports
 they can be an LSD radix sort instead: ``ceil(log2(bound) / RADIX_BITS)`` passes, each a stable
-counting sort of one digit made of ops IREE compiles (a one-hot compare, ``CumSum``, one
+counting sort of one digit made of ops IREE compiles (a one-hot compare, ``CumSum`` along the keys, one
 non-reducing scatter that inverts the permutation, gathers).  O(n * 2^RADIX_BITS) work a pass;
 stable, the same order as ``torch.sort(keys, stable=True)``.  ``top_k_keys`` likewise cuts a long
 TopK row into pieces for IREE.
@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-#: Bits of a key per pass: 16 bins, a [n, 16] running count per pass.
+#: Bits of a key per pass: 16 bins, a [16, n] running count per pass.
 RADIX_BITS = 4
 #: Set by ``radix_sorts()``: sort_keys takes the radix form while exporting.
 RADIX_SORTS = False
@@ -56,11 +56,15 @@ def radix_sort(keys: Tensor, bound: int) -> tuple[Tensor, Tensor]:
         # importer does not legalize the Cast to uint64 before it), and torch.div(...,
         # rounding_mode=...) exports as a float32 Div + Floor, inexact above 2**24
         digit = values // (1 << shift) % radix
-        onehot = (digit.unsqueeze(1) == bins).to(torch.int64)  # [n, radix]
-        before = torch.cumsum(onehot, 0) - onehot  # earlier keys with the same digit
-        totals = onehot.sum(0)
-        start = torch.cumsum(totals, 0) - totals  # first slot of each digit
-        dest = start.index_select(0, digit) + before.gather(1, digit.unsqueeze(1)).squeeze(1)
+        # digit-major [radix, n] int32 counts: IREE scans along the innermost axis ~8x faster
+        # than down the columns of an [n, radix] tensor (one thread, n = 500k: 17 vs 132 ms), and
+        # int32 halves the bytes (n < 2**31)
+        onehot = (digit.unsqueeze(0) == bins.unsqueeze(1)).to(torch.int32)
+        seen = torch.cumsum(onehot, 1, dtype=torch.int32)  # keys up to here with each digit
+        totals = onehot.sum(1, dtype=torch.int32)
+        start = torch.cumsum(totals, 0, dtype=torch.int32) - totals  # first slot of each digit
+        # own slot: the digit's first slot + the earlier keys with the same digit
+        dest = (start.index_select(0, digit) + seen.gather(0, digit.unsqueeze(0)).squeeze(0) - 1).to(torch.int64)
         # slot -> key moving there (dest is a permutation: every slot written), then two gathers.
         # The scatter writes a fresh buffer of its own fill: IREE 3.13 ran a scatter whose data
         # and updates were one tensor in place (later reads saw its writes), and merges
