@@ -169,7 +169,7 @@ def _breakdown(export_dir: Path, names: list[str], saved, threads: int, runs: in
 
     import numpy as np
 
-    from codegen.iree import _tool
+    from codegen.iree import RETAIN_MEMORY_ENV, _tool
     from codegen.validate import ort_session
 
     result: dict = {}
@@ -197,7 +197,7 @@ def _breakdown(export_dir: Path, names: list[str], saved, threads: int, runs: in
                 [_tool("iree-benchmark-module"), f"--module={vmfb}", "--device=local-task", "--function=main_graph",
                  *flags, f"--task_topology_group_count={threads}", f"--benchmark_repetitions={runs}",
                  "--benchmark_min_time=1x", "--print_device_statistics"],
-                capture_output=True, text=True,
+                capture_output=True, text=True, env={**os.environ, **RETAIN_MEMORY_ENV},  # as iree_runtime does
             )
             text = proc.stdout + proc.stderr
             # calls: the benchmark's iterations (its non-aggregate rows). Not the queue's "execute"

@@ -27,7 +27,13 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .errors import ExportError
-from .graph_forms import cpu_forms, drop_empty_concat_inputs, list_constants_as_initializers, row_max_scatters_as_scatter_nd
+from .graph_forms import (
+    cpu_forms,
+    drop_empty_concat_inputs,
+    list_constants_as_initializers,
+    row_max_scatters_as_scatter_nd,
+    split_long_reductions,
+)
 
 if TYPE_CHECKING:
     from .validate import Runtime
@@ -121,6 +127,7 @@ def iree_onnx(onnx_path: Path, out_path: Path, static: dict[str, int] | None = N
     # cpu_forms infers the shapes (the clean-ups need none)
     rewrites = cpu_forms(model) + cleanup
     rewrites += row_max_scatters_as_scatter_nd(model)  # needs the shapes cpu_forms inferred
+    rewrites += split_long_reductions(model)  # IREE sums a long f32 reduction in order
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
     return rewrites, model.graph.name
@@ -237,6 +244,28 @@ def _run(cmd: list[str], what: str) -> None:
 # run
 
 
+#: glibc returns a freed block above its mmap threshold (at most 32 MB) to the kernel, so every
+#: call of a vmfb faulted its large transient buffers in again: SECOND took ~84k minor page faults
+#: a call, and a one-op gather writing 85 MB spent 42 of its 58 ms in the kernel (15.8 ms with the
+#: memory kept). onnxruntime keeps its buffers in an arena. ``retain_freed_memory`` gives IREE the
+#: same; these are the same settings for IREE's command-line tools (docs/iree.md, "Reproducing").
+RETAIN_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+
+
+def retain_freed_memory() -> bool:
+    """Keep freed heap memory in this process (glibc ``mallopt``: no mmap'd blocks, trim only above
+    2 GiB free), so a vmfb's transient buffers are reused instead of faulted in on every call.
+    Affects later allocations of the whole process; False where the C library has no mallopt."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def iree_runtime(
     vmfb_path: Path, input_names: Sequence[str], static: dict | None = None, padding: str | None = None
 ) -> Runtime:
@@ -248,6 +277,7 @@ def iree_runtime(
 
     from .validate import Runtime
 
+    retain_freed_memory()
     vmfb_path = Path(vmfb_path)
     if static is None:
         meta = vmfb_path.parent / "metadata.json"
