@@ -249,7 +249,8 @@ def _run(cmd: list[str], what: str) -> None:
 #: a call, and a one-op gather writing 85 MB spent 42 of its 58 ms in the kernel (15.8 ms with the
 #: memory kept). onnxruntime keeps its buffers in an arena. ``retain_freed_memory`` gives IREE the
 #: same; these are the same settings for IREE's command-line tools (docs/iree.md, "Reproducing").
-RETAIN_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+_TRIM_THRESHOLD = 2**31 - 1  # bytes of free heap top kept before glibc trims it
+RETAIN_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD)}
 
 
 def retain_freed_memory() -> bool:
@@ -263,7 +264,7 @@ def retain_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, _TRIM_THRESHOLD))
 
 
 def iree_runtime(

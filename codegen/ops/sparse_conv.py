@@ -630,14 +630,15 @@ def apply_rulebook(
         padded = torch.cat([features, features.new_zeros((1, c_in))])
         maps = [rulebook.gather_map(k, inverse) for k in range(kv)]
         out = None
+        iree = radix_active()  # IREE exports (see the docstring)
         for start, end in offset_groups(kv, c_in, size_hint(n_out)):
             index = torch.stack([rulebook._iota(n_in) if m is None else m for m in maps[start:end]], 1)
             flat = index.reshape(-1)
-            if radix_active():  # IREE exports: the index read in the gather's body (row copies)
+            if iree:  # the index read in the gather's body (row copies)
                 flat = flat.index_select(0, torch.arange(flat.shape[0], device=flat.device))
             rows = padded.index_select(0, flat).reshape(n_out, (end - start) * c_in)
             part = rows @ weight[start:end].reshape((end - start) * c_in, weight.shape[2])
-            if radix_active():  # IREE exports: a second reader keeps the gather out of the pack
+            if iree:  # a second reader keeps the gather out of the pack
                 part = part + rows[:1, :1] * 0
             out = part if out is None else out + part
     else:

@@ -181,20 +181,21 @@ def _plan(points: Tensor, voxel_size: Floats, coors_range: Floats, max_points: i
     sentinel = nx * ny * nz
     lin = (zm.to(torch.int64) * ny + ym.to(torch.int64)) * nx + xm.to(torch.int64)
     order = _iota(lin)
+    # slin: the sorted voxel ids times n, perm: input index of each sorted position
     if radix_active():
-        # IREE exports: a stable radix sort of the voxel ids (below the static sentinel + 1) gives
-        # the order of the unique keys below (IREE's own sort is O(n^2): BEVFusion's 248834
-        # points took 87.6 s)
+        # IREE exports: a stable radix sort of the voxel ids (below the static sentinel + 1), the
+        # order of the unique keys below (IREE's own sort is O(n^2): BEVFusion's 248834 points
+        # took 87.6 s)
         lin_sorted, perm = sort_keys(lin, sentinel + 1, stable=True)
-        key = lin_sorted * n + perm
+        slin = lin_sorted * n
     else:
         # unique keys: stable and unstable sorts agree; the stable one is faster in eager, the graph
         # gets the plain sort (TopK; passing stable= at all would trace aten.sort.stable)
         key = lin * n + order
         key, perm = torch.sort(key) if torch.compiler.is_exporting() else torch.sort(key, stable=True)
-    # key - perm == lin * n exactly; comparing these avoids key // n, which the ONNX exporter
-    # lowers through float32 (inexact for int64 keys)
-    slin = key - perm
+        # key - perm == lin * n exactly; comparing these avoids key // n, which the ONNX exporter
+        # lowers through float32 (inexact for int64 keys)
+        slin = key - perm
     valid_s = slin < sentinel * n
 
     # group starts/ends; comparing with gathered neighbours (no [1:]/[:-1] slices) keeps N symbolic
