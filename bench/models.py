@@ -227,6 +227,7 @@ def _export(wrapper: Path, cache: Path, with_iree: bool = True) -> tuple[Path, d
     exporter source (every file of ``codegen/``: op library, patches, graph forms); compile the
     extra presets."""
     from codegen import iree
+    from codegen.metadata import IREE_ONNX
 
     key = wrapper.read_bytes() + json.dumps([iree.PRESETS, with_iree], sort_keys=True).encode()
     key += b"".join(p.read_bytes() for p in sorted((REPO / "codegen").rglob("*.py")))
@@ -277,7 +278,7 @@ def _export(wrapper: Path, cache: Path, with_iree: bool = True) -> tuple[Path, d
         return out, info
     for preset in IREE_EXTRA_PRESETS if "iree_error" not in info else ():
         try:
-            compiled = iree.compile_onnx(out / "model.onnx", out / f"model.{preset}.vmfb", preset)
+            compiled = iree.compile_onnx(out / IREE_ONNX, out / f"model.{preset}.vmfb", preset)
             info[f"iree_{preset}_compile_s"] = compiled.compile_s
         except Exception as exc:  # recorded, the other runtimes still run
             info[f"iree_{preset}_error"] = str(exc)[:200]

@@ -71,7 +71,7 @@ def _export_flags(p: argparse.ArgumentParser) -> None:
         type=_format,
         metavar="pt2|onnx|iree|both|all",
         help="default both (pt2+onnx); all = pt2+onnx+iree; or a comma list, e.g. onnx,iree. "
-        "iree compiles model.onnx into model.vmfb (llvm-cpu), so it implies onnx",
+        "iree exports ONNX in IREE's op forms (model.iree.onnx) and compiles it into model.vmfb (llvm-cpu)",
     )
     p.add_argument(
         "--iree-preset",

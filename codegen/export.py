@@ -21,7 +21,7 @@ from .errors import ExportError, ValidationFailed, first_line
 from .boxes import BOX_OUTPUTS
 from .generate import Generated, analyse_inputs, analyse_outputs, predict_context
 from .graph_forms import cpu_forms
-from .metadata import build_metadata, parse_formats
+from .metadata import IREE_ONNX, build_metadata, parse_formats
 from .ops.points import export_forms
 from .progress import Steps
 from .recipes import BY_NAME, recipe_for
@@ -145,6 +145,20 @@ def graph_size(program) -> int:
     return sum(len(m.graph.nodes) for m in program.graph_module.modules() if isinstance(m, torch.fx.GraphModule))
 
 
+def same_program(a, b) -> bool:
+    """Whether two exports of one wrapper are the same program: the same code in every graph
+    (nested bodies included) and equal lifted constants."""
+    def code(p):
+        return [m.code for m in p.graph_module.modules() if isinstance(m, torch.fx.GraphModule)]
+
+    if code(a) != code(b) or a.constants.keys() != b.constants.keys():
+        return False
+    return all(
+        not isinstance(v, torch.Tensor) or (v.shape == b.constants[k].shape and torch.equal(v, b.constants[k]))
+        for k, v in a.constants.items()
+    )
+
+
 def symbol_names(module: ModuleType, program) -> dict[str, str]:
     """torch's shape symbols (``s49``) -> our dim names (``num_voxels``)."""
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in module.INPUT_NAMES]
@@ -200,7 +214,7 @@ def iree_static(module: ModuleType, iree: IreeOptions, args) -> tuple[dict, str 
 
 def compile_iree(out: Path, module: ModuleType, iree: IreeOptions, static: dict, padding: str | None) -> Compiled:
     try:
-        return compile_onnx(out / "model.onnx", out / "model.vmfb", iree.preset, static, padding)
+        return compile_onnx(out / IREE_ONNX, out / "model.vmfb", iree.preset, static, padding)
     except ExportError as exc:
         hint = ""
         if not static and module.DYNAMIC_DIMS and padding_rule(module.PATCHES, module.INPUT_NAMES):
@@ -271,12 +285,14 @@ def run_export(
     with staged_output(output_dir) as out:
         shutil.copyfile(wrapper_path, out / Path(wrapper_path).name)
         with steps.step(8, "+".join(formats)):
-            # sequential loops (FPS, NMS): one ONNX Scan each, unless IREE (which miscompiles Scan)
-            # needs them unrolled - a graph and an export time that grow with the step count - and
-            # without the data-dependent sizes of windowed ball queries
-            with export_forms("iree" in formats):
-                program = export_program(module, wrapper, args[0])
             runtimes: list[Runtime] = []
+            program = None
+            if "pt2" in formats or "onnx" in formats:
+                # sequential loops (FPS, NMS) as one ONNX Scan each, windowed ball queries and
+                # TopK sorts: the forms onnxruntime runs fastest
+                with export_forms(iree=False):
+                    program = export_program(module, wrapper, args[0])
+                steps.detail(f"graph: {graph_size(program)} nodes; dynamic: {module.DYNAMIC_DIMS}")
             if "pt2" in formats:
                 torch.export.save(program, str(out / "model.pt2"))
                 reloaded = torch.export.load(str(out / "model.pt2")).module()
@@ -285,9 +301,20 @@ def run_export(
                 onnx_forms = export_onnx(module, program, out / "model.onnx")
                 steps.detail(f"onnx: {len(onnx_forms)} graph forms (metadata.json onnx_graph_forms)")
                 runtimes.append(onnx_runtime(out / "model.onnx", module.INPUT_NAMES))
-            steps.detail(f"graph: {graph_size(program)} nodes; dynamic: {module.DYNAMIC_DIMS}")
             if "iree" in formats:
+                # IREE's own forms (codegen.ops.points.export_forms): loops unrolled (IREE 3.13
+                # miscompiles Scan), no data-dependent sizes, radix sorts; a second ONNX export,
+                # kept beside the vmfb as IREE_ONNX, unless the forms change nothing in this model
+                with export_forms(iree=True):
+                    iree_program = export_program(module, wrapper, args[0])
+                if program is not None and "onnx" in formats and same_program(program, iree_program):
+                    shutil.copyfile(out / "model.onnx", out / IREE_ONNX)
+                    iree_forms = onnx_forms
+                else:
+                    steps.detail(f"iree graph: {graph_size(iree_program)} nodes")
+                    iree_forms = export_onnx(module, iree_program, out / IREE_ONNX)
                 compiled = compile_iree(out, module, iree, static, padding)
+                compiled.onnx_forms = iree_forms
                 runtimes.append(iree_runtime(out / "model.vmfb", module.INPUT_NAMES, static, padding))
                 steps.detail(
                     f"iree: preset {compiled.preset}{f', static {static}' if static else ''}, "
@@ -337,7 +364,7 @@ def run_export(
             frame=frame,
             samples=samples,
             formats=formats,
-            opset=ONNX_OPSET if "onnx" in formats else None,
+            opset=ONNX_OPSET if "onnx" in formats or "iree" in formats else None,
             onnx_forms=onnx_forms,
             iree=compiled.to_json() if compiled else None,
             report=report,

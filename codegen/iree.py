@@ -1,6 +1,8 @@
 """IREE target: compile the exported ONNX for llvm-cpu into ``model.vmfb`` and run it.
 
-The vmfb is compiled from ``model.onnx`` (the same program the other formats come from):
+The vmfb is compiled from ``model.iree.onnx`` (``IREE_ONNX``): the wrapper exported again in
+IREE's op forms (``codegen.ops.points.export_forms``: sequential loops unrolled, radix sorts, no
+data-dependent sizes), while ``model.onnx`` keeps the forms onnxruntime runs fastest:
 
 1. ``iree_onnx``: a copy of the ONNX graph with the constructs IREE's importer rejects rewritten
    (``codegen.graph_forms``; numerically the same model), optionally with the dynamic axis
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .errors import ExportError
+from .metadata import IREE_ONNX
 from .graph_forms import (
     cpu_forms,
     drop_empty_concat_inputs,
@@ -95,6 +98,7 @@ class Compiled:
     function: str = "main_graph"
     import_s: float = 0.0
     compile_s: float = 0.0
+    onnx_forms: list[str] | None = None  # CPU graph forms of the ONNX it was compiled from
 
     def to_json(self) -> dict:
         return {
@@ -104,6 +108,9 @@ class Compiled:
             "padding": self.padding,
             "padding_rule": PADDINGS.get(self.padding) if self.static else None,
             "function": self.function,
+            # the ONNX export it was compiled from (IREE's op forms), and that file's CPU forms
+            "onnx": IREE_ONNX,
+            **({"onnx_graph_forms": self.onnx_forms} if self.onnx_forms is not None else {}),
             "graph_rewrites": self.rewrites,
             "import_s": self.import_s,
             "compile_s": self.compile_s,

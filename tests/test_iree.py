@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from codegen.errors import ExportError
@@ -26,9 +27,9 @@ from conftest import CONFIG, REPO, cli, frame_path
 
 def test_format_spec():
     assert parse_formats("both") == ("pt2", "onnx")
-    assert parse_formats("iree") == ("onnx", "iree")  # the vmfb is compiled from model.onnx
+    assert parse_formats("iree") == ("iree",)  # compiled from its own ONNX export, model.iree.onnx
     assert parse_formats("all") == ("pt2", "onnx", "iree")
-    assert parse_formats("iree,pt2") == ("pt2", "onnx", "iree")
+    assert parse_formats("iree,pt2") == ("pt2", "iree")
     with pytest.raises(ExportError, match="unknown format 'tflite'"):
         parse_formats("onnx,tflite")
 
@@ -598,16 +599,19 @@ def test_padding_fills_exactly_as_documented():
 # ------------------------------------------------------------------ end to end
 
 
-def _iree_export(tmp_path, config, *flags, dataset="KittiDataset"):
+def _iree_export(tmp_path, config, *flags, dataset="KittiDataset", fmt="iree"):
     frame_path(dataset)
     out = tmp_path / "out"
     # sparse-conv models take 5-10 min (ONNX conversion + iree-compile) on this machine
-    proc = cli("--config", config, "--output-dir", str(out), "--device", "cpu", "--format", "iree", *flags, timeout=1800)
+    proc = cli("--config", config, "--output-dir", str(out), "--device", "cpu", "--format", fmt, *flags, timeout=1800)
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((out / "metadata.json").read_text())
-    assert meta["formats"] == {"onnx": "model.onnx", "iree": "model.vmfb"} and (out / "model.vmfb").is_file()
+    formats = parse_formats(fmt)
+    assert meta["formats"] == {f: {"pt2": "model.pt2", "onnx": "model.onnx", "iree": "model.vmfb"}[f] for f in formats}
+    assert sorted(p.name for p in out.glob("model.*")) == sorted([*meta["formats"].values(), "model.iree.onnx"])
+    assert meta["iree"]["onnx"] == "model.iree.onnx" and meta["onnx_opset"] == 18
     assert meta["validation"]["passed"], meta["validation"]["summary"]
-    assert set(meta["validation"]["max_abs_diff"]) == {"eager-patched", "onnx", "iree"}
+    assert set(meta["validation"]["max_abs_diff"]) == {"eager-patched", *formats}
     assert len({r["size"] for r in meta["validation"]["rows"] if r["runtime"] == "iree"}) == 2
     assert meta["versions"]["iree-base-compiler"] == meta["versions"]["iree-base-runtime"]
     return out, meta
@@ -678,14 +682,40 @@ print(faults_of_a_second_block(), retain_freed_memory(), faults_of_a_second_bloc
     assert int(default) > 4000 and int(retained) < 100, proc.stdout
 
 
+def test_onnxruntime_and_iree_forms_are_two_programs():
+    """``same_program`` (export: one ONNX export serves both when the forms change nothing): a
+    sort of integer keys is ``torch.sort`` in onnxruntime's forms and a radix sort in IREE's."""
+    from codegen.export import same_program
+    from codegen.ops.points import export_forms
+    from codegen.ops.sort import sort_keys
+
+    class Sort(torch.nn.Module):
+        def forward(self, keys):
+            return sort_keys(keys, 1 << 12)[0] * 2
+
+    keys = torch.randint(0, 1 << 12, (64,))
+    programs = {}
+    for iree in (False, True, False):
+        with export_forms(iree):
+            programs.setdefault(iree, []).append(torch.export.export(Sort(), (keys,), strict=False))
+    assert same_program(*programs[False])
+    assert not same_program(programs[False][0], programs[True][0])
+    for program in (programs[False][0], programs[True][0]):
+        assert torch.equal(program.module()(keys), torch.sort(keys).values * 2)
+
+
 def test_pointpillars_compiles_in_iree_and_matches_eager(tmp_path):
-    """The shipped default, dynamic voxel count, tuned preset: graph forms applied, parity."""
-    out, meta = _iree_export(tmp_path, CONFIG)
+    """The shipped default, dynamic voxel count, tuned preset: graph forms applied, parity. With
+    every format: PointPillars' graph (voxels in) has no op whose form differs between
+    onnxruntime and IREE, so the vmfb's ONNX is model.onnx itself."""
+    out, meta = _iree_export(tmp_path, CONFIG, fmt="all")
     iree = meta["iree"]
     assert iree["preset"] == "host" and "--iree-llvmcpu-target-cpu=host" in iree["flags"]
     assert iree["static"] is None and iree["function"] == "main_graph"
-    # the CPU graph forms are in model.onnx itself (onnxruntime runs them too), none left for IREE
+    assert (out / "model.iree.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+    # the CPU graph forms are in both ONNX files (onnxruntime runs them too), none left for IREE
     assert sum("ConvTranspose" in r for r in meta["onnx_graph_forms"]) == 3
+    assert sum("ConvTranspose" in r for r in iree["onnx_graph_forms"]) == 3
     assert iree["graph_rewrites"] == []
     assert "--iree-dispatch-creation-experimental-set-data-tiling-ops=convolution" in iree["flags"]
     assert meta["validation"]["max_abs_diff"]["iree"] < 1e-5  # measured 5.6e-8
