@@ -73,7 +73,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .sort import radix_active, sort_keys
+from .forms import iree_exporting
+from .sort import sort_keys
 from .voxelize import _iota
 
 __all__ = ["dynamic_scatter", "dynamic_scatter_padded", "DynamicScatter", "grid_of"]
@@ -98,7 +99,7 @@ def _group(coors: Tensor, grid: Sequence[int] | None = None):
     outside the grid are invalid, as in ``_group_dense``).  Same groups in the same order."""
     n = coors.shape[0]
     valid = (coors >= 0).all(dim=1)
-    on_grid = grid is not None and radix_active()
+    on_grid = grid is not None and iree_exporting()
     if on_grid:
         limit = torch.tensor(list(grid), dtype=coors.dtype, device=coors.device)
         valid = valid & (coors < limit).all(dim=1)
@@ -179,7 +180,7 @@ def dynamic_scatter_padded(
     ``grid``: the coors columns' extents (``grid_of``). With at most ``DENSE_MAX_CELLS`` cells and
     no sorted max, points are grouped by counting over the grid instead of sorting their keys
     (IREE lowers sorts to O(n^2) loops); on larger grids IREE exports sort the keys with a radix
-    sort (``radix_sorts()``, bound: the grid).  The outputs are the same."""
+    sort (``codegen.ops.forms``; bound: the grid).  The outputs are the same."""
     if reduce not in _REDUCE:
         raise ValueError(f"reduce must be one of {_REDUCE}, got {reduce!r}")
     if max_impl not in ("scatter", "sort"):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import size_hint
-from .sort import radix_sorts
+from .forms import iree_forms
 
 # ---------------------------------------------------------------------------------------------
 # fixed-count sequential loops
@@ -47,14 +47,14 @@ UNROLL_DEFAULT = True
 @contextlib.contextmanager
 def export_forms(iree: bool):
     """The op forms while exporting: for IREE, sequential loops unrolled (``UNROLL_DEFAULT``), no
-    data-dependent sizes (``WINDOWED_QUERIES`` off) and the large integer-key sorts as radix sorts
-    (``codegen.ops.sort.radix_sorts``); otherwise ONNX Scans, windowed ball queries and TopK sorts,
-    which onnxruntime runs faster."""
+    data-dependent sizes (``WINDOWED_QUERIES`` off) and the op library's other IREE forms
+    (``codegen.ops.forms``: radix sorts, ...); otherwise ONNX Scans, windowed ball queries and
+    TopK sorts, which onnxruntime runs faster."""
     global UNROLL_DEFAULT, WINDOWED_QUERIES
     saved = UNROLL_DEFAULT, WINDOWED_QUERIES
     UNROLL_DEFAULT, WINDOWED_QUERIES = iree, not iree
     try:
-        with radix_sorts(iree):
+        with iree_forms(iree):
             yield
     finally:
         UNROLL_DEFAULT, WINDOWED_QUERIES = saved

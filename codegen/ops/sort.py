@@ -10,36 +10,19 @@ non-reducing scatter that inverts the permutation, gathers).  O(n * 2^RADIX_BITS
 stable, the same order as ``torch.sort(keys, stable=True)``.  ``top_k_keys`` likewise cuts a long
 TopK row into pieces for IREE.
 
-``sort_keys`` picks the form: the radix sort while exporting under ``radix_sorts()`` (the exporter
-turns it on for IREE, ``codegen.ops.points.export_forms``), ``torch.sort`` otherwise (onnxruntime's
-TopK is faster than the passes).
+``sort_keys`` picks the form: the radix sort in IREE exports (``codegen.ops.forms``),
+``torch.sort`` otherwise (onnxruntime's TopK is faster than the passes).
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 from torch import Tensor
 
+from .forms import iree_exporting
+
 #: Bits of a key per pass: 16 bins, a [16, n] running count per pass.
 RADIX_BITS = 4
-#: Set by ``radix_sorts()``: sort_keys takes the radix form while exporting.
-RADIX_SORTS = False
-
-
-@contextlib.contextmanager
-def radix_sorts(enabled: bool = True) -> Iterator[None]:
-    """Within the block, exports take the IREE forms of ``sort_keys`` and ``top_k_keys``."""
-    global RADIX_SORTS
-    saved = RADIX_SORTS
-    RADIX_SORTS = enabled
-    try:
-        yield
-    finally:
-        RADIX_SORTS = saved
-
 
 def radix_sort(keys: Tensor, bound: int) -> tuple[Tensor, Tensor]:
     """``(values, perm)`` of the int64 ``keys`` [n] (all in ``[0, bound)``) in ascending order,
@@ -75,15 +58,10 @@ def radix_sort(keys: Tensor, bound: int) -> tuple[Tensor, Tensor]:
     return values, perm
 
 
-def radix_active() -> bool:
-    """Whether ``sort_keys`` takes the radix form here (exporting under ``radix_sorts()``)."""
-    return RADIX_SORTS and torch.compiler.is_exporting()
-
-
 def sort_keys(keys: Tensor, bound: int, stable: bool = False) -> tuple[Tensor, Tensor]:
     """``torch.sort(keys, stable=stable)`` of int64 keys in ``[0, bound)``; the radix form (always
-    stable) when exporting under ``radix_sorts()``."""
-    if radix_active():
+    stable) in IREE exports (``codegen.ops.forms``)."""
+    if iree_exporting():
         return radix_sort(keys, bound)
     # stable=False would trace to aten.sort.stable, which the ONNX exporter has no function for
     return torch.sort(keys, stable=True) if stable else torch.sort(keys)
@@ -98,12 +76,12 @@ TOPK_ROW = 1024
 def top_k_keys(keys: Tensor, k: int) -> Tensor:
     """``torch.topk(keys, k, dim=-1, largest=True, sorted=True).indices`` of int64 ``keys``
     ``[B, n]`` (unique, all >= 0 per row).  In IREE exports, with a static n and k at most
-    ``TOPK_ROW // 2``, (``radix_sorts()``) rows
+    ``TOPK_ROW // 2``, (``codegen.ops.forms``) rows
     longer than ``TOPK_ROW`` are cut into pieces of at most that many keys: the top k of every piece
     (padding -1, never chosen while a row has k real keys), then the same over the survivors until
     one piece is left.  Unique keys: the same indices in the same order."""
     n = keys.shape[-1]
-    if not radix_active() or not isinstance(n, int) or n <= TOPK_ROW or k > TOPK_ROW // 2:
+    if not iree_exporting() or not isinstance(n, int) or n <= TOPK_ROW or k > TOPK_ROW // 2:
         return torch.topk(keys, k, dim=-1, largest=True, sorted=True).indices
     batch = keys.shape[0]
     position = torch.arange(n, device=keys.device).expand(batch, n)

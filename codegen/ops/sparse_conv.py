@@ -84,7 +84,8 @@ import torch
 from torch import Tensor
 
 from . import size_hint
-from .sort import radix_active, sort_keys
+from .forms import iree_exporting
+from .sort import sort_keys
 
 RULEBOOK_TAG = "mmdet3d_export.sparse_conv"
 _INT64_LIMIT = 2**62
@@ -474,7 +475,7 @@ def conv_rulebook(
     # exact; svals - sperm = key * (P + 1) compares like the key, no division); a stable sort of
     # the keys instead if the composite could overflow int64 or for IREE (a radix sort, stable)
     j = torch.arange(p, device=cand.device)
-    if out_volume * (kv * in_volume + 1) < _INT64_LIMIT and not radix_active():
+    if out_volume * (kv * in_volume + 1) < _INT64_LIMIT and not iree_exporting():
         svals, sperm = torch.sort(cand * (p + 1) + j)
         scaled = svals - sperm
     else:
@@ -613,7 +614,7 @@ def apply_rulebook(
     The same products, summed in another order than the eager form (differences of float
     rounding, ~1e-6 relative).
 
-    IREE exports (``radix_sorts()``) take two forms around the gather. They add ``rows[:1, :1] * 0``
+    IREE exports (``codegen.ops.forms``) take two forms around the gather. They add ``rows[:1, :1] * 0``
     (an exact zero for finite features): with the gathered rows read only by the MatMul, IREE 3.13
     fuses the gather into the matmul's data-tiling pack, whose [16, 1] tiles load every element
     from another gathered row (one 64-channel layer of 4471 sites: 34 ms); a second reader keeps
@@ -630,7 +631,7 @@ def apply_rulebook(
         padded = torch.cat([features, features.new_zeros((1, c_in))])
         maps = [rulebook.gather_map(k, inverse) for k in range(kv)]
         out = None
-        iree = radix_active()  # IREE exports (see the docstring)
+        iree = iree_exporting()  # IREE exports (see the docstring)
         for start, end in offset_groups(kv, c_in, size_hint(n_out)):
             index = torch.stack([rulebook._iota(n_in) if m is None else m for m in maps[start:end]], 1)
             flat = index.reshape(-1)

@@ -80,7 +80,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .sort import radix_active, sort_keys
+from .forms import iree_exporting
+from .sort import sort_keys
 
 __all__ = [
     "grid_size",
@@ -182,7 +183,7 @@ def _plan(points: Tensor, voxel_size: Floats, coors_range: Floats, max_points: i
     lin = (zm.to(torch.int64) * ny + ym.to(torch.int64)) * nx + xm.to(torch.int64)
     order = _iota(lin)
     # slin: the sorted voxel ids times n, perm: input index of each sorted position
-    if radix_active():
+    if iree_exporting():
         # IREE exports: a stable radix sort of the voxel ids (below the static sentinel + 1), the
         # order of the unique keys below (IREE's own sort is O(n^2): BEVFusion's 248834 points
         # took 87.6 s)

@@ -150,7 +150,7 @@ def test_counting_form_exports_without_sorts(request, tmp_path):
 def test_large_grid_radix_form_exports_without_topk(request, tmp_path, reduce):
     """CenterPoint's 0.1 m nuScenes grid (42M cells: no counting) in an IREE export: the keys
     over the static grid, radix-sorted; same voxels and features as the reference."""
-    from codegen.ops.sort import radix_sorts
+    from codegen.ops.forms import iree_forms
 
     feats, coors = _case(request, "nus")
     grid = grid_of(NUS["voxel_size"], NUS["coors_range"])
@@ -158,7 +158,7 @@ def test_large_grid_radix_form_exports_without_topk(request, tmp_path, reduce):
     n = torch.export.Dim("num_points", min=2)
     half = (feats[::2].contiguous(), coors[::2].contiguous())
     op = _Op(lambda f, c, r, m: dynamic_scatter(f, c, r, m, grid), reduce, "scatter")
-    with radix_sorts():
+    with iree_forms():
         assert_exports(op, [(feats, coors), half], ({0: n}, {0: n}), tmp_path, atol=1e-5)
     ops = {node.op_type for node in onnx.load(str(tmp_path / "op.onnx")).graph.node}
     assert "TopK" not in ops and "CumSum" in ops

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from codegen.ops.sort import radix_sort, radix_sorts, sort_keys, top_k_keys
+from codegen.ops.forms import iree_forms
+from codegen.ops.sort import radix_sort, sort_keys, top_k_keys
 
 
 @pytest.mark.parametrize("n, bound", [(1, 1), (9, 2), (1000, 50), (60_000, 2 * 43 * 1602 * 1410), (5000, 2**40)])
@@ -33,7 +34,7 @@ def test_radix_form_exports_and_runs_in_onnxruntime_and_iree(tmp_path):
 
     g = torch.Generator().manual_seed(3)
     sample = torch.randint(0, 1 << 30, (3000,), generator=g)  # digits above 2**24 too
-    with radix_sorts():
+    with iree_forms():
         program = torch.export.export(_Sort(), (sample,), dynamic_shapes=({0: torch.export.Dim("n", min=2)},), strict=False)
     path = tmp_path / "sort.onnx"
     torch.onnx.export(program, (), str(path), dynamo=True, opset_version=18, external_data=False)
@@ -47,7 +48,7 @@ def test_radix_form_exports_and_runs_in_onnxruntime_and_iree(tmp_path):
         for got in (session.run(None, {session.get_inputs()[0].name: keys.numpy()}), runtime.run((keys.numpy(),))):
             np.testing.assert_array_equal(np.asarray(got[0]), expected.values.numpy())
             np.testing.assert_array_equal(np.asarray(got[1]), expected.indices.numpy())
-    # outside radix_sorts() the export keeps torch.sort (ONNX TopK, faster in onnxruntime)
+    # outside iree_forms() the export keeps torch.sort (ONNX TopK, faster in onnxruntime)
     program = torch.export.export(_Sort(), (sample,), strict=False)
     assert any("sort" in str(node.target) for node in program.graph.nodes)
 
@@ -68,7 +69,7 @@ def test_top_k_in_pieces_for_iree(tmp_path):
     g = torch.Generator().manual_seed(5)
     keys = torch.randint(0, 1 << 20, (2, 324_000), generator=g) * 324_000 + torch.arange(324_000)
     expected = torch.topk(keys, 200, dim=-1).indices
-    with radix_sorts():
+    with iree_forms():
         program = torch.export.export(_TopK(), (keys,), strict=False)
     tops = [node for node in program.graph.nodes if "topk" in str(node.target)]
     assert len(tops) > 1

@@ -125,17 +125,17 @@ def test_dynamic_voxelize_exports(kitti_points, tmp_path):
 
 
 def test_hard_voxelize_iree_form_sorts_by_radix_and_matches_in_iree(frames, tmp_path):
-    """IREE exports (``radix_sorts()``): the voxel ids are radix-sorted (no TopK, which IREE runs
+    """IREE exports (``iree_forms()``): the voxel ids are radix-sorted (no TopK, which IREE runs
     as an O(n^2) loop: BEVFusion's 248834 points took 87.6 s), PT2, onnxruntime and the compiled
     vmfb give mmcv-equal voxels on the nuScenes frame."""
     import numpy as np
 
     from codegen.iree import compile_onnx, iree_runtime
-    from codegen.ops.sort import radix_sorts
+    from codegen.ops.forms import iree_forms
 
     pts = _pts(frames, "nus")
     module = _Op(hard_voxelize_padded, NUS, 10, 90000)
-    with radix_sorts():
+    with iree_forms():
         ops = _export(module, pts, tmp_path)
     assert "TopK" not in ops and "CumSum" in ops
     compile_onnx(tmp_path / "op.onnx", tmp_path / "op.vmfb")
