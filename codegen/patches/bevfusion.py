@@ -205,7 +205,7 @@ def top_k_by_score(scores: Tensor, k: int) -> Tensor:
     code = (scores * float(2 ** (61 - bits))).to(torch.int64)
     index = torch.cumsum(torch.ones_like(code), -1) - 1  # an iota (cf. ops.voxelize._iota)
     key = code * (1 << bits) + ((1 << bits) - 1 - index)
-    return top_k_keys(key, k)  # one TopK; in IREE exports, TopKs over rows of <= 1024 keys
+    return top_k_keys(key, k)  # one TopK; in IREE exports, a selection first
 
 
 @register(
