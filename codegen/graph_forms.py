@@ -865,7 +865,14 @@ def split_long_reductions(model, limit: int = LONG_REDUCTION) -> list[str]:
     BEV cells lost 2.5e-4 of the softmax row sums and 3.9e-3 of its value matmul, so ``dim`` ended
     1.9e-4 from eager (onnxruntime: 1.5e-5). Two levels of ~180 terms: row sums within 1.8e-6,
     the whole model 1.53e-5, and its decoder ran 44-67 s -> 1.0 s in IREE. Same function, another
-    summation order. Applied to the IREE copy only (``codegen.iree.iree_onnx``)."""
+    summation order. Applied to the IREE copy only (``codegen.iree.iree_onnx``).
+
+    An attention, ``MatMul(Softmax(MatMul(Q [.., M, C], Kt [.., C, K])), V [.., K, N])`` with the
+    intermediates read by nothing else, is split as a whole (``_split_attention``): the scores are
+    computed as ``[.., a, M, b]`` from ``Kt`` as ``[.., a, C, b]`` (a small transpose), the
+    exponentials multiply ``V`` as ``[.., a, b, N]`` unnormalised, and the ``[.., M, N]`` sum is
+    divided by the softmax's sum, so the ``M x K`` probabilities are neither normalised nor
+    transposed (BEVFusion's cross-attention: 8 x 200 x 32400 floats, 207 MB)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -879,9 +886,18 @@ def split_long_reductions(model, limit: int = LONG_REDUCTION) -> list[str]:
         graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
         return name
 
+    attention = _attentions(graph, shapes, limit)  # the chains' final MatMul -> (scores, softmax)
+    inside = {n.output[0] for chain in attention.values() for n in chain}
     for node in graph.node:
         label = _label(node)
         p = f"{label}_form_split_"
+        if node.output[0] in inside:
+            continue  # emitted with the chain's last MatMul
+        if node.output[0] in attention:
+            scores, softmax = attention[node.output[0]]
+            nodes += _split_attention(scores, node, shapes, p, const)
+            done.append(f"attention {label} over {shapes[softmax.input[0]][-1]} as parts of {_sqrt_divisor(shapes[softmax.input[0]][-1])}")
+            continue
         if node.op_type == "Softmax":
             shape = _static_shape(shapes, node.input[0])
             axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
@@ -917,6 +933,64 @@ def split_long_reductions(model, limit: int = LONG_REDUCTION) -> list[str]:
         graph.ClearField("node")
         graph.node.extend(nodes)
     return done
+
+
+def _attentions(graph, shapes: dict, limit: int) -> dict:
+    """``final MatMul's output -> (scores MatMul, Softmax)`` of each ``MatMul(Softmax(MatMul(Q, Kt)),
+    V)`` over a static last axis ``K >= limit`` (split by ``_sqrt_divisor``) whose scores and
+    probabilities are read only by the next node of the chain; equal batch dims."""
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in graph.output}
+    found = {}
+    for softmax in graph.node:
+        if softmax.op_type != "Softmax" or next((a.i for a in softmax.attribute if a.name == "axis"), -1) != -1:
+            continue
+        scores = producer.get(softmax.input[0])
+        after = readers.get(softmax.output[0], [])
+        if scores is None or scores.op_type != "MatMul" or len(after) != 1 or after[0].op_type != "MatMul":
+            continue
+        final = after[0]
+        if final.input[0] != softmax.output[0] or len(readers.get(scores.output[0], [])) != 1:
+            continue
+        if {scores.output[0], softmax.output[0]} & outputs:
+            continue
+        q, kt, v = (_static_shape(shapes, name) for name in (scores.input[0], scores.input[1], final.input[1]))
+        if not (q and kt and v and len(q) == len(kt) == len(v) >= 3 and q[:-2] == kt[:-2] == v[:-2]):
+            continue
+        if kt[-1] >= limit and _sqrt_divisor(kt[-1]) and v[-2] == kt[-1] and q[-1] == kt[-2]:
+            found[final.output[0]] = (scores, softmax)
+    return found
+
+
+def _split_attention(scores, final, shapes: dict, p: str, const) -> list:
+    """The nodes of ``split_long_reductions``' attention form (names prefixed ``p``)."""
+    from onnx import helper
+
+    q, kt, v = (shapes[name] for name in (scores.input[0], scores.input[1], final.input[1]))
+    k = kt[-1]
+    b = _sqrt_divisor(k)
+    a, rank = k // b, len(kt) + 1
+    batch = list(range(rank - 3))
+    make = helper.make_node
+    return [
+        make("Reshape", [scores.input[1], const(p + "kt_shape", [*kt[:-1], a, b])], [p + "kt"], name=p + "kt"),
+        make("Transpose", [p + "kt"], [p + "kt_t"], perm=[*batch, rank - 2, rank - 3, rank - 1], name=p + "kt_t"),
+        make("Unsqueeze", [scores.input[0], const(p + "q_axis", [-3])], [p + "q"], name=p + "q"),
+        make("MatMul", [p + "q", p + "kt_t"], [p + "scores"], name=p + "scores"),  # [.., a, M, b]
+        make("ReduceMax", [p + "scores", const(p + "both", [-3, -1])], [p + "max"], keepdims=1, name=p + "max"),
+        make("Sub", [p + "scores", p + "max"], [p + "shifted"], name=p + "shifted"),
+        make("Exp", [p + "shifted"], [p + "exp"], name=p + "exp"),
+        make("ReduceSum", [p + "exp", const(p + "last", [-1])], [p + "partial"], keepdims=1, name=p + "partial"),
+        make("ReduceSum", [p + "partial", const(p + "parts", [-3])], [p + "sum"], keepdims=0, name=p + "sum"),
+        make("Reshape", [final.input[1], const(p + "v_shape", [*v[:-2], a, b, v[-1]])], [p + "v"], name=p + "v"),
+        make("MatMul", [p + "exp", p + "v"], [p + "products"], name=p + "products"),  # [.., a, M, N]
+        make("ReduceSum", [p + "products", const(p + "parts_v", [-3])], [p + "weighted"], keepdims=0, name=p + "weighted"),
+        make("Div", [p + "weighted", p + "sum"], list(final.output), name=p + "div"),
+    ]
 
 
 def drop_empty_concat_inputs(model) -> list[str]:
