@@ -704,6 +704,28 @@ def test_attention_is_split_without_transposing_its_probabilities(tmp_path):
     assert np.abs(got - exact).max() < min(1e-5, np.abs(original - exact).max())
 
 
+@pytest.mark.parametrize("k, tiled", [(432, False), (64, True)])
+def test_matmuls_of_gathered_rows_are_not_data_tiled(tmp_path, k, tiled):
+    """The host preset data-tiles matmuls unless one multiplies a dynamic row count by K >= 256
+    (a sparse convolution's gathered rows: SECOND, BEVFusion); the vmfb computes the product."""
+    from codegen.iree import MATMUL_DATA_TILING
+
+    w = np.random.default_rng(2).standard_normal((k, 16)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["rows", "w"], ["y"])],
+        "main_graph",
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["n", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    _save(graph, tmp_path / "m.onnx")
+    info = compile_onnx(tmp_path / "m.onnx", tmp_path / "m.vmfb")
+    assert (MATMUL_DATA_TILING in info.flags) == tiled
+    rows = np.random.default_rng(3).standard_normal((37, k)).astype(np.float32)
+    got = iree_runtime(tmp_path / "m.vmfb", ["rows"], static={}).run((rows,))[0]
+    np.testing.assert_allclose(got, rows @ w, rtol=1e-5, atol=1e-4)
+
+
 def test_freed_buffers_stay_in_the_process_for_the_next_call():
     """``retain_freed_memory`` (called by ``iree_runtime``): a freed 64 MB block of the C heap is
     reused without page faults, as IREE's transient buffers then are on every call (in a
@@ -811,8 +833,12 @@ OTHER_MODELS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("config", sorted(OTHER_MODELS))
 def test_other_models_compile_in_iree_and_match_eager(tmp_path, config):
+    from codegen.iree import MATMUL_DATA_TILING
+
     _, meta = _iree_export(tmp_path, config, dataset=OTHER_MODELS[config])
     assert meta["validation"]["max_abs_diff"]["iree"] < 1e-4
+    # sparse convolutions' gathered rows are multiplied without data tiling (GATHERED_ROWS_MIN_K)
+    assert (MATMUL_DATA_TILING in meta["iree"]["flags"]) == config.startswith(("centerpoint_pillar", "pointpillars"))
 
 
 @pytest.mark.slow
