@@ -128,7 +128,7 @@ def _child(export_dir: Path, runtime: str, runs: int) -> dict:
     # (its three 16 MiB matrices can raise the peak RSS of the smallest models by that much)
     before = matmul_gflops()
     result["median_ms"] = median_ms(fn, runs, budget_s=BUDGET_S)
-    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result["peak_rss_gib"] = peak_rss_gib()
     result["matmul_gflops"] = (before + matmul_gflops()) / 2
     result["threads"] = threads
     result["model"] = meta["model_config"]
@@ -159,6 +159,19 @@ def _part_of_op(op: str) -> str:
     if op in ("Transpose", "ReorderInput", "ReorderOutput"):
         return "layout"
     return "other"
+
+
+def peak_rss_gib() -> float:
+    """This process's own peak RSS: the kernel's high-water mark of its address space (VmHWM).
+    Not ``ru_maxrss``, which Linux carries over an exec from the parent at fork (a child of a
+    bench parent that had loaded an 85 MB ONNX graph reported the parent's 1.56 GiB)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _breakdown(export_dir: Path, names: list[str], saved, threads: int, runs: int) -> dict:
