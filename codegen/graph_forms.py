@@ -168,10 +168,7 @@ def split_concat_heads(model, unshuffled: dict[str, Unshuffled]) -> list[str]:
     inits = {t.name: t for t in graph.initializer}
     shapes = _shapes(graph)
     producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _readers(graph)
     outputs = {o.name for o in graph.output}
     replaced: dict[int, list] = {}  # id(node) -> nodes replacing it (empty: dropped)
     done = []
@@ -940,10 +937,7 @@ def _attentions(graph, shapes: dict, limit: int) -> dict:
     V)`` over a static last axis ``K >= limit`` (split by ``_sqrt_divisor``) whose scores and
     probabilities are read only by the next node of the chain; equal batch dims."""
     producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = _readers(graph)
     outputs = {o.name for o in graph.output}
     found = {}
     for softmax in graph.node:
@@ -1086,6 +1080,15 @@ def _elem_types(graph) -> dict[str, int]:
         if value.type.tensor_type.elem_type:
             types[value.name] = value.type.tensor_type.elem_type
     return types
+
+
+def _readers(graph) -> dict[str, list]:
+    """Tensor name -> the nodes reading it."""
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
 
 
 def _label(node) -> str:
