@@ -307,7 +307,7 @@ def run_export(
                 # kept beside the vmfb as IREE_ONNX, unless the forms change nothing in this model
                 with export_forms(iree=True):
                     iree_program = export_program(module, wrapper, args[0])
-                if program is not None and "onnx" in formats and same_program(program, iree_program):
+                if "onnx" in formats and same_program(program, iree_program):
                     shutil.copyfile(out / "model.onnx", out / IREE_ONNX)
                     iree_forms = onnx_forms
                 else:

@@ -893,7 +893,8 @@ def split_long_reductions(model, limit: int = LONG_REDUCTION) -> list[str]:
         if node.output[0] in attention:
             scores, softmax = attention[node.output[0]]
             nodes += _split_attention(scores, node, shapes, p, const)
-            done.append(f"attention {label} over {shapes[softmax.input[0]][-1]} as parts of {_sqrt_divisor(shapes[softmax.input[0]][-1])}")
+            n = shapes[softmax.input[0]][-1]
+            done.append(f"attention {label} over {n} as parts of {_sqrt_divisor(n)}")
             continue
         if node.op_type == "Softmax":
             shape = _static_shape(shapes, node.input[0])
@@ -985,6 +986,24 @@ def _split_attention(scores, final, shapes: dict, p: str, const) -> list:
         make("ReduceSum", [p + "products", const(p + "parts_v", [-3])], [p + "weighted"], keepdims=0, name=p + "weighted"),
         make("Div", [p + "weighted", p + "sum"], list(final.output), name=p + "div"),
     ]
+
+
+def gathered_row_matmuls(onnx_path, min_k: int) -> int:
+    """MatMuls of the ONNX file whose first operand has a dynamic row count and a static
+    ``K >= min_k`` (the shapes its value_info records: ``codegen.iree.iree_onnx`` infers them)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    shapes = _shapes(graph)
+    return sum(
+        1
+        for node in graph.node
+        if node.op_type == "MatMul"
+        and (dims := shapes.get(node.input[0]))
+        and len(dims) >= 2
+        and None in dims[:-1]
+        and (dims[-1] or 0) >= min_k
+    )
 
 
 def drop_empty_concat_inputs(model) -> list[str]:

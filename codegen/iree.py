@@ -33,6 +33,7 @@ from .metadata import IREE_ONNX
 from .graph_forms import (
     cpu_forms,
     drop_empty_concat_inputs,
+    gathered_row_matmuls,
     list_constants_as_initializers,
     row_max_scatters_as_scatter_nd,
     split_long_reductions,
@@ -134,7 +135,7 @@ def iree_onnx(onnx_path: Path, out_path: Path, static: dict[str, int] | None = N
                     d.dim_value = static[d.dim_param]
     cleanup = drop_empty_concat_inputs(model)
     cleanup += list_constants_as_initializers(model)
-    # model.onnx has the CPU forms already; pinned shapes (static) can make more nodes eligible.
+    # the exported ONNX has the CPU forms already; pinned shapes (static) can make more nodes eligible.
     # cpu_forms infers the shapes (the clean-ups need none)
     rewrites = cpu_forms(model) + cleanup
     rewrites += row_max_scatters_as_scatter_nd(model)  # needs the shapes cpu_forms inferred
@@ -228,7 +229,7 @@ def compile_onnx(
         start = time.perf_counter()
         sizes = {dim: spec["size"] for dim, spec in info.static.items()}
         info.rewrites, info.function = iree_onnx(onnx_path, rewritten, sizes)
-        if MATMUL_DATA_TILING in flags and gathered_row_matmuls(rewritten):
+        if MATMUL_DATA_TILING in flags and gathered_row_matmuls(rewritten, GATHERED_ROWS_MIN_K):
             flags.remove(MATMUL_DATA_TILING)  # see GATHERED_ROWS_MIN_K
             info.flags = flags[len(BASE_FLAGS) :]
         _run([sys.executable, "-m", "iree.compiler.tools.import_onnx", str(rewritten), "-o", str(mlir)], "iree-import-onnx")
@@ -237,25 +238,6 @@ def compile_onnx(
         _run([_tool("iree-compile"), str(mlir), *flags, "-o", str(vmfb_path)], "iree-compile")
         info.compile_s = round(time.perf_counter() - start, 3)
     return info
-
-
-def gathered_row_matmuls(onnx_path: Path) -> int:
-    """MatMuls of the ONNX graph whose first operand has a dynamic row count and a static
-    ``K >= GATHERED_ROWS_MIN_K`` (shapes as inferred by ``iree_onnx``)."""
-    import onnx
-
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    shapes = {
-        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-        for v in [*graph.value_info, *graph.input]
-        if v.type.tensor_type.HasField("shape")
-    }
-    found = 0
-    for node in graph.node:
-        dims = shapes.get(node.input[0]) if node.op_type == "MatMul" else None
-        if dims and len(dims) >= 2 and None in dims[:-1] and (dims[-1] or 0) >= GATHERED_ROWS_MIN_K:
-            found += 1
-    return found
 
 
 def _tool(name: str) -> str:

@@ -5,8 +5,8 @@ onnxruntime runs fastest, ``model.iree.onnx`` (compiled into ``model.vmfb``) ins
 ``iree_forms()`` (entered by ``codegen.ops.points.export_forms``), in forms IREE 3.13 compiles
 and runs well (docs/iree.md):
 
-- ``ops.sort``: integer-key sorts as radix sorts (IREE's TopK sort is an O(n^2) loop), long
-  top-k rows in pieces of at most ``TOPK_ROW`` keys (a dispatch's stack holds one row);
+- ``ops.sort``: integer-key sorts as radix sorts (IREE's TopK sort is an O(n^2) loop), a top-k
+  over rows longer than ``TOPK_ROW`` keys as a selection, then one TopK over k keys;
 - ``ops.voxelize``: the voxel ids radix-sorted;
 - ``ops.dynamic_scatter``: voxel keys on the grid, radix-sorted;
 - ``ops.sparse_conv``: rulebook gathers kept out of IREE's data-tiling packs, the rulebook's
