@@ -18,8 +18,9 @@ against the eager model.
   ``flatten_row_scatters`` (a row-wise max / add ScatterElements on 1-D views: faster per element);
 - ``drop_empty_concat_inputs``, ``list_constants_as_initializers`` and
   ``row_max_scatters_as_scatter_nd``: constructs IREE's ONNX importer rejects, and
-  ``split_long_reductions``: long f32 sums IREE adds in order, as sums of sums (applied to the
-  IREE copy only, ``codegen.iree.iree_onnx``).
+  ``split_long_reductions``: long f32 sums IREE adds in order, as sums of sums, and
+  ``strided_pointwise_convs_as_slices``: strided 1x1 Convs IREE runs as slow generic reductions
+  (applied to the IREE copy only, ``codegen.iree.iree_onnx``).
 
 docs/iree.md and docs/bench_models.md have the measurements.
 """
@@ -317,7 +318,10 @@ def split_concat_matmuls(model) -> list[str]:
 
 
 # ops whose all-constant instances fold_constants evaluates (shape arithmetic and small values)
-_FOLDABLE = {"Shape", "Expand", "Cast", "Unsqueeze", "Squeeze", "Concat", "Gather", "Slice", "Reshape", "Identity", "Range"}
+_FOLDABLE = {
+    "Shape", "Expand", "Cast", "Unsqueeze", "Squeeze", "Concat", "Gather", "Slice", "Reshape", "Identity", "Range",
+    "Add", "Sub", "Mul",
+}
 _FOLD_MAX_ELEMENTS = 1 << 16  # larger results stay computed (no big initializers in model.onnx)
 
 
@@ -334,6 +338,8 @@ def fold_constants(model) -> list[str]:
     thread, 1513 -> 1275 ms per frame). The other forms then see constant biases too
     (``fold_deconv_batchnorms``). ``CastLike(ConstantOfShape(shape), x)`` (``new_zeros`` of a
     large canvas) becomes a ``ConstantOfShape`` of ``x``'s type. The values are the same.
+    Small constant Add/Sub/Mul fold too: GroupNorm's affine, unoptimised, is
+    ``Unsqueeze(weight, Range(1, Sub(c, 1), 1))``, which IREE imports as a scalar (PGD).
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -387,6 +393,11 @@ def fold_constants(model) -> list[str]:
         return []
     del graph.node[:]
     graph.node.extend(nodes)
+    # a folded value's old type may lack its shape (inferred before the fold, e.g. an Unsqueeze
+    # with computed axes): dropped, or shape inference keeps it and its consumers stay unshaped
+    kept = [v for v in graph.value_info if v.name not in constants]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
     remove_dead_nodes(model)
     parts = [f"{castlikes} CastLike of constants"] * bool(castlikes) + [f"{folded} constant shape ops"] * bool(folded)
     done = [" and ".join(parts) + " as initializers"] if parts else []
@@ -1065,6 +1076,60 @@ def list_constants_as_initializers(model) -> list[str]:
     del graph.node[:]
     graph.node.extend(nodes)
     return [f"{moved} list-valued Constants as initializers"]
+
+
+def strided_pointwise_convs_as_slices(model) -> list[str]:
+    """A 1x1 ``Conv`` with strides > 1 (no padding, no dilation) -> ``Slice(x, steps=strides)``
+    and the same Conv with stride 1: the same products and sums of the same pixels. The Slice is
+    taken channels-last, between transposes that cancel against the NHWC convolutions'
+    (``iree-preprocessing-convert-conv-to-channels-last``); an NCHW Slice made the producing
+    convolution write a transposed NCHW copy too, over IREE's 32 KB stack limit.
+
+    IREE 3.13 lowers the strided 1x1 convolution (the downsampling of ResNet stages, and the
+    caffe-style blocks' first conv) to a generic reduction, not a matmul: PGD's ResNet-101 spent
+    4.4 of its 20.7 s (one thread) in six such dispatches at ~5 GFLOP/s, against ~80 for the
+    stride-1 1x1 convs. Applied to the IREE copy only (``codegen.iree.iree_onnx``)."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    done, slices = [], {}
+    for node in list(graph.node):
+        if node.op_type != "Conv":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        strides = list(attrs.get("strides", []))
+        kernel = list(attrs.get("kernel_shape", []))
+        pads, dilations = list(attrs.get("pads", [])), list(attrs.get("dilations", []))
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        if (
+            len(strides) != 2 or all(s == 1 for s in strides) or kernel != [1, 1]
+            or any(pads) or any(d != 1 for d in dilations) or auto_pad not in (b"NOTSET", "NOTSET")
+        ):
+            continue
+        label = _label(node)
+        key = (node.input[0], tuple(strides))
+        if key not in slices:  # one Slice per input and strides (a ResNet block's conv1 and downsample)
+            consts = {"starts": [0, 0], "ends": [np.iinfo(np.int64).max] * 2, "axes": [1, 2], "steps": strides}
+            names = []
+            for part, values in consts.items():
+                names.append(f"{label}_form_slice_{part}")
+                graph.initializer.append(numpy_helper.from_array(np.array(values, np.int64), names[-1]))
+            p = f"{label}_form_slice"
+            slices[key] = p
+            at = min(i for i, n in enumerate(graph.node) if key[0] in n.input)
+            for offset, new in enumerate([
+                helper.make_node("Transpose", [key[0]], [f"{p}_nhwc"], perm=[0, 2, 3, 1], name=f"{p}_nhwc"),
+                helper.make_node("Slice", [f"{p}_nhwc", *names], [f"{p}_nhwc_sliced"], name=f"{p}_nhwc_sliced"),
+                helper.make_node("Transpose", [f"{p}_nhwc_sliced"], [p], perm=[0, 3, 1, 2], name=p),
+            ]):
+                graph.node.insert(at + offset, new)
+        node.input[0] = slices[key]
+        for a in node.attribute:
+            if a.name == "strides":
+                del a.ints[:]
+                a.ints.extend([1, 1])
+        done.append(f"Conv {label} (1x1, strides {strides}) as Slice + Conv")
+    return done
 
 
 def remove_dead_nodes(model) -> None:

@@ -37,6 +37,7 @@ from .graph_forms import (
     list_constants_as_initializers,
     row_max_scatters_as_scatter_nd,
     split_long_reductions,
+    strided_pointwise_convs_as_slices,
 )
 
 if TYPE_CHECKING:
@@ -140,6 +141,7 @@ def iree_onnx(onnx_path: Path, out_path: Path, static: dict[str, int] | None = N
     rewrites = cpu_forms(model) + cleanup
     rewrites += row_max_scatters_as_scatter_nd(model)  # needs the shapes cpu_forms inferred
     rewrites += split_long_reductions(model)  # IREE sums a long f32 reduction in order
+    rewrites += strided_pointwise_convs_as_slices(model)
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
     return rewrites, model.graph.name

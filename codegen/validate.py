@@ -182,7 +182,7 @@ def render_report(report: dict) -> str:
     reselected = sorted({(r["runtime"], r["sample"]) for r in report["rows"] if r.get("reselected")})
     if reselected:
         lines.append(
-            "reselected: the reference was re-run with the queries the runtime chose among tied scores for "
+            "reselected: the reference was re-run with the choices the runtime made among tied scores for "
             + ", ".join(f"{runtime} sample {sample}" for runtime, sample in reselected)
         )
     lines.append(("PASSED: " if report["passed"] else "FAILED: ") + report["summary"])

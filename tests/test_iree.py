@@ -552,6 +552,76 @@ def test_list_constants_become_initializers(tmp_path):
     np.testing.assert_array_equal(ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, {"x": x})[0], x[:, None])
 
 
+
+def test_group_norm_exported_unoptimised_compiles_in_iree(tmp_path):
+    """torch's exporter, unoptimised (graphs past ``export.OPTIMIZE_MAX_NODES``: PGD's
+    7177-node head), writes GroupNorm's affine as ``Unsqueeze(weight, Range(1, Sub(c, 1), 1))``.
+    IREE's importer types an Unsqueeze with computed axes as a scalar, and iree-compile failed
+    ("unresolved materialization from [16] to []"). ``fold_constants`` folds the Sub, so the Range
+    and the Unsqueeze fold too, and drops the shapeless types shape inference had given the
+    folded values: kept, they left the Mul after them unshaped (typed ``[]`` in IREE: "operand
+    type 1x16x12x10xf32 and result type f32 are cast incompatible")."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.GroupNorm(4, 16), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 8, 12, 10)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=True, optimize=False, opset_version=18, external_data=False)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "Range" in ops and ops.count("Unsqueeze") >= 2, ops
+    iree_onnx(path, tmp_path / "iree.onnx")
+    rewritten = onnx.load(str(tmp_path / "iree.onnx"))
+    assert not {"Sub", "Range", "Unsqueeze"} & {n.op_type for n in rewritten.graph.node}
+    shaped = {v.name for v in rewritten.graph.value_info if v.type.tensor_type.HasField("shape")}
+    assert all(n.output[0] in shaped for n in rewritten.graph.node if n.op_type == "Mul")
+    compile_onnx(path, tmp_path / "model.vmfb")
+    (y,) = iree_runtime(tmp_path / "model.vmfb", ["x"], static={}).run((x.numpy(),))
+    with torch.no_grad():
+        np.testing.assert_allclose(y, model(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+
+def test_strided_pointwise_convs_become_slices(tmp_path):
+    """``strided_pointwise_convs_as_slices`` (IREE's copy): 1x1 Convs with stride 2 (odd sizes:
+    the last row and column are read) read one channels-last Slice(steps 2) of their input and
+    run with stride 1; a padded one and a 3x3 one stay. The same values in onnxruntime and,
+    compiled, in IREE."""
+    rng = np.random.default_rng(3)
+    inits = {
+        "w1": rng.standard_normal((32, 16, 1, 1)).astype(np.float32),
+        "b1": rng.standard_normal(32).astype(np.float32),
+        "w2": rng.standard_normal((8, 32, 1, 1)).astype(np.float32),
+        "w3": rng.standard_normal((8, 32, 3, 3)).astype(np.float32),
+        "w4": rng.standard_normal((8, 16, 1, 1)).astype(np.float32),
+    }
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w1", "b1"], ["a"], kernel_shape=[1, 1], strides=[2, 2], name="down"),
+            helper.make_node("Conv", ["a", "w2"], ["b"], kernel_shape=[1, 1], strides=[2, 1], pads=[1, 1, 1, 1]),
+            helper.make_node("Conv", ["a", "w3"], ["c"], kernel_shape=[3, 3], strides=[2, 2]),
+            helper.make_node("Conv", ["x", "w4"], ["d"], kernel_shape=[1, 1], strides=[2, 2], name="side"),
+        ],
+        "main_graph",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 13, 11])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "bcd"],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    rewrites, ops = _forms(tmp_path, graph)
+    assert rewrites == [f"Conv {n} (1x1, strides [2, 2]) as Slice + Conv" for n in ("down", "side")]
+    assert ops == ["Transpose", "Slice", "Transpose", "Conv", "Conv", "Conv", "Conv"]  # one Slice of x
+    feeds = {"x": rng.standard_normal((1, 16, 13, 11)).astype(np.float32)}
+    expected = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
+    assert expected[0].shape == (1, 8, 5, 8)
+    for got in (ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, feeds), _iree_run(tmp_path, feeds)):
+        for a, b in zip(got, expected):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def _iree_run(tmp_path, feeds) -> list:
+    """model.onnx of ``tmp_path`` compiled (``host`` preset) and run on ``feeds``."""
+    compile_onnx(tmp_path / "model.onnx", tmp_path / "model.vmfb")
+    return list(iree_runtime(tmp_path / "model.vmfb", list(feeds), static={}).run(tuple(feeds.values())))
+
+
 # ------------------------------------------------------------------ static shapes
 
 

@@ -87,20 +87,80 @@ def test_mono_model_needs_a_real_image(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+
+def test_near_tied_top_class_is_reselected(pgd):
+    """PGD picks each pixel's depth and size priors by its top class logit
+    (``patches.mono3d.reselect_prior_classes``). With classes 4 and 7 made equal, a runtime whose
+    logits put 7 a hair above 4 (float noise) decodes other depths and sizes: the reselect re-runs
+    the eager model with its classes, which then matches; a class that does not tie is not
+    reselected. A 256 x 448 crop of the image keeps the ResNet-101 passes short."""
+    from codegen.export import import_wrapper
+    from codegen.patches.mono3d import forced_prior_classes, reselect_prior_classes
+
+    module = import_wrapper(REPO / "generated" / "wrapper_pgd_r101_caffe_fpn_head_gn_16xb2_1x_nus_mono3d.py")
+    recipe = recipe_for(pgd.cfg.model)
+    assert recipe.reselect is reselect_prior_classes
+    names = list(module.OUTPUT_NAMES)
+    wrapper = module.ExportWrapper(pgd).eval()
+    s = smp.sample_frame(pgd, smp.default_frame_ref(pgd.cfg))
+    args = (s.data["inputs"]["imgs"][..., 300:556, 600:1048].contiguous(),)
+    conv = pgd.bbox_head.conv_cls
+    saved = conv.weight.detach().clone(), conv.bias.detach().clone()
+    try:
+        with torch.no_grad():
+            conv.weight[7], conv.bias[7] = conv.weight[4], conv.bias[4]
+            ref = [o.numpy() for o in wrapper(*args)]
+            levels = [n for n in names if n.startswith("cls_score_")]
+            runtime = dict(zip(names, ref))
+            classes = {}
+            for name in levels:
+                scores = runtime[name].copy()
+                scores[:, 7] += 1e-5
+                runtime[name] = scores
+                classes[scores.shape[-2:]] = torch.from_numpy(scores.argmax(1))
+            assert any((classes[runtime[n].shape[-2:]].numpy() == 7).any() for n in levels)
+            with forced_prior_classes(pgd.bbox_head.bbox_coder, classes):
+                forced = dict(zip(names, (o.numpy() for o in wrapper(*args))))
+            for name in names:
+                if name.startswith("bbox_pred_"):
+                    runtime[name] = forced[name]
+            got = [runtime[n] for n in names]
+            assert not np.allclose(runtime["bbox_pred_0"], ref[names.index("bbox_pred_0")], atol=recipe.atol)
+            alt = reselect_prior_classes(wrapper, names, args, got, ref, recipe.atol, recipe.rtol)
+            assert alt is not None
+            for name, a, g in zip(names, alt, got):
+                np.testing.assert_allclose(a, g, rtol=recipe.rtol, atol=recipe.atol, err_msg=name)
+            # the class's own decode is back, and the same choices or a real gap are no tie
+            assert "decode" not in vars(pgd.bbox_head.bbox_coder)
+            assert reselect_prior_classes(wrapper, names, args, ref, ref, recipe.atol, recipe.rtol) is None
+            for name in levels:
+                runtime[name] = runtime[name] + np.where(np.arange(10) == 7, 1.0, 0.0)[None, :, None, None].astype(np.float32)
+            got = [runtime[n] for n in names]
+            assert reselect_prior_classes(wrapper, names, args, got, ref, recipe.atol, recipe.rtol) is None
+    finally:
+        with torch.no_grad():
+            conv.weight.copy_(saved[0])
+            conv.bias.copy_(saved[1])
+
+
 @pytest.mark.slow
 def test_pgd_nuscenes_exports_and_matches_eager(tmp_path):
-    """The committed wrapper end to end: PT2 + ONNX, validated against the original model (mmcv's
-    DCNv2 CPU kernel in the backbone) on the image and its mirror."""
+    """The committed wrapper end to end: PT2, ONNX and IREE, validated against the original model
+    (mmcv's DCNv2 CPU kernel in the backbone) on the image and its mirror. IREE compiles it since
+    its GroupNorms' affine Unsqueezes fold (``graph_forms.fold_constants``); on the mirror one
+    pixel's top class is a near-tie that IREE breaks the other way (``patches.mono3d``)."""
     _image("NuScenesDataset")
     out = tmp_path / "out"
-    proc = cli("--config", PGD, "--output-dir", str(out), "--device", "cpu")
+    proc = cli("--config", PGD, "--output-dir", str(out), "--device", "cpu", "--format", "all", timeout=1800)
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["export_info"]["input_names"] == ["imgs"]
     validation = meta["validation"]
     assert validation["passed"] and validation["reference"] == "original", validation["summary"]
-    assert set(validation["max_abs_diff"]) == {"eager-patched", "pt2", "onnx"}
-    assert max(validation["max_abs_diff"].values()) < 1e-3
+    assert set(validation["max_abs_diff"]) == {"eager-patched", "pt2", "onnx", "iree"}
+    assert max(v for k, v in validation["max_abs_diff"].items() if k != "iree") < 1e-3
+    # IREE's float error, like onnxruntime's, grows in the decoded keypoint offsets (up to 512 px)
+    assert validation["max_abs_diff"]["iree"] < 5e-3
     names = [o["name"] for o in meta["outputs"]]
     assert names[:5] == [f"cls_score_{i}" for i in range(5)] and "depth_cls_pred_0" in names
     wrapper = next(out.glob("wrapper_*.py"))

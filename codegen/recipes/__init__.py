@@ -16,6 +16,7 @@ from ..errors import ExportError
 from ..patches.bevfusion import CAMERA_PATCHES as BEVFUSION_CAMERA_PATCHES
 from ..patches.bevfusion import LIDAR_PATCHES as BEVFUSION_LIDAR_PATCHES
 from ..patches.bevfusion import reselect_queries
+from ..patches.mono3d import reselect_prior_classes
 from ..patches.points import POINT_OP_PATCHES, POINT_PATCHES, STACKED_POINT_PATCHES, reselect_topk
 from ..patches.pv_rcnn import PV_RCNN_PATCHES
 
@@ -294,6 +295,7 @@ RECIPES += (
         # stride x regress range (up to 512 px: 1.24e-3 off on KITTI 000008, in a map reaching 400),
         # SMOKE's orientation is F.normalize(v) (error divided by |v|: 3e-4 where v is short)
         atol=2e-3,
+        reselect=reselect_prior_classes,  # PGD's per-class depth / size priors: the top class at near-tied logits
     ),
 )
 
