@@ -251,7 +251,6 @@ def test_validation_accepts_another_choice_among_tied_queries(lidar_model):
         assert reselect_queries(wrapper, names, args, bad, ref, 1e-4, 1e-4) is None
 
 
-
 def test_last_write_wins_without_a_sort():
     """The lidar depth image's scatter (``patches.bevfusion._last_write``): each cell gets the
     value of its last row, as a serial ``out[cell] = values``; rows outside ``[0, size)`` drop."""

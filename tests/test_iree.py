@@ -65,6 +65,12 @@ def _forms(tmp_path, graph) -> tuple[list[str], list[str]]:
     return rewrites, [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
 
 
+def _iree_run(tmp_path, feeds) -> list:
+    """model.onnx of ``tmp_path`` compiled (``host`` preset) and run on ``feeds``."""
+    compile_onnx(tmp_path / "model.onnx", tmp_path / "model.vmfb")
+    return list(iree_runtime(tmp_path / "model.vmfb", list(feeds), static={}).run(tuple(feeds.values())))
+
+
 def _secondfpn_like(path, seed=0):
     """SECONDFPN + Anchor3DHead in miniature: three ConvTranspose upsamplings (kernel = stride,
     with bias) of three scales, ReLU, a channel Concat read by three 1x1 Convs; plus a
@@ -463,10 +469,7 @@ def test_row_max_scatter_becomes_scatter_nd_that_iree_compiles(tmp_path, rows):
     np.testing.assert_array_equal(before, expected)
     np.testing.assert_array_equal(after, expected)
     np.testing.assert_array_equal(flattened, expected)
-    compile_onnx(tmp_path / "model.onnx", tmp_path / "model.vmfb")
-    got = iree_runtime(tmp_path / "model.vmfb", list(feeds)).run(tuple(feeds.values()))
-    np.testing.assert_array_equal(np.asarray(got[0]), expected)
-
+    np.testing.assert_array_equal(np.asarray(_iree_run(tmp_path, feeds)[0]), expected)
 
 
 def test_row_add_scatter_is_flattened_with_an_int32_index(tmp_path):
@@ -552,7 +555,6 @@ def test_list_constants_become_initializers(tmp_path):
     np.testing.assert_array_equal(ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, {"x": x})[0], x[:, None])
 
 
-
 def test_group_norm_exported_unoptimised_compiles_in_iree(tmp_path):
     """torch's exporter, unoptimised (graphs past ``export.OPTIMIZE_MAX_NODES``: PGD's
     7177-node head), writes GroupNorm's affine as ``Unsqueeze(weight, Range(1, Sub(c, 1), 1))``.
@@ -573,11 +575,9 @@ def test_group_norm_exported_unoptimised_compiles_in_iree(tmp_path):
     assert not {"Sub", "Range", "Unsqueeze"} & {n.op_type for n in rewritten.graph.node}
     shaped = {v.name for v in rewritten.graph.value_info if v.type.tensor_type.HasField("shape")}
     assert all(n.output[0] in shaped for n in rewritten.graph.node if n.op_type == "Mul")
-    compile_onnx(path, tmp_path / "model.vmfb")
-    (y,) = iree_runtime(tmp_path / "model.vmfb", ["x"], static={}).run((x.numpy(),))
+    (y,) = _iree_run(tmp_path, {"x": x.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(y, model(x).numpy(), rtol=1e-5, atol=1e-5)
-
 
 
 def test_strided_pointwise_convs_become_slices(tmp_path):
@@ -614,12 +614,6 @@ def test_strided_pointwise_convs_become_slices(tmp_path):
     for got in (ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, feeds), _iree_run(tmp_path, feeds)):
         for a, b in zip(got, expected):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
-
-
-def _iree_run(tmp_path, feeds) -> list:
-    """model.onnx of ``tmp_path`` compiled (``host`` preset) and run on ``feeds``."""
-    compile_onnx(tmp_path / "model.onnx", tmp_path / "model.vmfb")
-    return list(iree_runtime(tmp_path / "model.vmfb", list(feeds), static={}).run(tuple(feeds.values())))
 
 
 # ------------------------------------------------------------------ static shapes
