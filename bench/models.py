@@ -514,6 +514,9 @@ def main() -> int:
     parser.add_argument("--child", nargs=2, metavar=("EXPORT_DIR", "RUNTIME"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        from codegen.memory import one_malloc_arena
+
+        one_malloc_arena()  # as the CLI does (codegen.memory), before any runtime starts threads
         print(json.dumps(_child(Path(args.child[0]), args.child[1], args.runs)))
         return 0
     wrappers = [

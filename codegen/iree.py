@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .errors import ExportError
+from .memory import RETAIN_MEMORY_ENV, retain_freed_memory  # noqa: F401 (RETAIN_MEMORY_ENV: for IREE's tools)
 from .metadata import IREE_ONNX
 from .graph_forms import (
     cpu_forms,
@@ -259,29 +260,6 @@ def _run(cmd: list[str], what: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # run
-
-
-#: glibc returns a freed block above its mmap threshold (at most 32 MB) to the kernel, so every
-#: call of a vmfb faulted its large transient buffers in again: SECOND took ~84k minor page faults
-#: a call, and a one-op gather writing 85 MB spent 42 of its 58 ms in the kernel (15.8 ms with the
-#: memory kept). onnxruntime keeps its buffers in an arena. ``retain_freed_memory`` gives IREE the
-#: same; these are the same settings for IREE's command-line tools (docs/iree.md, "Reproducing").
-_TRIM_THRESHOLD = 2**31 - 1  # bytes of free heap top kept before glibc trims it
-RETAIN_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD)}
-
-
-def retain_freed_memory() -> bool:
-    """Keep freed heap memory in this process (glibc ``mallopt``: no mmap'd blocks, trim only above
-    2 GiB free), so a vmfb's transient buffers are reused instead of faulted in on every call.
-    Affects later allocations of the whole process; False where the C library has no mallopt."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, _TRIM_THRESHOLD))
 
 
 def iree_runtime(

@@ -39,6 +39,7 @@ from torch import Tensor
 from ..ops.bev_pool import lss_bev_pool
 from ..ops.sort import top_k_keys
 from ..ops.voxelize import _iota, hard_voxelize
+from ..validate import within_tolerance
 from . import register, static_batch_size
 
 BEVFUSION = "projects.BEVFusion.bevfusion"
@@ -115,7 +116,7 @@ def _mask_ties(head, dense_heatmap: np.ndarray, index: np.ndarray, atol: float, 
         for dx in range(k):
             if (dy, dx) != (pad, pad):
                 neighbours = np.maximum(neighbours, padded[:, :, dy : dy + h, dx : dx + w])
-    tie = np.abs(heat - neighbours) <= atol + rtol * np.abs(heat)
+    tie = within_tolerance(neighbours, heat, atol, rtol)
     tie[:, list(_identity_classes(head))] = False
     if pad:  # the border is never a local maximum in either runtime
         tie[:, :, :pad], tie[:, :, -pad:], tie[:, :, :, :pad], tie[:, :, :, -pad:] = False, False, False, False
@@ -144,7 +145,7 @@ def reselect_queries(wrapper, output_names: Sequence[str], args, outputs, refere
     if not np.array_equal(index, np.asarray(ref["query_index"])):
         with forced_queries(torch.from_numpy(index.astype(np.int64))):
             alt = {n: o.detach().cpu().numpy() for n, o in zip(names, wrapper(*args))}
-        if not np.all(np.abs(_selected_scores(alt) - _selected_scores(ref)) <= atol + rtol * np.abs(_selected_scores(ref))):
+        if not within_tolerance(_selected_scores(alt), _selected_scores(ref), atol, rtol).all():
             return None
     score, runtime_score = np.asarray(alt["query_heatmap_score"]), np.asarray(got["query_heatmap_score"])
     masked_differently = (score == 0) != (runtime_score == 0)

@@ -15,6 +15,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from ..validate import within_tolerance
+
 
 @contextlib.contextmanager
 def forced_prior_classes(coder, classes: dict[tuple[int, int], torch.Tensor]) -> Iterator[None]:
@@ -59,7 +61,7 @@ def reselect_prior_classes(wrapper, output_names: Sequence[str], args, outputs, 
         if moved.any():
             top = scores.max(1)
             taken = np.take_along_axis(scores, choice[:, None], 1)[:, 0]
-            if not np.all(np.abs(taken - top)[moved] <= atol + rtol * np.abs(top)[moved]):
+            if not within_tolerance(taken, top, atol, rtol)[moved].all():
                 return None
             differs = True
         classes[tuple(scores.shape[-2:])] = torch.from_numpy(choice)

@@ -20,6 +20,7 @@ import torch
 from ..boxes import topk_ordered
 from ..ops import points as ops
 from ..ops import roi
+from ..validate import within_tolerance
 from . import register
 
 _WHY = "CUDA-only mmcv op; pure-torch equivalent (tests/ops/test_points.py)"
@@ -115,7 +116,7 @@ def reselect_topk(wrapper, output_names: Sequence[str], args, outputs, reference
     scores = torch.sigmoid(torch.from_numpy(np.asarray(ref["seeds_obj_cls_logits"])[:, 0])).double().numpy()
     chosen = np.sort(np.take_along_axis(scores, index, 1), axis=1)
     best = np.sort(np.take_along_axis(scores, ref_index, 1), axis=1)
-    if not np.all(np.abs(chosen - best) <= atol + rtol * np.abs(best)):
+    if not within_tolerance(chosen, best, atol, rtol).all():
         return None
     with forced_topk(torch.from_numpy(index.astype(np.int64))):
         return [o.detach().cpu().numpy() for o in wrapper(*args)]
