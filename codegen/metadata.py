@@ -7,6 +7,7 @@ import platform
 
 from . import __version__
 from .errors import ExportError
+from .memory import RETAIN_MEMORY_ENV
 from .validate import ORT_CONFIG
 
 PACKAGES = (
@@ -53,6 +54,10 @@ def build_metadata(
     onnx_forms=None,
 ) -> dict:
     used = analysis.used_inputs
+    runtime_options = {
+        **({"onnxruntime": dict(ORT_CONFIG)} if "onnx" in formats else {}),
+        **({"iree": {"environment": dict(RETAIN_MEMORY_ENV)}} if "iree" in formats else {}),
+    }
     return {
         "model_config": config_ref,
         "checkpoint": str(checkpoint) if checkpoint else None,
@@ -87,8 +92,9 @@ def build_metadata(
         "onnx_opset": opset,
         # CPU graph forms applied to model.onnx, node by node (codegen/graph_forms.py)
         **({"onnx_graph_forms": onnx_forms} if onnx_forms is not None else {}),
-        # the onnxruntime session settings validation ran with (and `run` uses): codegen.validate
-        **({"runtime_options": {"onnxruntime": dict(ORT_CONFIG)}} if "onnx" in formats else {}),
+        # the onnxruntime session settings validation ran with (and `run` uses): codegen.validate;
+        # the C heap settings of the tool's IREE runtime, as environment variables: codegen.memory
+        **({"runtime_options": runtime_options} if runtime_options else {}),
         # how model.vmfb was compiled (preset, flags, graph rewrites, static shapes): codegen/iree.py
         **({"iree": iree} if iree else {}),
         "batch_size": analysis.batch_size,

@@ -678,6 +678,9 @@ def _iree_export(tmp_path, config, *flags, dataset="KittiDataset", fmt="iree"):
     assert set(meta["validation"]["max_abs_diff"]) == {"eager-patched", *formats}
     assert len({r["size"] for r in meta["validation"]["rows"] if r["runtime"] == "iree"}) == 2
     assert meta["versions"]["iree-base-compiler"] == meta["versions"]["iree-base-runtime"]
+    # the C heap settings the vmfb was validated with, for whoever deploys it (codegen.memory)
+    assert meta["runtime_options"]["iree"]["environment"]["MALLOC_ARENA_MAX"] == "1"
+    assert ("onnxruntime" in meta["runtime_options"]) == ("onnx" in formats)
     return out, meta
 
 
@@ -798,7 +801,7 @@ def test_freed_buffers_stay_in_the_process_for_the_next_call():
     settings say, so every thread must share the main heap."""
     code = """
 import ctypes, resource, threading
-from codegen.iree import retain_freed_memory
+from codegen.memory import retain_freed_memory
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
 def faults_of_a_second_block(size=64 << 20):
