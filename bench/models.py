@@ -182,7 +182,8 @@ def _breakdown(export_dir: Path, names: list[str], saved, threads: int, runs: in
 
     import numpy as np
 
-    from codegen.iree import RETAIN_MEMORY_ENV, _tool
+    from codegen.iree import _tool
+    from codegen.memory import RETAIN_MEMORY_ENV
     from codegen.validate import ort_session
 
     result: dict = {}

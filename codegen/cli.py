@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from .memory import one_malloc_arena
 
-    one_malloc_arena()  # before torch, onnxruntime or IREE start threads (see codegen.iree)
+    one_malloc_arena()  # before torch, onnxruntime or IREE start threads (see codegen.memory)
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     parser = {
         "generate": generate_parser,

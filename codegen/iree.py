@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .errors import ExportError
-from .memory import RETAIN_MEMORY_ENV, retain_freed_memory  # noqa: F401 (RETAIN_MEMORY_ENV: for IREE's tools)
+from .memory import retain_freed_memory
 from .metadata import IREE_ONNX
 from .graph_forms import (
     cpu_forms,
