@@ -17,11 +17,17 @@ _TRIM_THRESHOLD = 2**31 - 1  # bytes of free heap top kept before glibc trims it
 RETAIN_MEMORY_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD), "MALLOC_ARENA_MAX": "1"}
 
 
-def _mallopt():
+# glibc's <malloc.h> mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def _mallopt(param: int, value: int) -> bool:
+    """glibc ``mallopt(param, value)``; False where the C library has none or refuses."""
     try:
-        return ctypes.CDLL(None).mallopt
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        return None
+        return False
+    return bool(mallopt(param, value))
 
 
 def one_malloc_arena() -> bool:
@@ -29,9 +35,7 @@ def one_malloc_arena() -> bool:
     of arenas of their own; call it before any thread pool starts (the CLI does, first thing). On
     its own it changes no reuse policy: ``retain_freed_memory`` keeps the freed blocks. False
     where the C library has no mallopt."""
-    mallopt = _mallopt()
-    m_arena_max = -8  # glibc's <malloc.h>
-    return mallopt is not None and bool(mallopt(m_arena_max, 1))
+    return _mallopt(_M_ARENA_MAX, 1)
 
 
 def retain_freed_memory() -> bool:
@@ -39,8 +43,4 @@ def retain_freed_memory() -> bool:
     2 GiB free, one arena for the threads that start from now on), so a vmfb's transient buffers
     are reused instead of faulted in on every call. Affects later allocations of the whole process;
     False where the C library has no mallopt."""
-    mallopt = _mallopt()
-    if mallopt is None:
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
-    return one_malloc_arena() and bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, _TRIM_THRESHOLD))
+    return one_malloc_arena() and _mallopt(_M_MMAP_MAX, 0) and _mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)

@@ -148,8 +148,9 @@ def validate(
                     if out.shape != ref.shape:
                         row.update(max_abs_diff=None, ok=False)
                     else:
-                        diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
-                        ok = bool(within_tolerance(out, ref, atol, rtol).all())
+                        out64, ref64 = out.astype(np.float64), ref.astype(np.float64)  # converted once
+                        diff = np.abs(out64 - ref64)
+                        ok = bool(within_tolerance(out64, ref64, atol, rtol).all())
                         row.update(max_abs_diff=float(diff.max()) if diff.size else 0.0, ok=ok)
                     rows.append(row)
                 if len(got) != len(ref_outputs):
