@@ -83,7 +83,9 @@ import math
 import torch
 from torch import Tensor
 
+from codegen.ops.forms import iree_exporting
 from codegen.ops.points import fixed_steps
+from codegen.ops.sort import chosen_positions, kth_largest
 
 # ---------------------------------------------------------------------------------------------
 # IoU matrices
@@ -461,7 +463,7 @@ def top_k_mask(x: Tensor, k: int) -> Tensor:
     k-th largest value; a CumSum over the entries tied with it takes the first ones by index.
     ``torch.topk``'s own choice among ties is unspecified in eager, where ONNX TopK takes the
     lower index: this mask is the same on every runtime."""
-    kth = torch.topk(x, k, dim=-1).values[..., k - 1 :]
+    kth = kth_largest(x, k)  # a values-only TopK; in IREE exports, a search without one
     above = x > kth
     tied = x == kth
     need = k - above.sum(-1, keepdim=True)
@@ -473,10 +475,13 @@ def top_k_indices(scores: Tensor, k: int) -> Tensor:
     scores by lower index, also at the cut; ``N < k`` is allowed (indices ``>= N`` then mark
     padding).  Built from two *values-only* TopKs over a static ``k`` (``top_k_mask``, then the
     taken indices encoded as exact float keys): IREE 3.13 fails to compile a TopK whose indices
-    output is used over a dynamic axis."""
+    output is used over a dynamic axis.  In IREE exports, no TopK at all (IREE sorts a TopK's
+    whole row, O(n^2)): ``kth_largest`` searches the cut, ``chosen_positions`` lists the taken."""
     n = scores.shape[0]
     padded = torch.cat((scores, scores.new_full((k,), -math.inf)))
     take = top_k_mask(padded, k)
+    if iree_exporting():
+        return chosen_positions(take.unsqueeze(0), k)[0]
     position = torch.arange(n + k, device=scores.device).to(torch.float32)  # exact below 2**24
     key = torch.where(take, position, position + (n + k))
     return torch.topk(key, k, largest=False).values.to(torch.int64)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import size_hint
-from .forms import iree_forms
+from .forms import iree_exporting, iree_forms
 
 # ---------------------------------------------------------------------------------------------
 # fixed-count sequential loops
@@ -231,12 +231,24 @@ def _first_hits(hits: Callable[[slice], Tensor], m, n, sample_num: int, like: Te
     a column is its index for a hit and ``n`` for a miss, ``n - hit * (n - index)`` (Cast, Mul,
     Sub: exact below 2**24 columns; a Where over the pairs took 134 ms of VoteNet SA1's 368 in
     onnxruntime); the ``sample_num`` smallest keys (a values-only TopK: the tied miss keys are
-    never told apart) are the first hits in column order."""
+    never told apart) are the first hits in column order.
+
+    In IREE exports no TopK (IREE sorts each row whole, O(N^2) a row: VoteNet's first ball query,
+    2048 rows of 20000 points, ran for hours): a running count of the hits along the row ranks
+    them, and one scatter writes each of the first ``sample_num`` hits' column to its rank's slot
+    (the other columns to one extra slot, dropped).  The same values."""
     order = torch.cumsum(torch.ones_like(like[:, 0]), 0) - 1  # arange(N) as float, one per column
     gap = n - order
     first = []
     for block in _centre_blocks(m, n):
-        key = n - hits(block).to(gap.dtype) * gap
+        hit = hits(block)
+        if iree_exporting():
+            rank = torch.cumsum(hit.to(torch.int32), -1)  # 1 for the first hit of a row
+            slot = torch.where(hit & (rank <= sample_num), rank - 1, sample_num).to(torch.int64)
+            empty = torch.zeros(hit.shape[:-1] + (sample_num + 1,), dtype=gap.dtype, device=gap.device) + n
+            first.append(empty.scatter(-1, slot, order.expand(hit.shape))[..., :sample_num])
+            continue
+        key = n - hit.to(gap.dtype) * gap
         first.append(torch.topk(key, sample_num, dim=-1, largest=False, sorted=True).values)
     return torch.cat(first, dim=-2) if len(first) > 1 else first[0]
 
@@ -350,15 +362,30 @@ def grouping_operation(features: Tensor, idx: Tensor) -> Tensor:
     ``out[b, c, m, k] = features[b, c, idx[b, m, k]]`` (GatherElements)."""
     batch, channels = features.shape[0], features.shape[1]
     m, k = idx.shape[1], idx.shape[2]
-    flat = idx.reshape(batch, 1, m * k).to(torch.int64).expand(batch, channels, m * k)
-    return torch.gather(features, 2, flat).reshape(batch, channels, m, k)
+    return _gather_columns(features, idx.reshape(batch, m * k)).reshape(batch, channels, m, k)
 
 
 def gather_points(features: Tensor, idx: Tensor) -> Tensor:
     """``mmcv.ops.gather_points(features [B, C, N], idx [B, M]) -> [B, C, M]``."""
+    return _gather_columns(features, idx)
+
+
+def _gather_columns(features: Tensor, idx: Tensor) -> Tensor:
+    """``out[b, c, l] = features[b, c, idx[b, l]]`` for ``features [B, C, N]``, ``idx [B, L]``:
+    one GatherElements.
+
+    In IREE exports (``iree_exporting()``) a one-channel ``features`` gets a zero channel more
+    (and the output drops it): IREE 3.13 folds a one-channel slice of the points
+    (``points[..., 3:].transpose(1, 2)``, the height of VoteNet's SUN RGB-D points, the
+    intensity of KITTI's) into a strided 1-D view of the input and vectorises the gather to a
+    ``vector.gather`` on it, which its LLVM lowering rejects ("LLVM Translation failed for
+    operation: builtin.unrealized_conversion_cast").  Two channels keep the view 2-D."""
+    index = idx.to(torch.int64).unsqueeze(1)
     channels = features.shape[1]
-    index = idx.to(torch.int64).unsqueeze(1).expand(-1, channels, -1)
-    return torch.gather(features, 2, index)
+    if iree_exporting() and channels == 1:
+        padded = F.pad(features, (0, 0, 0, 1))
+        return torch.gather(padded, 2, index.expand(-1, 2, -1))[:, :1]
+    return torch.gather(features, 2, index.expand(-1, channels, -1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,8 +420,7 @@ def three_interpolate(features: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
     ``w0 * f[i0] + w1 * f[i1] + w2 * f[i2]`` (left to right, as the kernel)."""
     batch, channels = features.shape[0], features.shape[1]
     n = idx.shape[1]
-    index = idx.to(torch.int64).reshape(batch, 1, n * 3).expand(batch, channels, n * 3)
-    f = torch.gather(features, 2, index).reshape(batch, channels, n, 3)
+    f = _gather_columns(features, idx.reshape(batch, n * 3)).reshape(batch, channels, n, 3)
     w = weight.unsqueeze(1)  # [B, 1, N, 3]
     return (w[..., 0] * f[..., 0] + w[..., 1] * f[..., 1]) + w[..., 2] * f[..., 2]
 

@@ -16,6 +16,8 @@ selects the k largest of a long row before it sorts them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -93,15 +95,69 @@ def top_k_keys(keys: Tensor, k: int) -> Tensor:
         trial = kth + (1 << bit)  # kth has no bit at or below `bit` set yet
         count = (keys >= trial).sum(1, keepdim=True, dtype=torch.int32)
         kth = torch.where(count >= k, trial, kth)
-    chosen = keys >= kth  # k per row (unique keys)
-    # slots: the chosen to 0..k-1, the others to k..n-1, each in index order (a permutation)
-    before = torch.cumsum(chosen.to(torch.int32), 1, dtype=torch.int32)  # chosen up to here
-    index = torch.arange(n, dtype=torch.int32, device=keys.device)
-    slot = torch.where(chosen, before - 1, k + index - before).to(torch.int64)
-    row = torch.arange(batch, device=keys.device).unsqueeze(1) * n
-    # slot -> flat position; a fill of its own (IREE 3.13 merges identical fills, cf. radix_sort)
-    flat = torch.arange(batch * n, device=keys.device)
-    source = torch.full_like(flat, -3 - k).index_put(((slot + row).reshape(-1),), flat)
-    position = source.view(batch, n)[:, :k] - row
+    position = chosen_positions(keys >= kth, k)  # k per row (unique keys)
     order = torch.topk(keys.gather(1, position), k, dim=-1, largest=True, sorted=True).indices
     return position.gather(1, order)
+
+
+def chosen_positions(chosen: Tensor, k: int) -> Tensor:
+    """The positions of the ``k`` true entries of each row of ``chosen`` ``[B, n]`` (exactly k per
+    row), in increasing order, ``[B, k]`` int64: a running count and one scatter, no sort.  Slots
+    put the chosen at 0..k-1 and the others at k..n-1, each in index order (a permutation)."""
+    batch, n = chosen.shape
+    before = torch.cumsum(chosen.to(torch.int32), 1, dtype=torch.int32)  # chosen up to here
+    index = torch.arange(n, dtype=torch.int32, device=chosen.device)
+    slot = torch.where(chosen, before - 1, k + index - before).to(torch.int64)
+    row = torch.arange(batch, device=chosen.device).unsqueeze(1) * n
+    # slot -> flat position; a fill of its own (IREE 3.13 merges identical fills, cf. radix_sort)
+    flat = torch.arange(batch * n, device=chosen.device)
+    source = torch.full_like(flat, -3 - k).index_put(((slot + row).reshape(-1),), flat)
+    return source.view(batch, n)[:, :k] - row
+
+
+def kth_largest(x: Tensor, k: int) -> Tensor:
+    """``torch.topk(x, k, dim=-1).values[..., k - 1 :]``: the k-th largest value of each row of a
+    float32 ``x`` (no NaN), as ``[..., 1]``.
+
+    In IREE exports, for rows longer than ``TOPK_ROW`` (or of dynamic length), found without a
+    TopK (IREE sorts the whole row in O(n^2): PV-RCNN's best 1024 of 212,224 anchor scores took
+    minutes): a search over the 2^32 float32 values in their order, one bit a step from the top,
+    each step a compare and a count over the row.  The threshold of a step is built from its
+    order key with exact arithmetic (``_float_of_key``), so the result is the k-th largest value
+    itself, bit for bit (a zero may come back as +0.0 for -0.0: they compare equal)."""
+    n = x.shape[-1]
+    if not iree_exporting() or (isinstance(n, int) and n <= TOPK_ROW):
+        return torch.topk(x, k, dim=-1).values[..., k - 1 :]
+    return search_kth_largest(x, k)
+
+
+def search_kth_largest(x: Tensor, k: int) -> Tensor:
+    """``kth_largest``'s IREE form (any runtime): the bit-by-bit search over the order keys."""
+    # the largest key whose value has at least k entries at or above it: the k-th largest
+    key = torch.zeros(x.shape[:-1] + (1,), dtype=torch.int64, device=x.device)
+    for bit in reversed(range(32)):
+        trial = key + (1 << bit)  # key has no bit at or below `bit` set yet
+        count = (x >= _float_of_key(trial)).sum(-1, keepdim=True, dtype=torch.int32)
+        key = torch.where(count >= k, trial, key)
+    return _float_of_key(key)
+
+
+def _float_of_key(key: Tensor) -> Tensor:
+    """The float32 of order key ``key`` (int64 in ``[0, 2^32)``; keys order as their values do):
+    ``2^31 + bits`` for a value >= +0.0 with IEEE bits ``bits``, ``2^31 - 1 - bits(|x|)`` for one
+    <= -0.0.  Exponent field ``e`` and mantissa ``m`` by integer division; the value is
+    ``(significand * 2^-23) * 2^(max(e, 1) - 127)`` with significand ``2^23 + m`` (``m`` for
+    ``e = 0``): both factors and the product are exact float32 (no subnormal factor).  The power
+    of two comes from a constant table of 256 (+inf for ``e = 255``) as a one-hot sum, not an
+    index: IREE 3.13's dispatch creation ran for many minutes (16 GB) on a table Gather repeated
+    in the 32 steps, while it compiles the sum in seconds."""
+    negative = key < (1 << 31)
+    bits = torch.where(negative, (1 << 31) - 1 - key, key - (1 << 31))
+    e = torch.div(bits, 1 << 23, rounding_mode="floor")
+    m = bits - e * (1 << 23)
+    significand = torch.where(e > 0, m + (1 << 23), m).to(torch.float32) * 2.0**-23
+    powers = [2.0 ** (max(i, 1) - 127) for i in range(255)] + [math.inf]
+    table = torch.tensor(powers, dtype=torch.float32, device=key.device)
+    power = torch.where(e.unsqueeze(-1) == torch.arange(256, device=key.device), table, 0.0).sum(-1)
+    value = significand * power
+    return torch.where(negative, -value, value)

@@ -3,6 +3,8 @@ compiles and runs it (IREE's own sort is an O(n^2) loop)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -86,3 +88,57 @@ def test_top_k_selects_before_it_sorts_for_iree(tmp_path):
     for k, e in zip((keys, ties), expected):
         np.testing.assert_array_equal(session.run(None, {session.get_inputs()[0].name: k.numpy()})[0], e.numpy())
         np.testing.assert_array_equal(np.asarray(run((k.numpy(),))[0]), e.numpy())
+
+
+def test_kth_largest_search_finds_the_value_bit_for_bit():
+    """``kth_largest``'s IREE form: the order keys map back to every float32 exactly, and the
+    search returns TopK's k-th value on rows with ties, negatives, signed zeros and -inf."""
+    from codegen.ops.sort import _float_of_key, search_kth_largest
+
+    rng = np.random.default_rng(6)
+    bits = rng.integers(0, 1 << 32, 100_000, dtype=np.uint64).astype(np.uint32)
+    values = bits.view(np.float32)
+    bits = bits[~np.isnan(values)].astype(np.int64)
+    key = np.where(bits >= 1 << 31, (1 << 32) - 1 - bits, bits + (1 << 31))
+    np.testing.assert_array_equal(_float_of_key(torch.from_numpy(key)).numpy().view(np.uint32), bits.astype(np.uint32))
+    g = torch.Generator().manual_seed(7)
+    rows = [
+        torch.randint(0, 50, (3, 5000), generator=g).float() / 7 - 3,
+        torch.cat([torch.full((100,), -0.0), torch.zeros(100), -torch.rand(50, generator=g)]),
+        torch.cat([torch.rand(3000, generator=g) * 1e-30, torch.full((1024,), -math.inf)]),
+    ]
+    for x in rows:
+        for k in (1, 7, 200, 1024):
+            if k <= x.shape[-1]:
+                assert torch.equal(search_kth_largest(x, k), torch.topk(x, k, dim=-1).values[..., k - 1 :])
+
+
+class _TopIndices(torch.nn.Module):
+    def forward(self, scores):
+        from codegen.ops.nms import top_k_indices
+
+        return top_k_indices(scores, 1024)
+
+
+def test_top_k_indices_takes_no_topk_in_iree(tmp_path):
+    """PV-RCNN's proposals: the best 1024 of 211,200 anchor scores (``top_k_indices``).  IREE
+    sorted each of its two TopKs over the whole row, O(n^2): minutes a frame.  In IREE exports
+    the graph has no TopK and gives the eager indices in IREE, ties across the cut included."""
+    import onnx
+
+    from codegen.iree import compile_onnx, iree_runtime
+
+    g = torch.Generator().manual_seed(8)
+    scores = torch.rand(211_200, generator=g)
+    tied = torch.randint(0, 300, (211_200,), generator=g).float() / 300  # ~700 per value
+    with iree_forms():
+        program = torch.export.export(_TopIndices(), (scores,), strict=False)
+    path = tmp_path / "top.onnx"
+    torch.onnx.export(program, (), str(path), dynamo=True, opset_version=18, external_data=False)
+    assert "TopK" not in {node.op_type for node in onnx.load(str(path)).graph.node}
+    compile_onnx(path, tmp_path / "top.vmfb")
+    run = iree_runtime(tmp_path / "top.vmfb", ["scores"], static={}).run
+    for s in (scores, tied):
+        want = torch.sort(torch.sort(s, descending=True, stable=True).indices[:1024]).values
+        assert torch.equal(program.module()(s), want)
+        np.testing.assert_array_equal(np.asarray(run((s.numpy(),))[0]), want.numpy())
