@@ -6,12 +6,15 @@ onnxruntime runs fastest, ``model.iree.onnx`` (compiled into ``model.vmfb``) ins
 and runs well (docs/iree.md):
 
 - ``ops.sort``: integer-key sorts as radix sorts (IREE's TopK sort is an O(n^2) loop), a top-k
-  over rows longer than ``TOPK_ROW`` keys as a selection, then one TopK over k keys;
+  over rows longer than ``TOPK_ROW`` keys as a selection, then one TopK over k keys, the k-th
+  largest float of such a row by a bit search (``kth_largest``);
+- ``ops.nms``: the ``pre_max_size`` cut (``top_k_indices``) without TopK;
 - ``ops.voxelize``: the voxel ids radix-sorted;
 - ``ops.dynamic_scatter``: voxel keys on the grid, radix-sorted;
 - ``ops.sparse_conv``: rulebook gathers kept out of IREE's data-tiling packs, the rulebook's
   pair keys sorted instead of packed into one int64;
-- ``ops.points``: sequential loops unrolled and fixed-size ball queries (its own switches).
+- ``ops.points``: sequential loops unrolled and fixed-size ball queries (its own switches), the
+  queries' first hits ranked by a running count (no TopK), one-channel gathers padded to two.
 
 Eager runs never change: ``iree_exporting()`` is true only while torch.export traces inside
 ``iree_forms()``.  Both forms give the same values (tests/ops check each against its reference).
