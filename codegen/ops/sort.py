@@ -17,6 +17,7 @@ selects the k largest of a long row before it sorts them.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -88,13 +89,7 @@ def top_k_keys(keys: Tensor, k: int) -> Tensor:
     n = keys.shape[-1]
     if not iree_exporting() or not isinstance(n, int) or n <= TOPK_ROW or k > TOPK_ROW:
         return torch.topk(keys, k, dim=-1, largest=True, sorted=True).indices
-    batch = keys.shape[0]
-    # the largest t with at least k keys >= t, decided from the top bit down: the k-th largest key
-    kth = keys.new_zeros((batch, 1))
-    for bit in reversed(range(63)):  # int64 keys >= 0
-        trial = kth + (1 << bit)  # kth has no bit at or below `bit` set yet
-        count = (keys >= trial).sum(1, keepdim=True, dtype=torch.int32)
-        kth = torch.where(count >= k, trial, kth)
+    kth = _largest_key_with_k_above(keys, k, 63, lambda key: key)  # int64 keys >= 0: the k-th largest
     position = chosen_positions(keys >= kth, k)  # k per row (unique keys)
     order = torch.topk(keys.gather(1, position), k, dim=-1, largest=True, sorted=True).indices
     return position.gather(1, order)
@@ -133,13 +128,24 @@ def kth_largest(x: Tensor, k: int) -> Tensor:
 
 def search_kth_largest(x: Tensor, k: int) -> Tensor:
     """``kth_largest``'s IREE form (any runtime): the bit-by-bit search over the order keys."""
-    # the largest key whose value has at least k entries at or above it: the k-th largest
+    return _float_of_key(_largest_key_with_k_above(x, k, 32, _float_of_key))
+
+
+def _largest_key_with_k_above(x: Tensor, k: int, bits: int, value: Callable[[Tensor], Tensor]) -> Tensor:
+    """The largest key ``t`` in ``[0, 2^bits)`` with at least ``k`` entries of each row of ``x``
+    at or above ``value(t)`` (``value`` increasing), ``[..., 1]`` int64: decided from the top bit
+    down, each bit a compare and a count over the row.  With ``value`` onto the row's values, the
+    key of the k-th largest."""
     key = torch.zeros(x.shape[:-1] + (1,), dtype=torch.int64, device=x.device)
-    for bit in reversed(range(32)):
+    for bit in reversed(range(bits)):
         trial = key + (1 << bit)  # key has no bit at or below `bit` set yet
-        count = (x >= _float_of_key(trial)).sum(-1, keepdim=True, dtype=torch.int32)
+        count = (x >= value(trial)).sum(-1, keepdim=True, dtype=torch.int32)
         key = torch.where(count >= k, trial, key)
-    return _float_of_key(key)
+    return key
+
+
+#: ``2^(max(e, 1) - 127)`` for each float32 exponent field ``e`` (+inf for 255), exact in float32.
+_POWERS_OF_TWO = [2.0 ** (max(e, 1) - 127) for e in range(255)] + [math.inf]
 
 
 def _float_of_key(key: Tensor) -> Tensor:
@@ -156,8 +162,7 @@ def _float_of_key(key: Tensor) -> Tensor:
     e = torch.div(bits, 1 << 23, rounding_mode="floor")
     m = bits - e * (1 << 23)
     significand = torch.where(e > 0, m + (1 << 23), m).to(torch.float32) * 2.0**-23
-    powers = [2.0 ** (max(i, 1) - 127) for i in range(255)] + [math.inf]
-    table = torch.tensor(powers, dtype=torch.float32, device=key.device)
+    table = torch.tensor(_POWERS_OF_TWO, dtype=torch.float32, device=key.device)
     power = torch.where(e.unsqueeze(-1) == torch.arange(256, device=key.device), table, 0.0).sum(-1)
     value = significand * power
     return torch.where(negative, -value, value)
