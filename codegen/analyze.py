@@ -18,14 +18,6 @@ import torch
 # the second path component of an input decides the name of its dynamic leading axis
 DIM_NAMES = {"voxels": "num_voxels", "points": "num_cloud_points", "imgs": "num_images"}
 
-CHANNELS = {
-    "KittiDataset": ["x", "y", "z", "intensity"],
-    "NuScenesDataset": ["x", "y", "z", "intensity", "ring/time"],
-    "SUNRGBDDataset": ["x", "y", "z", "r", "g", "b"],
-    "ScanNetDataset": ["x", "y", "z", "r", "g", "b"],
-}
-
-
 BOX_DESCRIPTIONS = {
     "bboxes_3d": "decoded boxes (x, y, z, x_size, y_size, z_size, yaw, ...), sorted by score, zero rows after num_boxes",
     "scores_3d": "box scores, descending; zero after num_boxes",

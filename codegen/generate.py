@@ -12,7 +12,7 @@ import torch
 
 from . import sample as smp
 from .boxes import BOX_OUTPUTS
-from .analyze import CHANNELS, Analysis, analyze, analyze_outputs
+from .analyze import Analysis, analyze, analyze_outputs
 from .configs import ResolvedConfig, resolve_config
 from .errors import ExportError
 from .progress import Steps
@@ -130,7 +130,7 @@ def generate(
 
 def analyse_inputs(model, recipe: Recipe, samples: list[smp.Sample]) -> Analysis:
     """Step 5: describe the sample (the variant tells the dynamic axes); check the recipe's inputs."""
-    channels = CHANNELS.get(smp.dataset_type(model.cfg), [])
+    channels = smp.point_channels(model.cfg)
     analysis = analyze(samples[0].data, samples[1].data, recipe.inputs, channels)
     used = [t.path for t in analysis.used_inputs]
     missing = [p for p in recipe.inputs if not any(u == p or u.startswith(p + ".") for u in used)]

@@ -212,6 +212,34 @@ def _points_loader(cfg) -> dict:
     raise ExportError("the test pipeline has no LoadPointsFromFile step: not a point-cloud model")
 
 
+# the columns of each dataset's point files, before the test pipeline picks and adds columns
+FILE_CHANNELS = {
+    "KittiDataset": ["x", "y", "z", "intensity"],
+    "NuScenesDataset": ["x", "y", "z", "intensity", "ring/time"],
+    "SUNRGBDDataset": ["x", "y", "z", "r", "g", "b"],
+    "ScanNetDataset": ["x", "y", "z", "r", "g", "b"],
+}
+
+
+def point_channels(cfg) -> list[str]:
+    """The meaning of each point column after LoadPointsFromFile: its ``use_dim`` picks file
+    columns and ``shift_height`` puts the height above the floor after x, y, z (as mmdet3d
+    does). Empty when the dataset's file columns are unknown or the config loads no points."""
+    file_channels = FILE_CHANNELS.get(dataset_type(cfg))
+    if not file_channels:
+        return []
+    try:
+        loader = _points_loader(cfg)
+    except ExportError:
+        return []
+    use_dim = loader.get("use_dim", loader.get("load_dim", len(file_channels)))
+    picked = list(range(use_dim)) if isinstance(use_dim, int) else list(use_dim)
+    channels = [file_channels[i] if i < len(file_channels) else f"column {i}" for i in picked]
+    if loader.get("shift_height"):
+        channels.insert(3, "height")
+    return channels
+
+
 def dataset_type(cfg) -> str:
     try:
         return str(cfg.test_dataloader.dataset.type)

@@ -3,7 +3,7 @@
 """Export wrapper for VoteNet (votenet_8xb16_sunrgbd-3d), recipe votenet.
 
 Flat inputs (as sampled on sunrgbd/000017.bin):
-    points: [20000, 4] float32, point cloud after the test pipeline, one row per point (x, y, z, r)
+    points: [20000, 4] float32, point cloud after the test pipeline, one row per point (x, y, z, height)
 
 Outputs:
     aggregated_features: [1, 128, 256] float32, head output aggregated_features

@@ -74,6 +74,30 @@ def test_unknown_config_is_an_export_error(spec):
         resolve_config(spec)
 
 
+@pytest.mark.parametrize(
+    "spec, channels",
+    [
+        (CONFIG, ["x", "y", "z", "intensity"]),
+        # SUN RGB-D and ScanNet files hold x, y, z, r, g, b; VoteNet keeps x, y, z and adds
+        # the height above the floor (shift_height), Group-Free 3D keeps x, y, z only
+        ("votenet_8xb16_sunrgbd-3d", ["x", "y", "z", "height"]),
+        ("votenet_8xb8_scannet-3d", ["x", "y", "z", "height"]),
+        ("groupfree3d_head-L6-O256_4xb8_scannet-seg", ["x", "y", "z"]),
+        (
+            "centerpoint_voxel01_second_secfpn_8xb4-cyclic-20e_nus-3d",
+            ["x", "y", "z", "intensity", "ring/time"],
+        ),
+        ("pgd_r101-caffe_fpn_head-gn_16xb2-1x_nus-mono3d", []),
+    ],
+)
+def test_point_columns_follow_the_test_pipeline(spec, channels):
+    from mmengine.config import Config
+
+    from codegen.sample import point_channels
+
+    assert point_channels(Config.fromfile(resolve_config(spec).path)) == channels
+
+
 # ------------------------------------------------------------------ analysis of the real sample
 
 
