@@ -35,6 +35,7 @@ from .graph_forms import (
     cpu_forms,
     drop_empty_concat_inputs,
     gathered_row_matmuls,
+    grouped_deconvs_as_convs,
     list_constants_as_initializers,
     row_max_scatters_as_scatter_nd,
     split_long_reductions,
@@ -44,11 +45,15 @@ from .graph_forms import (
 if TYPE_CHECKING:
     from .validate import Runtime
 
-# iree-compile flags shared by every preset: the local llvm-cpu HAL target, ONNX input
+# iree-compile flags shared by every preset: the local llvm-cpu HAL target, ONNX input, and 64 KB
+# of stack per dispatch instead of 32 KB (a check only, far below a worker thread's stack):
+# Group-Free 3D's decoder has a 16 x 288 reduction dispatch that keeps two 18 KB tiles on the
+# stack ("exceeded stack allocation limit of 32768 bytes ... Got 36864 bytes")
 BASE_FLAGS = (
     "--iree-hal-target-device=local",
     "--iree-hal-local-target-device-backends=llvm-cpu",
     "--iree-input-type=onnx",
+    "--iree-llvmcpu-stack-allocation-limit=65536",
 )
 
 CHANNELS_LAST = "--iree-preprocessing-pass-pipeline=builtin.module(util.func(iree-preprocessing-convert-conv-to-channels-last))"
@@ -143,6 +148,7 @@ def iree_onnx(onnx_path: Path, out_path: Path, static: dict[str, int] | None = N
     rewrites += row_max_scatters_as_scatter_nd(model)  # needs the shapes cpu_forms inferred
     rewrites += split_long_reductions(model)  # IREE sums a long f32 reduction in order
     rewrites += strided_pointwise_convs_as_slices(model)
+    rewrites += grouped_deconvs_as_convs(model)
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
     return rewrites, model.graph.name

@@ -44,7 +44,9 @@ def deform_sample(x: Tensor, offset: Tensor, kernel_size, stride=1, padding=0, d
     g = deform_groups
     cg = c // g
     dtype, device = x.dtype, x.device
-    off = offset.reshape(b, g, k, 2, ho, wo).permute(0, 1, 4, 5, 3, 2)  # [B, G, Ho, Wo, 2, K]
+    # contiguous: the sums below then have one layout in eager and in the exporter's fake-tensor
+    # passes (SMOKE's 24 x 80 map: the permuted strides made their reshape a view there only)
+    off = offset.reshape(b, g, k, 2, ho, wo).permute(0, 1, 4, 5, 3, 2).contiguous()  # [B, G, Ho, Wo, 2, K]
     # regular grid of each tap, broadcast (no repeats of the dynamic sizes)
     tap_y = (torch.arange(kh, device=device, dtype=dtype) * dh).repeat_interleave(kw)
     tap_x = (torch.arange(kw, device=device, dtype=dtype) * dw).repeat(kh)
