@@ -863,9 +863,10 @@ def _sqrt_divisor(n: int) -> int | None:
 def _row_length(norm, shape: list[int], n: int, producers: dict, shapes: dict) -> int | None:
     """The inner part size for an InstanceNormalization's sums of sums: the rows of the image it
     normalises (``W`` of ``[N, C, H, W]``, also through GroupNorm's ``Reshape`` to ``[N, G, -1]``),
-    else the divisor nearest sqrt(n). Parts along the rows keep IREE's channels-last layout of the
+    else the divisor nearest sqrt(n). Parts along the rows suit IREE's channels-last layout of the
     neighbouring convolutions: a Conv -> GroupNorm -> ReLU -> Conv chain at a PGD head size ran
-    72.5 ms with parts of W = 100 values, 80.7 ms with parts of 200 (68.0 unsplit)."""
+    72-81 ms with parts of W = 100 values, 80.7 ms with parts of 200, 68-82 ms unsplit (two
+    threads, a noisy machine); PGD 1.18-1.27x onnxruntime against 1.37-1.39x with parts of ~sqrt(n)."""
     source = shape
     producer = producers.get(norm.input[0])
     if len(shape) == 3 and producer is not None and producer.op_type == "Reshape":
@@ -879,8 +880,8 @@ def _row_length(norm, shape: list[int], n: int, producers: dict, shapes: dict) -
 def split_long_reductions(model, limit: int = LONG_REDUCTION) -> list[str]:
     """A Softmax over a static last axis of ``n >= limit``, a MatMul whose static ``K >= limit`` and
     an InstanceNormalization over ``n >= limit`` values (GroupNorm's export) as sums of sums:
-    ``n = a * b`` with ``b`` the divisor nearest sqrt(n), ``b`` terms summed ``a`` times, then
-    those ``a`` partial sums.
+    ``n = a * b`` with ``b`` the divisor nearest sqrt(n) (for InstanceNormalization the image's
+    row length, ``_row_length``), ``b`` terms summed ``a`` times, then those ``a`` partial sums.
 
     - ``Softmax(x)`` -> ``e = Exp(x - ReduceMax(x))``, ``e / ReduceSum(ReduceSum(Reshape(e, [.., a, b])))``;
     - ``MatMul(A [.., M, K], B [.., K, N])`` -> ``ReduceSum(MatMul(Transpose(A as [.., M, a, b]) ->
@@ -895,10 +896,9 @@ def split_long_reductions(model, limit: int = LONG_REDUCTION) -> list[str]:
 
     - ``InstanceNormalization(x)`` -> the mean and then the mean square of ``x - mean`` (two
       passes), each a sum of sums, then ``x * g + (bias - mean * g)`` with ``g = scale / sqrt(var
-      + eps)`` per channel. IREE's
-      own lowering was 17x further from float64 than onnxruntime over 245,760 values (1.7e-4
-      against 1e-5 for data of mean 3, std 2); SMOKE's GroupNorm head (8 channels x 96 x 320 a
-      group) ended 6.4e-3 from eager where onnxruntime is 3.7e-4.
+      + eps)`` per channel. IREE's own lowering was 17x further from float64 than onnxruntime
+      over 245,760 values (1.7e-4 against 1e-5 for data of mean 3, std 2); SMOKE's GroupNorm head
+      (8 channels x 96 x 320 a group) ended 6.4e-3 from eager where onnxruntime is 3.7e-4.
 
     An attention, ``MatMul(Softmax(MatMul(Q [.., M, C], Kt [.., C, K])), V [.., K, N])`` with the
     intermediates read by nothing else, is split as a whole (``_split_attention``): the scores are
