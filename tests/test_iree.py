@@ -1040,6 +1040,18 @@ def test_point_models_with_fewer_centres_compile_in_iree_and_match_eager(tmp_pat
     assert meta["validation"]["max_abs_diff"]["iree"] < 1e-4
 
 
+
+# image models beyond SMOKE (CI) and PGD (tests/test_mono3d.py), compiled with no change of their own
+# (seventeenth session): one nuScenes camera image, mirrored for the second sample (one size)
+CAMERA_MODELS = ("fcos3d_r101-caffe-dcn_fpn_head-gn_8xb2-1x_nus-mono3d", "mask-rcnn_r50_fpn_1x_nuim")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CAMERA_MODELS)
+def test_camera_models_compile_in_iree_and_match_eager(tmp_path, config):
+    _, meta = _iree_export(tmp_path, config, dataset="NuScenesDataset", sizes=1)
+    assert meta["validation"]["max_abs_diff"]["iree"] < 1e-3  # measured 4.8e-4 (FCOS3D), 1.2e-6
+
 def test_smoke_compiles_in_iree_and_matches_eager(tmp_path):
     """SMOKE (DLA-34, DCNv2, GroupNorm everywhere) on the KITTI image, onnxruntime and IREE. Needed:
     its depthwise upsampling ConvTransposes as grouped Convs (``grouped_deconvs_as_convs``; IREE
