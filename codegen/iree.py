@@ -46,7 +46,8 @@ if TYPE_CHECKING:
     from .validate import Runtime
 
 # iree-compile flags shared by every preset: the local llvm-cpu HAL target, ONNX input, and 64 KB
-# of stack per dispatch instead of 32 KB (a check only, far below a worker thread's stack):
+# of stack per dispatch instead of 32 KB (the limit iree-compile checks each dispatch against; far
+# below a worker thread's stack):
 # Group-Free 3D's decoder has a 16 x 288 reduction dispatch that keeps two 18 KB tiles on the
 # stack ("exceeded stack allocation limit of 32768 bytes ... Got 36864 bytes")
 BASE_FLAGS = (
