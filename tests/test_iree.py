@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -991,23 +992,29 @@ def test_other_models_compile_in_iree_and_match_eager(tmp_path, config):
     assert (MATMUL_DATA_TILING in meta["iree"]["flags"]) == config.startswith(("centerpoint_pillar", "pointpillars", "ssn"))
 
 
+def _shipped_with(tmp_path, shipped: str, overrides: str) -> str:
+    """A config file inheriting mmdet3d's shipped ``shipped`` (relative to its configs) with
+    ``overrides`` (smaller sizes for a quick compile); its path."""
+    import mmdet3d
+
+    config = tmp_path / f"{Path(shipped).stem}_smaller.py"
+    config.write_text(f"_base_ = [{f'{mmdet3d.__path__[0]}/.mim/configs/{shipped}'!r}]\n{overrides}\n")
+    return str(config)
+
+
 def test_votenet_compiles_in_iree_and_matches_eager(tmp_path):
     """VoteNet (PointNet++ set abstraction, FPS, ball queries, vote aggregation) end to end in
     IREE on the SUN RGB-D frame, with fewer centres per stage (64/32/16/16, 16 proposals) so
     that the unrolled FPS loops compile in a minute; the shipped sizes: docs/iree.md.  Needed the
     one-channel gather and the ball query without TopK (``codegen.ops.points``)."""
-    import mmdet3d
-
-    shipped = f"{mmdet3d.__path__[0]}/.mim/configs/votenet/votenet_8xb16_sunrgbd-3d.py"
-    config = tmp_path / "votenet_fewer_centres.py"
-    config.write_text(
-        f"_base_ = [{shipped!r}]\n"
-        "model = dict(backbone=dict(num_points=(64, 32, 16, 16)), bbox_head=dict(vote_aggregation_cfg=dict(num_point=16)))\n"
+    config = _shipped_with(
+        tmp_path,
+        "votenet/votenet_8xb16_sunrgbd-3d.py",
+        "model = dict(backbone=dict(num_points=(64, 32, 16, 16)), bbox_head=dict(vote_aggregation_cfg=dict(num_point=16)))",
     )
-    _, meta = _iree_export(tmp_path, str(config), dataset="SUNRGBDDataset", sizes=1)  # 20000 points
+    _, meta = _iree_export(tmp_path, config, dataset="SUNRGBDDataset", sizes=1)  # 20000 points
     assert meta["validation"]["max_abs_diff"]["iree"] < 1e-5
     assert meta["export_info"]["tensor_details"][0]["shape"][-1] == 4  # x, y, z, height
-
 
 
 # point models with fewer centres than shipped (the unrolled FPS loops then compile in a minute):
@@ -1031,14 +1038,9 @@ FEWER_CENTRES = {
 
 @pytest.mark.parametrize("name", [pytest.param("groupfree3d"), pytest.param("point_rcnn", marks=pytest.mark.slow)])
 def test_point_models_with_fewer_centres_compile_in_iree_and_match_eager(tmp_path, name):
-    import mmdet3d
-
     shipped, overrides, dataset = FEWER_CENTRES[name]
-    config = tmp_path / f"{name}_fewer_centres.py"
-    config.write_text(f"_base_ = [{f'{mmdet3d.__path__[0]}/.mim/configs/{shipped}'!r}]\n{overrides}\n")
-    _, meta = _iree_export(tmp_path, str(config), dataset=dataset, sizes=1)  # fixed point counts
+    _, meta = _iree_export(tmp_path, _shipped_with(tmp_path, shipped, overrides), dataset=dataset, sizes=1)  # fixed point counts
     assert meta["validation"]["max_abs_diff"]["iree"] < 1e-4
-
 
 
 # image models beyond SMOKE (CI) and PGD (tests/test_mono3d.py), compiled with no change of their own
@@ -1052,6 +1054,7 @@ def test_camera_models_compile_in_iree_and_match_eager(tmp_path, config):
     _, meta = _iree_export(tmp_path, config, dataset="NuScenesDataset", sizes=1)
     assert meta["validation"]["max_abs_diff"]["iree"] < 1e-3  # measured 4.8e-4 (FCOS3D), 1.2e-6
 
+
 def test_smoke_compiles_in_iree_and_matches_eager(tmp_path):
     """SMOKE (DLA-34, DCNv2, GroupNorm everywhere) on the KITTI image, onnxruntime and IREE. Needed:
     its depthwise upsampling ConvTransposes as grouped Convs (``grouped_deconvs_as_convs``; IREE
@@ -1062,18 +1065,15 @@ def test_smoke_compiles_in_iree_and_matches_eager(tmp_path):
     assert meta["validation"]["max_abs_diff"]["iree"] < 5e-4
     assert any("as a grouped Conv" in r for r in meta["iree"]["graph_rewrites"])
 
+
 @pytest.mark.slow
 def test_pv_rcnn_compiles_in_iree_and_matches_eager(tmp_path):
     """PV-RCNN (sparse convs, keypoint FPS, stacked ball queries, RoI grid pooling, fixed-K NMS)
     in IREE on the KITTI frame, with 64 keypoints instead of 2048 (the unrolled FPS); ~5 min.
     Needed the top-k cut without TopK (``codegen.ops.sort.kth_largest``) and the ball query
     without TopK: IREE sorted their rows whole."""
-    import mmdet3d
-
-    shipped = f"{mmdet3d.__path__[0]}/.mim/configs/pv_rcnn/pv_rcnn_8xb2-80e_kitti-3d-3class.py"
-    config = tmp_path / "pv_rcnn_fewer_keypoints.py"
-    config.write_text(f"_base_ = [{shipped!r}]\nmodel = dict(points_encoder=dict(num_keypoints=64))\n")
-    _, meta = _iree_export(tmp_path, str(config))
+    config = _shipped_with(tmp_path, "pv_rcnn/pv_rcnn_8xb2-80e_kitti-3d-3class.py", "model = dict(points_encoder=dict(num_keypoints=64))")
+    _, meta = _iree_export(tmp_path, config)
     assert meta["validation"]["max_abs_diff"]["iree"] < 1e-4
     assert "TopK" not in {node.op_type for node in onnx.load(str(tmp_path / "out" / "model.iree.onnx"), load_external_data=False).graph.node}
 
