@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from . import size_hint
 from .forms import iree_exporting, iree_forms
@@ -325,12 +326,17 @@ def ball_query(min_radius: float, max_radius: float, sample_num: int, xyz: Tenso
     Vectorised: the hit mask over the ``[B, M, N]`` pairs, in blocks of centres, gives the first
     hits (``_first_hits``); one cloud with many pairs (``_windowed``) compares windows of centres
     with x slabs of the points (``_first_hits_windowed``).  With ``min_r == 0`` the test is
-    ``d2 < max_r^2`` alone (``d2`` is a sum of squares; NaN is a miss either way).  Requires
-    ``N >= sample_num`` (TopK)."""
+    ``d2 < max_r^2`` alone (``d2`` is a sum of squares; NaN is a miss either way).  Unless
+    ``N >= sample_num`` is known (a static count, or a dynamic one whose lower bound is), the
+    cloud gets ``sample_num`` points at infinity (never a hit) so that the TopK has its columns,
+    as in ``stack_ball_query``: mmcv's kernel takes clouds of any size."""
     r_max2 = float(torch.tensor(max_radius, dtype=torch.float32) ** 2)
     r_min2 = float(torch.tensor(min_radius, dtype=torch.float32) ** 2)
     n = xyz.shape[1]
-    p = xyz.unsqueeze(1)  # [B, 1, N, 3]
+    cloud = xyz
+    if not statically_known_true(n >= sample_num):
+        cloud = torch.cat((xyz, torch.full_like(xyz[:, :1], float("inf")).expand(-1, sample_num, -1)), 1)
+    p = cloud.unsqueeze(1)  # [B, 1, N (+ S), 3]
     px, py, pz = p[..., 0], p[..., 1], p[..., 2]
 
     def inside(d2: Tensor) -> Tensor:
@@ -345,7 +351,7 @@ def ball_query(min_radius: float, max_radius: float, sample_num: int, xyz: Tenso
     if isinstance(xyz.shape[0], int) and xyz.shape[0] == 1 and _windowed(m, n):
         first = _first_hits_windowed(inside, xyz[0], center_xyz[0], max(max_radius, 0.0), sample_num)[None]
     else:
-        first = _first_hits(hits, m, n, sample_num, xyz[0])  # [B, M, S]
+        first = _first_hits(hits, m, n, sample_num, cloud[0])  # [B, M, S]
     found = first < n
     head = first[..., :1]
     idx = torch.where(found, first, torch.where(head < n, head, torch.zeros_like(head)))

@@ -316,6 +316,23 @@ def test_export_ball_query_in_centre_blocks(scannet_points, tmp_path):
     assert len(topks) == 4
 
 
+def test_ball_query_with_fewer_points_than_samples(scannet_points, tmp_path):
+    """Clouds of 5 and 9 points, 16 samples a ball (mmcv's kernel takes any cloud size): points
+    at infinity give the TopK its columns; eager equals the kernel reference, and the export with
+    a dynamic point count (lower bound 2) equals eager, in PT2 and onnxruntime."""
+    a, b = _xyz(scannet_points, (5, 9), ((42, 43), (44, 45)))
+    inputs = [(a, a[:, :3].contiguous() + 0.05), (b, b[:, 2:6].contiguous())]
+    for x, c in inputs:
+        got = ball_query(0.0, 0.5, 16, x, c)
+        assert got.shape == (2, c.shape[1], 16)
+        for k in range(2):
+            want = ball_query_reference(0.0, 0.5, 16, x[k].numpy(), c[k].numpy())
+            np.testing.assert_array_equal(got[k].numpy(), want)
+    assert (want[:, -1] == want[:, 0]).all()  # fewer hits than slots: the first hit repeats
+    dims = ({1: torch.export.Dim("n", min=2, max=200000)}, {1: torch.export.Dim("m", min=2, max=1000)})
+    assert_exports(Op(lambda x, c: ball_query(0.0, 0.5, 16, x, c)), inputs, dims, tmp_path, exact=True)
+
+
 def test_export_ball_query_windowed(sunrgbd_points, tmp_path):
     """One cloud, 512 centres x 20000 points: 8 windows of 64 centres in x order, each against
     the x slab of points it can reach (sizes the graph computes from the data); the reloaded PT2
