@@ -75,7 +75,8 @@ def _child(export_dir: Path, runtime: str, runs: int) -> dict:
         wrapper = module.build().eval()
         recipe = BY_NAME[module.RECIPE]
         patched = recipe.reference == "patched"
-        result["patched"] = patched
+        # predict runs the recipe's predict_patches (also Part-A2's, whose tensor path is the original's)
+        result["patched"] = patched or (runtime == "predict" and recipe.predict_patches is not None)
         if runtime == "predict":
             model = wrapper.model
             s = smp.sample_frame(model, module.FRAME)
@@ -332,7 +333,7 @@ def bench_model(wrapper: Path, cache: Path, runs: int, log=print, with_iree: boo
         row["latency_ms"][runtime] = round(got["median_ms"], 1)
         row.setdefault("matmul_gflops_by_runtime", {})[runtime] = round(got["matmul_gflops"], 1)
         row["peak_rss_gib"][runtime] = round(got["peak_rss_gib"], 2)
-        if "patched" in got:
+        if runtime == "predict":  # the * of the predict cell
             row["reference_patched"] = got["patched"]
         log(f"  {runtime:<14} {got['median_ms']:9.1f} ms  {got['peak_rss_gib']:.2f} GiB")
     proc = _spawn([sys.executable, __file__, "--child", str(out), "breakdown", "--runs", str(runs)])
@@ -421,7 +422,8 @@ def write_report(rows: list[dict], runs: int, notes: list[str] = ()) -> None:
         name = _model_name(r)
         a = f"{to_floor['onnx']:.2f}× {'✓' if to_floor['onnx'] <= 1.15 else '✗'}" if "onnx" in to_floor else ""
         speed = r.get("matmul_gflops_by_runtime", {}).get("onnx", "")
-        b = f"{lat[tuned] / lat['onnx']:.2f}× {'✓' if lat[tuned] / lat['onnx'] <= 1.2 else '✗'}" if tuned in lat else "not compiled"
+        b = f"{lat[tuned] / lat['onnx']:.2f}× {'✓' if lat[tuned] / lat['onnx'] <= 1.2 else '✗'}" if tuned in lat else ""
+        b = b or ("not timed (--skip-iree)" if _skipped_iree(r) else "not compiled")
         lines.append(f"| {name} | {a} | {speed} | {b} |")
     lines += [
         "",
@@ -453,14 +455,28 @@ def write_report(rows: list[dict], runs: int, notes: list[str] = ()) -> None:
             lines.append(f"| {name} | " + " | ".join(str(r["peak_rss_gib"].get(k, "")) for k in runtimes) + " |")
     errors = [(r["wrapper"], k, e) for r in rows for k, e in r.get("errors", {}).items()]
     errors += [
-        (r["wrapper"], k, r[k]) for r in rows for k in sorted(r) if k.startswith("iree_") and k.endswith("error")
+        (r["wrapper"], k, r[k])
+        for r in rows
+        for k in sorted(r)
+        if k.startswith("iree_") and k.endswith("error") and not (k == "iree_error" and _skipped_iree(r))
     ]
     if errors:
         lines += ["", "Failures:", ""] + [f"- {w} {k}: {e}" for w, k, e in errors]
+    skipped = [_model_name(r) for r in rows if _skipped_iree(r)]
+    if skipped:
+        lines += [
+            "",
+            "Exported without IREE (`--skip-iree`: compiled and validated outside this benchmark, results in "
+            "docs/iree.md): " + ", ".join(skipped) + ".",
+        ]
     lines += ["", "![latency chart](bench_models.png)", ""]
     (DOCS / "bench_models.md").write_text("\n".join(lines))
     _chart(rows, runtimes)
     print("\n".join(lines))
+
+
+def _skipped_iree(row: dict) -> bool:
+    return row.get("iree_error", "").endswith("(--skip-iree)")
 
 
 def _runtime_order(name: str) -> tuple[int, str]:

@@ -165,9 +165,14 @@ def reference_context(recipe: Recipe, batch_size: int, names: tuple[str, ...] | 
 
 
 def predict_context(recipe: Recipe, batch_size: int):
-    """What mmdet3d's full ``model.predict`` runs under: ``reference_context`` with the recipe's
-    ``predict_patches`` (else its tensor-path patches)."""
-    return reference_context(recipe, batch_size, recipe.predict_patches)
+    """What mmdet3d's full ``model.predict`` runs under: the recipe's ``predict_patches`` when it
+    has them, also for a recipe whose tensor path runs the original (Part-A2: its RoI stage,
+    which the export leaves out, pools with a CUDA-only mmcv op); else ``reference_context``."""
+    if recipe.predict_patches is not None:
+        from . import patches
+
+        return patches.applied(recipe.predict_patches, batch_size=batch_size)
+    return reference_context(recipe, batch_size)
 
 
 def _run_once(model, recipe: Recipe, s: smp.Sample, batch_size: int):

@@ -81,6 +81,33 @@ def test_parta2_rpn_exports_and_matches_eager(tmp_path):
     assert max(meta["validation"]["max_abs_diff"].values()) < 1e-4
 
 
+def test_parta2_predict_runs_under_the_recipe_predict_patches():
+    """Part-A2's export stops at the RPN maps, whose tensor path runs the original model; mmdet3d's
+    full predict (bench/models.py's baseline, ``--outputs boxes``' reference) also runs the RoI
+    stage, whose RoIAwarePool3d is CUDA-only in mmcv, and runs under the recipe's
+    ``predict_patches`` (``codegen.ops.roi.roiaware_pool3d``, both pooling modes)."""
+    import torch
+
+    from codegen import sample
+    from codegen.generate import predict_context
+    from codegen.recipes import recipe_for
+
+    frame_path("KittiDataset")
+    model = sample.load_model("parta2_hv_secfpn_8xb2-cyclic-80e_kitti-3d-3class")
+    data = sample.sample_frame(model, sample.default_frame_ref(model.cfg), 0).data
+    recipe = recipe_for(model.cfg.model)
+    assert recipe.reference == "original" and recipe.predict_patches == ("points.roiaware_pool3d",)
+    with torch.no_grad(), pytest.raises(Exception, match="roiaware_pool3d.*not found"):
+        model.predict(sample.clone_tree(data["inputs"]), data["data_samples"])
+    modes = {layer.mode for layer in model.modules() if type(layer).__name__ == "RoIAwarePool3d"}
+    assert modes == {0, 1}  # max (part features) and avg (semantic features)
+    with torch.no_grad(), predict_context(recipe, 1):
+        pred = model.predict(sample.clone_tree(data["inputs"]), data["data_samples"])[0].pred_instances_3d
+    n = pred.scores_3d.shape[0]
+    assert pred.bboxes_3d.tensor.shape == (n, 7) and torch.isfinite(pred.bboxes_3d.tensor).all()
+    assert n > 0
+
+
 def test_mmdet2_style_nuimages_config_is_migrated():
     """mmdet3d 1.4.0 ships its nuImages 2D detectors in mmdet 2.x form (``model.pretrained``, no
     data_preprocessor, ``MultiScaleFlipAug``), which mmdet 3.x cannot build or run; loading

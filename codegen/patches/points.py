@@ -50,6 +50,20 @@ register("points.in_boxes_part", "mmdet3d.structures.bbox_3d.base_box3d:points_i
 )
 
 
+
+class _RoIAwarePool3dFunction:
+    """mmcv's ``RoIAwarePool3dFunction`` (CUDA-only), as ``RoIAwarePool3d.forward`` calls it:
+    ``apply(rois, pts, pts_feature, out_size, max_pts_per_voxel, mode)``, mode 0 max, 1 avg
+    (tests/ops/test_roi.py)."""
+
+    @staticmethod
+    def apply(rois, pts, pts_feature, out_size, max_pts_per_voxel, mode):
+        return roi.roiaware_pool3d(rois, pts, pts_feature, out_size, max_pts_per_voxel, ("max", "avg")[mode])
+
+
+register("points.roiaware_pool3d", "mmcv.ops.roiaware_pool3d:RoIAwarePool3dFunction", _WHY)(_RoIAwarePool3dFunction)
+
+
 @register("points.ball_query", "mmcv.ops.group_points:ball_query", _WHY)
 def ball_query(min_radius, max_radius, sample_num, xyz, center_xyz, xyz_batch_cnt=None, center_xyz_batch_cnt=None):
     """mmcv's ``ball_query``: batched ``[B, N, 3]``, or stacked ``[N1 + N2 ..., 3]`` with counts."""

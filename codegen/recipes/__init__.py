@@ -229,6 +229,7 @@ RECIPES += (
         inputs=VOXELS,
         call='self.model.rpn_head(self.model.extract_feat(batch_inputs_dict)["neck_feats"])',
         head="rpn_head",
+        predict_patches=("points.roiaware_pool3d",),  # mmdet3d's own predict: its RoI stage pools with a CUDA-only op
     ),
 )
 
