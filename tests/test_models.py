@@ -100,7 +100,7 @@ def test_parta2_predict_runs_under_the_recipe_predict_patches():
     with torch.no_grad(), pytest.raises(Exception, match="roiaware_pool3d.*not found"):
         model.predict(sample.clone_tree(data["inputs"]), data["data_samples"])
     modes = {layer.mode for layer in model.modules() if type(layer).__name__ == "RoIAwarePool3d"}
-    assert modes == {0, 1}  # max (part features) and avg (semantic features)
+    assert modes == {0, 1}  # max (seg_roi_extractor) and avg (bbox_roi_extractor, the part features)
     with torch.no_grad(), predict_context(recipe, 1):
         pred = model.predict(sample.clone_tree(data["inputs"]), data["data_samples"])[0].pred_instances_3d
     n = pred.scores_3d.shape[0]

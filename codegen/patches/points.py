@@ -50,7 +50,6 @@ register("points.in_boxes_part", "mmdet3d.structures.bbox_3d.base_box3d:points_i
 )
 
 
-
 class _RoIAwarePool3dFunction:
     """mmcv's ``RoIAwarePool3dFunction`` (CUDA-only), as ``RoIAwarePool3d.forward`` calls it:
     ``apply(rois, pts, pts_feature, out_size, max_pts_per_voxel, mode)``, mode 0 max, 1 avg
