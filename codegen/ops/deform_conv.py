@@ -88,7 +88,8 @@ def deform_conv2d(
     """mmcv's ``deform_conv2d`` (``mask=None``) and ``modulated_deform_conv2d`` (``mask`` given,
     ``[B, deform_groups * K, Ho, Wo]``) as tensor ops: the samples ``[B, G, Ho*Wo, K * C/G]``
     meet the weight, regrouped to ``[G, K * C/G, C_out]``, in one batched MatMul summed over the
-    deformable groups (convolution ``groups`` > 1: as a grouped 1x1 convolution instead)."""
+    deformable groups, a plain 2-D MatMul for one group (convolution ``groups`` > 1: as a grouped
+    1x1 convolution instead)."""
     c_out, _, kh, kw = weight.shape
     b, c = x.shape[:2]
     ho, wo = offset.shape[-2:]  # the output size (from the offset conv: no integer division in the graph)
@@ -97,7 +98,10 @@ def deform_conv2d(
     cols = deform_sample(x, offset, (kh, kw), stride, padding, dilation, g, mask)  # [B, G, Ho*Wo, K, C/G]
     if groups == 1:
         w = weight.reshape(c_out, g, c // g, k).permute(1, 3, 2, 0).reshape(g, k * (c // g), c_out)
-        out = torch.matmul(cols.reshape(b, g, ho * wo, k * (c // g)), w).sum(1)  # [B, Ho*Wo, C_out]
+        if g == 1:  # one plain GEMM, no sum over the groups: onnxruntime 71 ms against 83 (PGD's 5800 x 2304 x 256)
+            out = torch.matmul(cols.reshape(-1, k * c), w[0]).reshape(b, ho * wo, c_out)
+        else:
+            out = torch.matmul(cols.reshape(b, g, ho * wo, k * (c // g)), w).sum(1)  # [B, Ho*Wo, C_out]
         if bias is not None:
             out = out + bias
         return out.transpose(1, 2).reshape(b, c_out, ho, wo)

@@ -27,6 +27,7 @@ CASES = {
     "resnet101_dcnv2_stride1": (128, 128, 116, 200, 1, 1, 1, 1, 1),
     "resnet101_dcnv2_stride2": (256, 256, 58, 100, 2, 1, 1, 1, 1),
     "dilated_deform_groups": (32, 48, 37, 53, 1, 2, 2, 2, 4),
+    "deform_groups_one_conv_group": (32, 48, 37, 53, 1, 1, 1, 1, 4),  # the batched MatMul summed over groups
 }
 
 
