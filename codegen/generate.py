@@ -154,13 +154,13 @@ def run_tensor_path(model, recipe: Recipe, inputs: dict):
     return _eval_as_wrapper(recipe.call, model, batch_inputs_dict=inputs)
 
 
-def reference_context(recipe: Recipe, batch_size: int, names: tuple[str, ...] | None = None):
-    """What the reference runs under: nothing for the original model; the recipe's patches (or
-    ``names``) when the original cannot run here (``recipe.reference == "patched"``)."""
+def reference_context(recipe: Recipe, batch_size: int):
+    """What the reference runs under: nothing for the original model; the recipe's patches when
+    the original cannot run here (``recipe.reference == "patched"``)."""
     if recipe.reference == "patched":
         from . import patches
 
-        return patches.applied(names or recipe.patches, batch_size=batch_size)
+        return patches.applied(recipe.patches, batch_size=batch_size)
     return contextlib.nullcontext()
 
 

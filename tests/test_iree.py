@@ -995,10 +995,10 @@ def test_other_models_compile_in_iree_and_match_eager(tmp_path, config):
 def _shipped_with(tmp_path, shipped: str, overrides: str) -> str:
     """A config file inheriting mmdet3d's shipped ``shipped`` (relative to its configs) with
     ``overrides`` (smaller sizes for a quick compile); its path."""
-    import mmdet3d
+    from codegen.configs import shipped_config_root
 
     config = tmp_path / f"{Path(shipped).stem}_smaller.py"
-    config.write_text(f"_base_ = [{f'{mmdet3d.__path__[0]}/.mim/configs/{shipped}'!r}]\n{overrides}\n")
+    config.write_text(f"_base_ = [{str(shipped_config_root() / shipped)!r}]\n{overrides}\n")
     return str(config)
 
 
