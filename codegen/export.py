@@ -22,6 +22,7 @@ from .boxes import BOX_OUTPUTS
 from .generate import Generated, analyse_inputs, analyse_outputs, predict_context
 from .graph_forms import cpu_forms
 from .metadata import IREE_ONNX, build_metadata, parse_formats
+from .ops import native
 from .ops.points import export_forms
 from .progress import Steps
 from .recipes import BY_NAME, recipe_for
@@ -111,6 +112,7 @@ def export_onnx(module: ModuleType, program, path: Path) -> list[str]:
                 dynamo=True,
                 optimize=optimize,
                 opset_version=ONNX_OPSET,
+                custom_translation_table=native.translation_table(),
                 output_names=list(module.OUTPUT_NAMES),
                 external_data=False,
                 verbose=False,
@@ -118,6 +120,7 @@ def export_onnx(module: ModuleType, program, path: Path) -> list[str]:
     except Exception as exc:
         raise ExportError(f"ONNX export failed: {type(exc).__name__}: {first_line(exc)}") from exc
     model = onnx.load(str(path))
+    natives = native.require_opsets(model)  # e.g. DeformConv: opset 19 (codegen.ops.native)
     rename = symbol_names(module, program)
     for value in list(model.graph.input) + list(model.graph.output):
         for d in value.type.tensor_type.shape.dim:
@@ -136,8 +139,18 @@ def export_onnx(module: ModuleType, program, path: Path) -> list[str]:
     forms = cpu_forms(model)
     if forms:
         onnx.checker.check_model(model)
+    forms += [f"native {op} nodes (codegen.ops.native)" for op in natives]
     onnx.save(model, str(path))
     return forms
+
+
+def onnx_opset(path: Path) -> int:
+    """The default-domain opset of an ONNX file: ``ONNX_OPSET``, or more where native nodes need it
+    (``model.onnx`` with DeformConv: 19)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def graph_size(program) -> int:
@@ -294,7 +307,9 @@ def run_export(
                     program = export_program(module, wrapper, args[0])
                 steps.detail(f"graph: {graph_size(program)} nodes; dynamic: {module.DYNAMIC_DIMS}")
             if "pt2" in formats:
-                torch.export.save(program, str(out / "model.pt2"))
+                # the tensor-op forms of the ops model.onnx holds as native ONNX nodes: a PT2
+                # loads in plain torch
+                torch.export.save(native.decomposed(program), str(out / "model.pt2"))
                 reloaded = torch.export.load(str(out / "model.pt2")).module()
                 runtimes.append(Runtime("pt2", lambda a, m=reloaded: m(*a)))
             if "onnx" in formats:
@@ -364,7 +379,7 @@ def run_export(
             frame=frame,
             samples=samples,
             formats=formats,
-            opset=ONNX_OPSET if "onnx" in formats or "iree" in formats else None,
+            opset=onnx_opset(out / ("model.onnx" if "onnx" in formats else IREE_ONNX)) if {"onnx", "iree"} & set(formats) else None,
             onnx_forms=onnx_forms,
             iree=compiled.to_json() if compiled else None,
             report=report,

@@ -42,20 +42,31 @@ def assert_exports(
 ) -> torch.export.ExportedProgram:
     """Export ``module`` on ``inputs[0]``; run eager, the reloaded PT2 and onnxruntime on every
     input tuple (at least two sizes, without re-exporting) and require equal results
-    (``exact`` for integer outputs such as indices)."""
+    (``exact`` for integer outputs such as indices).  As ``codegen.export`` does, the PT2 holds
+    the tensor-op forms of ``codegen.ops.native``'s ops and the ONNX file their native nodes."""
+    import onnx as onnx_lib
+
+    from codegen.ops import native
+
     assert len(inputs) >= 2, "check at least two input sizes"
     module = module.eval()
     with torch.no_grad():
         program = torch.export.export(module, tuple(a.clone() for a in inputs[0]), dynamic_shapes=dynamic_shapes, strict=False)
     pt2 = tmp_path / "op.pt2"
-    torch.export.save(program, str(pt2))
+    torch.export.save(native.decomposed(program), str(pt2))
     reloaded = torch.export.load(str(pt2)).module()
     session = None
     if onnx:
         import onnxruntime as ort
 
         path = tmp_path / "op.onnx"
-        torch.onnx.export(program, (), str(path), dynamo=True, opset_version=18, external_data=False)
+        torch.onnx.export(
+            program, (), str(path), dynamo=True, opset_version=18, external_data=False,
+            custom_translation_table=native.translation_table(),
+        )
+        model = onnx_lib.load(str(path))
+        if native.require_opsets(model):
+            onnx_lib.save(model, str(path))
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for args in inputs:
         with torch.no_grad():

@@ -10,6 +10,8 @@ and across its border, which is where bilinear sampling is easiest to get wrong.
 
 from __future__ import annotations
 
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from mmcv.ops import DeformConv2dPack, ModulatedDeformConv2dPack
@@ -18,6 +20,7 @@ from mmcv.ops import modulated_deform_conv2d as mmcv_modulated_deform_conv2d
 from torch.export import Dim
 
 from codegen import patches
+from codegen.ops import native
 from codegen.ops.deform_conv import deform_conv2d
 from export_check import assert_exports, forbidden_onnx_ops
 
@@ -86,12 +89,50 @@ class _Modulated(torch.nn.Module):
 
 
 def test_export_alone(tmp_path):
-    """PT2 and ONNX with dynamic height and width, run at two sizes; only gathers in the graph."""
+    """PT2 and ONNX with dynamic height and width, run at two sizes: the PT2 in tensor ops (only
+    gathers, no custom op left), the ONNX file one native ``DeformConv`` node (opset 19)."""
     c_in, c_out, _, _, stride, pad, dil, groups, dg = CASES["dilated_deform_groups"]
     small = _inputs(c_in, c_out, 37, 53, stride, pad, dil, groups, dg, seed=1)
     large = _inputs(c_in, c_out, 64, 45, stride, pad, dil, groups, dg, seed=2)
     module = _Modulated(small[3], small[4], stride, pad, dil, groups, dg)
     h, w = Dim("h", min=4), Dim("w", min=4)
     shapes = ({2: h, 3: w}, {2: h, 3: w}, {2: h, 3: w})
-    assert_exports(module, [s[:3] for s in (small, large)], shapes, tmp_path, atol=1e-5)
+    program = assert_exports(module, [s[:3] for s in (small, large)], shapes, tmp_path, atol=1e-5)
+    assert [e.onnx_op for e in native.used(program)] == ["DeformConv"]
+    saved = torch.export.load(str(tmp_path / "op.pt2"))
+    assert native.used(saved) == [] and "aten.index.Tensor" in str(saved.graph)
+    model = onnx.load(str(tmp_path / "op.onnx"))
+    assert [n.op_type for n in model.graph.node if n.op_type == "DeformConv"] == ["DeformConv"]
+    assert {o.version for o in model.opset_import if o.domain == ""} == {19}
     assert forbidden_onnx_ops(tmp_path / "op.onnx") == []
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_native_deform_conv_matches_mmcv_cpu(case, tmp_path):
+    """``model.onnx``'s form: one ONNX ``DeformConv`` node, run by onnxruntime's CPU kernel, equals
+    mmcv's kernels (v2 with mask and bias, v1 without either) in every case's layout (groups,
+    deformable groups, stride, dilation)."""
+    c_in, c_out, h, w, stride, pad, dil, groups, dg = CASES[case]
+    x, offset, mask, weight, bias = _inputs(*CASES[case])
+    modulated = _Modulated(weight, bias, stride, pad, dil, groups, dg)
+
+    class Plain(torch.nn.Module):
+        def forward(self, x, offset):
+            return deform_conv2d(x, offset, weight, None, stride, pad, dil, groups, dg)
+
+    refs = {
+        "v2": mmcv_modulated_deform_conv2d(x, offset, mask, weight, bias, stride, pad, dil, groups, dg),
+        "v1": mmcv_deform_conv2d(x, offset, weight, stride, pad, dil, groups, dg),
+    }
+    for name, module, args in (("v2", modulated, (x, offset, mask)), ("v1", Plain(), (x, offset))):
+        with torch.no_grad():
+            program = torch.export.export(module.eval(), args, strict=False)
+        path = tmp_path / f"{name}.onnx"
+        torch.onnx.export(program, (), str(path), dynamo=True, opset_version=18, custom_translation_table=native.translation_table())
+        model = onnx.load(str(path))
+        assert native.require_opsets(model) == ["DeformConv"]
+        assert [n.op_type for n in model.graph.node] == ["DeformConv"], name
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
+        ref = refs[name].numpy()
+        assert abs(session.run(None, feeds)[0] - ref).max() < 1e-5 * max(1.0, abs(ref).max()), name
