@@ -14,7 +14,8 @@ and runs well (docs/iree.md):
 - ``ops.sparse_conv``: rulebook gathers kept out of IREE's data-tiling packs, the rulebook's
   pair keys sorted instead of packed into one int64;
 - ``ops.points``: sequential loops unrolled and fixed-size ball queries (its own switches), the
-  queries' first hits ranked by a running count (no TopK), one-channel gathers padded to two.
+  queries' first hits found by counting hits in chunks of columns (no TopK, no scatter),
+  one-channel gathers padded to two.
 
 Eager runs never change: ``iree_exporting()`` is true only while torch.export traces inside
 ``iree_forms()``.  Both forms give the same values (tests/ops check each against its reference).
