@@ -269,7 +269,9 @@ def _first_hits_by_counting(hit: Tensor, sample_num: int, n, dtype: torch.dtype)
     SA1's 52 x 20000 block against 1.1 (the scatter: IREE writes its updates one by one); the
     whole query 520-630 ms."""
     lead, ncol, size = hit.shape[:-1], hit.shape[-1], HIT_CHUNK
-    chunks = -(-ncol // size)
+    # room for a chunk of misses more than needed: at least two chunks, so that a dynamic column
+    # count puts no "chunks != 1" guard on the export (torch specialises sizes of 1)
+    chunks = -(-(ncol + size) // size)
     flags = F.pad(hit.to(torch.int32), (0, chunks * size - ncol)).reshape(*lead, chunks, size)
     counts = flags.sum(-1, dtype=torch.int32)  # [..., R, C]
     upto = torch.cumsum(counts, -1, dtype=torch.int32)  # hits up to and including each chunk

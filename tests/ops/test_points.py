@@ -333,6 +333,20 @@ def test_ball_query_with_fewer_points_than_samples(scannet_points, tmp_path):
     assert_exports(Op(lambda x, c: ball_query(0.0, 0.5, 16, x, c)), inputs, dims, tmp_path, exact=True)
 
 
+@pytest.mark.parametrize("sizes", [(5, 9), (3000, 4100)])
+def test_iree_form_ball_query_with_a_dynamic_point_count(scannet_points, tmp_path, sizes):
+    """IREE's form (first hits counted in chunks of columns) exported with a dynamic point count of
+    lower bound 2, as PV-RCNN's raw points are: the chunk count is kept >= 2 so that torch puts no
+    "!= 1" guard on it (the first form failed PV-RCNN's export: "Constraints violated"). PT2 and
+    onnxruntime equal eager on clouds smaller than ``sample_num`` and of many chunks; no TopK."""
+    a, b = _xyz(scannet_points, sizes, ((46, 47), (48, 49)))
+    inputs = [(a, a[:, :3].contiguous() + 0.05), (b, b[:, 2:6].contiguous())]
+    dims = ({1: torch.export.Dim("n", min=2, max=200000)}, {1: torch.export.Dim("m", min=2, max=1000)})
+    with points.export_forms(iree=True):
+        program = assert_exports(Op(lambda x, c: ball_query(0.0, 0.5, 16, x, c)), inputs, dims, tmp_path, exact=True)
+    assert not [n for n in program.graph.nodes if n.op == "call_function" and "topk" in str(n.target)]
+
+
 def test_export_ball_query_windowed(sunrgbd_points, tmp_path):
     """One cloud, 512 centres x 20000 points: 8 windows of 64 centres in x order, each against
     the x slab of points it can reach (sizes the graph computes from the data); the reloaded PT2
