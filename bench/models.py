@@ -202,6 +202,9 @@ def _breakdown(export_dir: Path, names: list[str], saved, threads: int, runs: in
             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first:
                 parts[_part_of_op(e["args"]["op_name"])] += e["dur"] / 1000 / runs
         result["onnx"] = {k: round(v, 1) for k, v in parts.items()}
+        timed = sorted(e["dur"] / 1000 for e in runs_seen if e["ts"] >= first)
+        if timed:  # the whole call, one thread: what the parts leave out shows against it
+            result["onnx_call_ms"] = round(timed[len(timed) // 2], 1)
         vmfb = export_dir / "model.vmfb"
         if vmfb.is_file():
             flags = []
@@ -224,6 +227,12 @@ def _breakdown(export_dir: Path, names: list[str], saved, threads: int, runs: in
                 parts[_part_of_dispatch(m.group(1))] += float(m.group(2)) * {"ms": 1, "us": 1e-3, "ns": 1e-6}[m.group(3)]
             if calls:
                 result["iree_host"] = {k: round(v / calls, 1) for k, v in parts.items()}
+                # per-iteration wall time: on graphs with tens of thousands of dispatches (the unrolled
+                # point models) the statistics name only part of them (VoteNet: 28 of ~1080 ms, while
+                # perf puts 90 % of the call in dispatch code)
+                walls = sorted(float(w) for w in re.findall(r"^BM_\S+/real_time\s+([0-9.]+) ms", text, re.M))
+                if walls:
+                    result["iree_host_call_ms"] = round(walls[len(walls) // 2], 1)
     return result
 
 
@@ -432,16 +441,21 @@ def write_report(rows: list[dict], runs: int, notes: list[str] = ()) -> None:
         "time only, so the sums are below one-thread latencies). conv: convolutions; matmul: "
         "MatMul / Gemm (deconvolutions as MatMul, PFN / VFE linears, 1x1 heads after the graph forms); layout: "
         "transposes, onnxruntime's NCHWc reorders, IREE's data-tiling packs; other: the rest (scatter, "
-        "elementwise, reductions).",
+        "elementwise, reductions). call: one whole call on one thread in the same process (rows since the "
+        "nineteenth session), against which the sum shows what the parts leave out.",
         "",
-        "| model | runtime | " + " | ".join(PARTS) + " | sum |",
-        "|---|---|" + "---:|" * (len(PARTS) + 1),
+        "| model | runtime | " + " | ".join(PARTS) + " | sum | call |",
+        "|---|---|" + "---:|" * (len(PARTS) + 2),
     ]
     for r in rows:
-        for runtime, parts in r.get("breakdown_ms", {}).items():
+        breakdown = r.get("breakdown_ms", {})
+        for runtime, parts in breakdown.items():
+            if not isinstance(parts, dict):  # a runtime's one-thread call time (the last column)
+                continue
             name = _model_name(r)
             cells = [f"{parts.get(k, 0):.1f}" for k in PARTS]
-            lines.append(f"| {name} | {runtime} | " + " | ".join(cells) + f" | {sum(parts.values()):.1f} |")
+            call = breakdown.get(f"{runtime}_call_ms", "")
+            lines.append(f"| {name} | {runtime} | " + " | ".join(cells) + f" | {sum(parts.values()):.1f} | {call} |")
     lines += [
         "",
         "Peak RSS (GiB) per runtime:",
