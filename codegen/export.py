@@ -94,8 +94,9 @@ def exact_noop_rules() -> Iterator[None]:
         rewriter._DEFAULT_REWRITE_RULES = saved
 
 
-def export_onnx(module: ModuleType, program, path: Path) -> list[str]:
-    """Write ``model.onnx``; return the CPU graph forms applied to it (``codegen.graph_forms``)."""
+def export_onnx(module: ModuleType, program, path: Path) -> tuple[list[str], int]:
+    """Write ``model.onnx``; return the CPU graph forms applied to it (``codegen.graph_forms``) and
+    its default-domain opset: ``ONNX_OPSET``, or more where native nodes need it (DeformConv: 19)."""
     import onnx
 
     # onnxscript's graph optimiser takes minutes on the large graphs of sparse-conv models
@@ -141,16 +142,7 @@ def export_onnx(module: ModuleType, program, path: Path) -> list[str]:
         onnx.checker.check_model(model)
     forms += [f"native {op} nodes (codegen.ops.native)" for op in natives]
     onnx.save(model, str(path))
-    return forms
-
-
-def onnx_opset(path: Path) -> int:
-    """The default-domain opset of an ONNX file: ``ONNX_OPSET``, or more where native nodes need it
-    (``model.onnx`` with DeformConv: 19)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return forms, max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def graph_size(program) -> int:
@@ -293,7 +285,7 @@ def run_export(
     wrapper = module.ExportWrapper(model).eval()
     args = [input_args(module, module.flat_inputs(s.data)) for s in samples]
     static, padding = iree_static(module, iree, args) if "iree" in formats else ({}, None)
-    compiled, onnx_forms = None, None
+    compiled, onnx_forms, opset, iree_opset = None, None, None, None
 
     with staged_output(output_dir) as out:
         shutil.copyfile(wrapper_path, out / Path(wrapper_path).name)
@@ -313,7 +305,7 @@ def run_export(
                 reloaded = torch.export.load(str(out / "model.pt2")).module()
                 runtimes.append(Runtime("pt2", lambda a, m=reloaded: m(*a)))
             if "onnx" in formats:
-                onnx_forms = export_onnx(module, program, out / "model.onnx")
+                onnx_forms, opset = export_onnx(module, program, out / "model.onnx")
                 steps.detail(f"onnx: {len(onnx_forms)} graph forms (metadata.json onnx_graph_forms)")
                 runtimes.append(onnx_runtime(out / "model.onnx", module.INPUT_NAMES))
             if "iree" in formats:
@@ -324,10 +316,10 @@ def run_export(
                     iree_program = export_program(module, wrapper, args[0])
                 if "onnx" in formats and same_program(program, iree_program):
                     shutil.copyfile(out / "model.onnx", out / IREE_ONNX)
-                    iree_forms = onnx_forms
+                    iree_forms, iree_opset = onnx_forms, opset
                 else:
                     steps.detail(f"iree graph: {graph_size(iree_program)} nodes")
-                    iree_forms = export_onnx(module, iree_program, out / IREE_ONNX)
+                    iree_forms, iree_opset = export_onnx(module, iree_program, out / IREE_ONNX)
                 compiled = compile_iree(out, module, iree, static, padding)
                 compiled.onnx_forms = iree_forms
                 runtimes.append(iree_runtime(out / "model.vmfb", module.INPUT_NAMES, static, padding))
@@ -379,7 +371,7 @@ def run_export(
             frame=frame,
             samples=samples,
             formats=formats,
-            opset=onnx_opset(out / ("model.onnx" if "onnx" in formats else IREE_ONNX)) if {"onnx", "iree"} & set(formats) else None,
+            opset=opset if "onnx" in formats else iree_opset if "iree" in formats else None,
             onnx_forms=onnx_forms,
             iree=compiled.to_json() if compiled else None,
             report=report,

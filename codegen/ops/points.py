@@ -237,16 +237,20 @@ def _first_hits(hits: Callable[[slice], Tensor], m, n, sample_num: int, like: Te
     In IREE exports no TopK (IREE sorts each row whole, O(N^2) a row: VoteNet's first ball query,
     2048 rows of 20000 points, ran for hours): the hits are found by counting
     (``_first_hits_by_counting``).  The same values."""
-    order = torch.cumsum(torch.ones_like(like[:, 0]), 0) - 1  # arange(N) as float, one per column
-    gap = n - order
-    first = []
-    for block in _centre_blocks(m, n):
-        hit = hits(block)
-        if iree_exporting():
-            first.append(_first_hits_by_counting(hit, sample_num, n, gap.dtype))
-            continue
-        key = n - hit.to(gap.dtype) * gap
-        first.append(torch.topk(key, sample_num, dim=-1, largest=False, sorted=True).values)
+    if iree_exporting():
+
+        def first_of(hit: Tensor) -> Tensor:
+            return _first_hits_by_counting(hit, sample_num, n, like.dtype)
+
+    else:
+        order = torch.cumsum(torch.ones_like(like[:, 0]), 0) - 1  # arange(N) as float, one per column
+        gap = n - order
+
+        def first_of(hit: Tensor) -> Tensor:
+            key = n - hit.to(gap.dtype) * gap
+            return torch.topk(key, sample_num, dim=-1, largest=False, sorted=True).values
+
+    first = [first_of(hits(block)) for block in _centre_blocks(m, n)]
     return torch.cat(first, dim=-2) if len(first) > 1 else first[0]
 
 
