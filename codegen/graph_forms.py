@@ -20,7 +20,8 @@ against the eager model.
   ``row_max_scatters_as_scatter_nd``: constructs IREE's ONNX importer rejects, and
   ``split_long_reductions``: long f32 sums IREE adds in order, as sums of sums, and
   ``strided_pointwise_convs_as_slices``: strided 1x1 Convs IREE runs as slow generic reductions,
-  ``grouped_deconvs_as_convs``: grouped ConvTransposes IREE rejects
+  ``grouped_deconvs_as_convs``: grouped ConvTransposes IREE rejects,
+  ``row_max_pools_as_reductions``: one-row MaxPools IREE runs as data-tiled convolutions
   (applied to the IREE copy only, ``codegen.iree.iree_onnx``).
 
 docs/iree.md and docs/bench_models.md have the measurements.
@@ -1197,6 +1198,63 @@ def strided_pointwise_convs_as_slices(model) -> list[str]:
                 a.ints.extend([1, 1])
         done.append(f"Conv {label} (1x1, strides {strides}) as Slice + Conv")
     return done
+
+
+def row_max_pools_as_reductions(model) -> list[str]:
+    """A ``MaxPool`` over windows of one row (kernel and strides ``[1, k]``, no padding, dilation
+    or ceil mode; static ``N, C, H``) -> ``Slice`` of the whole windows' columns, ``Reshape`` to ``[N, C, H, W / k,
+    k]`` and ``ReduceMax`` over the last axis: the maxima of the same values.
+
+    IREE 3.13 runs the pool as a data-tiled convolution, an encode and a pooling dispatch: 20 us
+    on a row of 20256 values against 3 for the reduction, one thread.  The first level of
+    ``ops.points.furthest_point_sample``'s argmax is such a pool in every step (VoteNet: 2048
+    steps over 20000 points).  Applied to the IREE copy only (``codegen.iree.iree_onnx``)."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    shapes = _shapes(graph)
+    nodes, count = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute} if node.op_type == "MaxPool" else {}
+        kernel = list(attrs.get("kernel_shape", []))
+        if (
+            node.op_type != "MaxPool" or len(node.output) != 1 or len(kernel) != 2 or kernel[0] != 1
+            or list(attrs.get("strides", [1, 1])) != kernel or any(attrs.get("pads", []))
+            or any(d != 1 for d in attrs.get("dilations", [])) or attrs.get("ceil_mode", 0)
+            or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+        ):
+            nodes.append(node)
+            continue
+        dims = shapes.get(node.input[0]) or [None] * 4
+        if len(dims) != 4 or not all(dims[:3]):  # N, C, H static: IREE's importer then types the Reshape
+            nodes.append(node)
+            continue
+        k, p, width = kernel[1], f"{_label(node)}_form", dims[3]
+        consts = {"starts": [0], "axes": [3], "shape": [*dims[:3], -1, k], "reduce": [4]}
+        if width:
+            consts["ends"] = [width // k * k]
+        else:
+            consts |= {"dim": [3], "k": [k]}
+        for key, values in consts.items():
+            graph.initializer.append(numpy_helper.from_array(np.array(values, np.int64), f"{p}_{key}"))
+        if not width:  # the whole windows' end from the input's shape
+            nodes += [
+                helper.make_node("Shape", [node.input[0]], [f"{p}_shape_of"], name=f"{p}_shape_of"),
+                helper.make_node("Gather", [f"{p}_shape_of", f"{p}_dim"], [f"{p}_width"], name=f"{p}_width"),
+                helper.make_node("Div", [f"{p}_width", f"{p}_k"], [f"{p}_windows"], name=f"{p}_windows"),
+                helper.make_node("Mul", [f"{p}_windows", f"{p}_k"], [f"{p}_ends"], name=f"{p}_ends"),
+            ]
+        nodes += [
+            helper.make_node("Slice", [node.input[0], f"{p}_starts", f"{p}_ends", f"{p}_axes"], [f"{p}_whole"], name=f"{p}_whole"),
+            helper.make_node("Reshape", [f"{p}_whole", f"{p}_shape"], [f"{p}_windows5d"], name=f"{p}_windows5d"),
+            helper.make_node("ReduceMax", [f"{p}_windows5d", f"{p}_reduce"], list(node.output), name=p, keepdims=0),
+        ]
+        count += 1
+    if not count:
+        return []
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return [f"{count} MaxPool(s) over windows of one row as Slice + Reshape + ReduceMax"]
 
 
 def grouped_deconvs_as_convs(model) -> list[str]:

@@ -37,6 +37,7 @@ from .graph_forms import (
     gathered_row_matmuls,
     grouped_deconvs_as_convs,
     list_constants_as_initializers,
+    row_max_pools_as_reductions,
     row_max_scatters_as_scatter_nd,
     split_long_reductions,
     strided_pointwise_convs_as_slices,
@@ -150,6 +151,7 @@ def iree_onnx(onnx_path: Path, out_path: Path, static: dict[str, int] | None = N
     rewrites += split_long_reductions(model)  # IREE sums a long f32 reduction in order
     rewrites += strided_pointwise_convs_as_slices(model)
     rewrites += grouped_deconvs_as_convs(model)
+    rewrites += row_max_pools_as_reductions(model)
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
     return rewrites, model.graph.name

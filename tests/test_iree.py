@@ -655,6 +655,38 @@ def test_grouped_deconvs_become_convs_that_iree_compiles(tmp_path):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+def test_row_max_pools_become_reductions_that_iree_compiles(tmp_path):
+    """``row_max_pools_as_reductions`` (IREE's copy): a MaxPool over windows of one row (FPS's
+    first argmax level, which IREE ran as a data-tiled convolution) as Slice + Reshape +
+    ReduceMax, the trailing partial window dropped as MaxPool drops it; with a static width and
+    with a dynamic one (the whole windows' end from the Shape). A 3x3 MaxPool stays. The same
+    values in onnxruntime and IREE."""
+    nodes = [
+        helper.make_node("MaxPool", ["x"], ["a"], kernel_shape=[1, 8], strides=[1, 8], name="rows"),
+        helper.make_node("MaxPool", ["y"], ["b"], kernel_shape=[1, 16], strides=[1, 16], name="dyn"),
+        helper.make_node("MaxPool", ["x"], ["c"], kernel_shape=[3, 3], strides=[2, 2], name="square"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "main_graph",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5, 61]),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 1, "n"]),
+        ],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "abc"],
+    )
+    rewrites, ops = _forms(tmp_path, graph)
+    assert "2 MaxPool(s) over windows of one row as Slice + Reshape + ReduceMax" in rewrites
+    assert ops.count("MaxPool") == 1 and ops.count("ReduceMax") == 2
+    rng = np.random.default_rng(5)
+    feeds = {"x": rng.standard_normal((2, 3, 5, 61)).astype(np.float32), "y": rng.standard_normal((1, 1, 1, 1000)).astype(np.float32)}
+    expected = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
+    assert [e.shape for e in expected] == [(2, 3, 5, 7), (1, 1, 1, 62), (2, 3, 2, 30)]
+    for got in (ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, feeds), _iree_run(tmp_path, feeds)):
+        for a, b in zip(got, expected):
+            np.testing.assert_array_equal(a, b)
+
+
 # ------------------------------------------------------------------ static shapes
 
 

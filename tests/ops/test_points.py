@@ -159,6 +159,36 @@ def test_fps_two_level_argmax_ties(scannet_points, monkeypatch):
     np.testing.assert_array_equal(furthest_point_sample(cloud, 200)[0].numpy(), got)
 
 
+def test_fps_iree_form_matches_in_iree(scannet_points, tmp_path):
+    """IREE's FPS form (``_furthest_point_sample_iree``: the two-level argmax for every cloud,
+    the pick's coordinates carried as values, not gathered by index; the rows' MaxPool a
+    ReduceMax in IREE's copy) exported with a dynamic point count: on clouds of 3 copies (exact ties at every step) below and above
+    ``FPS_BLOCKED_MIN``, the second filling no whole number of rows, PT2 and onnxruntime equal
+    eager, and the IREE-compiled graph gives the reference picks, first copies only."""
+    from codegen.iree import compile_onnx, iree_onnx, iree_runtime
+    from codegen.ops.points import export_forms
+
+    clouds = []
+    for n, seed in ((700, 31), (3001, 30)):
+        base = subset(scannet_points, n, seed)[:, :3]
+        clouds.append(torch.from_numpy(np.concatenate([base, base, base])[None]))
+    assert clouds[0].shape[1] < points.FPS_BLOCKED_MIN <= clouds[1].shape[1]
+    assert clouds[1].shape[1] % points.FPS_ARGMAX_ROW
+    dims = ({1: torch.export.Dim("n", min=2, max=200000)},)
+    with export_forms(iree=True):
+        program = assert_exports(Op(lambda x: furthest_point_sample(x, 48)), [(c,) for c in clouds], dims, tmp_path, exact=True)
+    assert len([n for n in program.graph.nodes if n.op == "call_function" and "max_pool" in str(n.target)]) == 47
+    # IREE's copy: the row maxima as reductions (``graph_forms.row_max_pools_as_reductions``)
+    rewrites, _ = iree_onnx(tmp_path / "op.onnx", tmp_path / "iree.onnx")
+    assert "47 MaxPool(s) over windows of one row as Slice + Reshape + ReduceMax" in rewrites
+    compile_onnx(tmp_path / "op.onnx", tmp_path / "fps.vmfb")
+    run = iree_runtime(tmp_path / "fps.vmfb", ["x"], static={}).run
+    for cloud in clouds:
+        got = np.asarray(run((cloud.numpy(),))[0])[0]
+        np.testing.assert_array_equal(got, fps_reference(cloud[0].numpy(), 48))
+        assert (got < cloud.shape[1] // 3).all()
+
+
 def test_fps_with_dist_sunrgbd(sunrgbd_points):
     """Feature-space FPS (as in 3DSSD's F-FPS): squared distances of xyz + rgb/255 features."""
     clouds = np.stack([subset(sunrgbd_points, 1200, s) for s in (4, 5)])
