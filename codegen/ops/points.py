@@ -144,28 +144,39 @@ def furthest_point_sample(points: Tensor, num: int, unroll: bool | None = None) 
         offsets = torch.arange(row, device=points.device).view(1, 1, row)
 
     if row and iree_exporting():
-        return _furthest_point_sample_iree(grid, temp, idx, num, row, unroll)
+        picks = _furthest_point_sample_iree(grid, temp, idx, num, offsets, unroll)
+    else:
 
-    def step(carry):
-        temp, idx = carry
-        dx = grid[0] - torch.gather(xs, 2, idx)
-        dy = grid[1] - torch.gather(ys, 2, idx)
-        dz = grid[2] - torch.gather(zs, 2, idx)
-        temp = torch.minimum(temp, dx * dx + dy * dy + dz * dz)
-        if row:  # the first row holding the maximum (the columns past the last whole row lie in
-            # the padding), then the first maximum within that row
-            maxima = F.max_pool2d(temp.unsqueeze(2), (1, row), (1, row)).squeeze(2)  # [B, 1, rows]
-            start = maxima.argmax(2, keepdim=True) * row  # [B, 1, 1]
-            idx = start + torch.gather(temp, 2, start + offsets).argmax(2, keepdim=True)
-        else:
-            idx = torch.argmax(temp, dim=2, keepdim=True)  # [B, 1, 1]
-        return (temp, idx), idx
+        def step(carry):
+            temp, idx = carry
+            dx = grid[0] - torch.gather(xs, 2, idx)
+            dy = grid[1] - torch.gather(ys, 2, idx)
+            dz = grid[2] - torch.gather(zs, 2, idx)
+            temp = torch.minimum(temp, dx * dx + dy * dy + dz * dz)
+            if row:
+                start, _, within = _two_level_argmax(temp, offsets)
+                idx = start + within
+            else:
+                idx = torch.argmax(temp, dim=2, keepdim=True)  # [B, 1, 1]
+            return (temp, idx), idx
 
-    _, picks = fixed_steps(step, (temp, idx), num - 1, unroll)  # [num - 1, B, 1, 1]
+        _, picks = fixed_steps(step, (temp, idx), num - 1, unroll)  # [num - 1, B, 1, 1]
     return torch.cat((idx[:, :, 0], picks[:, :, 0, 0].transpose(0, 1)), dim=1).to(torch.int32)
 
 
-def _furthest_point_sample_iree(grid: tuple[Tensor, ...], temp: Tensor, idx: Tensor, num: int, row: int, unroll) -> Tensor:
+def _two_level_argmax(temp: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The first row (of ``row = len(offsets)`` columns) holding ``temp``'s maximum (the columns
+    past the last whole row lie in the padding) and the first maximum within it: ``(start,
+    columns, within)``, the row's first column and position ``[B, 1, 1]`` and its columns
+    ``[B, 1, row]``; the argmax is ``start + within``."""
+    row = offsets.shape[-1]
+    maxima = F.max_pool2d(temp.unsqueeze(2), (1, row), (1, row)).squeeze(2)  # [B, 1, rows]
+    start = maxima.argmax(2, keepdim=True) * row  # [B, 1, 1]
+    columns = start + offsets
+    return start, columns, torch.gather(temp, 2, columns).argmax(2, keepdim=True)
+
+
+def _furthest_point_sample_iree(grid: tuple[Tensor, ...], temp: Tensor, idx: Tensor, num: int, offsets: Tensor, unroll) -> Tensor:
     """``furthest_point_sample``'s steps in IREE's form (every cloud size: the two-level argmax),
     the same picks, with the pick's coordinates carried to the next step as a ``max`` over the
     picked row (its coordinates where the column is the pick, ``-inf`` elsewhere).  Gathered by
@@ -173,8 +184,8 @@ def _furthest_point_sample_iree(grid: tuple[Tensor, ...], temp: Tensor, idx: Ten
     scalar loads per point (30 us a step on 20000 points against 3 once they come in as values,
     one thread).  The rows' MaxPool becomes a ReduceMax in IREE's copy
     (``graph_forms.row_max_pools_as_reductions``).  A step on 20000 points: 58 -> 10 us on one
-    thread, 50 -> 14 us on two; on 2048 points (whole-row argmax before) 3.8 -> 1.6 and 5.5 -> 5.0 us."""
-    offsets = torch.arange(row, device=temp.device).view(1, 1, row)
+    thread, 50 -> 14 us on two; on 2048 points (whole-row argmax before) 3.8 -> 1.6 and 5.5 -> 5.0 us.
+    Returns the picks after the first, ``[num - 1, B, 1, 1]``."""
     first = tuple(c[..., :1] for c in grid)  # point 0
 
     def step(carry):
@@ -183,17 +194,13 @@ def _furthest_point_sample_iree(grid: tuple[Tensor, ...], temp: Tensor, idx: Ten
         dy = grid[1] - cy
         dz = grid[2] - cz
         temp = torch.minimum(temp, dx * dx + dy * dy + dz * dz)
-        maxima = F.max_pool2d(temp.unsqueeze(2), (1, row), (1, row)).squeeze(2)  # [B, 1, rows]
-        start = maxima.argmax(2, keepdim=True) * row  # [B, 1, 1]
-        columns = start + offsets
-        within = torch.gather(temp, 2, columns).argmax(2, keepdim=True)
+        start, columns, within = _two_level_argmax(temp, offsets)
         picked = offsets == within  # [B, 1, row]
         coords = tuple(torch.where(picked, torch.gather(c, 2, columns), float("-inf")).amax(2, keepdim=True) for c in grid)
         idx = start + within
         return (temp, idx, *coords), idx
 
-    _, picks = fixed_steps(step, (temp, idx, *first), num - 1, unroll)  # [num - 1, B, 1, 1]
-    return torch.cat((idx[:, :, 0], picks[:, :, 0, 0].transpose(0, 1)), dim=1).to(torch.int32)
+    return fixed_steps(step, (temp, idx, *first), num - 1, unroll)[1]
 
 
 def furthest_point_sample_with_dist(points_dist: Tensor, num: int, unroll: bool | None = None) -> Tensor:
