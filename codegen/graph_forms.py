@@ -1067,21 +1067,39 @@ def _split_attention(scores, final, shapes: dict, p: str, const) -> list:
     ]
 
 
+#: ops a MatMul's first operand may pass through from its Gathers and still count as gathered rows
+#: (the deformable convolutions' bilinear sums of gathered rows, reshaped to ``[pixels, K]``)
+_GATHERED_ROW_PATH = {"Identity", "Reshape", "Transpose", "Mul", "Add"}
+
+
 def gathered_row_matmuls(onnx_path, min_k: int) -> int:
-    """MatMuls of the ONNX file whose first operand has a dynamic row count and a static
-    ``K >= min_k`` (the shapes its value_info records: ``codegen.iree.iree_onnx`` infers them)."""
+    """MatMuls of the ONNX file over gathered rows with a static ``K >= min_k`` (the shapes its
+    value_info records: ``codegen.iree.iree_onnx`` infers them): a first operand with a dynamic
+    row count (the sparse convolutions' gathered rows), or one built from row Gathers through
+    reshapes, sums and products only (``_GATHERED_ROW_PATH``: the deformable convolutions' samples,
+    ``ops.deform_conv``)."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     shapes = _shapes(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def from_gathers(name: str, depth: int = 8) -> bool:
+        node = producer.get(name)
+        if node is None or depth == 0:
+            return False
+        if node.op_type in ("Gather", "GatherND"):
+            return True
+        return node.op_type in _GATHERED_ROW_PATH and any(from_gathers(i, depth - 1) for i in node.input[:2])
+
     return sum(
         1
         for node in graph.node
         if node.op_type == "MatMul"
         and (dims := shapes.get(node.input[0]))
         and len(dims) >= 2
-        and None in dims[:-1]
         and (dims[-1] or 0) >= min_k
+        and (None in dims[:-1] or from_gathers(node.input[0]))
     )
 
 

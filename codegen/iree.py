@@ -66,10 +66,13 @@ CHANNELS_LAST = "--iree-preprocessing-pass-pipeline=builtin.module(util.func(ire
 MATMUL_DATA_TILING = "--iree-dispatch-creation-experimental-set-data-tiling-ops=matmul"
 DATA_TILED_OPS = (MATMUL_DATA_TILING, "--iree-dispatch-creation-experimental-set-data-tiling-ops=convolution")
 
-# Matmuls over gathered rows (sparse convolutions: a dynamic row count, K = offsets x channels)
-# are not data-tiled: packing each gathered operand into tiles costs a full pass over it, more
-# than the tiled kernel saves (one thread: SECOND 2751 -> 2419 ms, BEVFusion lidar 6862 -> 5710
-# ms; PointPillars, whose dynamic-row matmuls are narrow, 687 -> 711 ms, so it keeps them).
+# Matmuls over gathered rows (sparse convolutions: a dynamic row count, K = offsets x channels;
+# deformable convolutions: bilinear sums of gathered rows, K = taps x channels) are not
+# data-tiled: packing each gathered operand into tiles costs a full pass over it, more than the
+# tiled kernel saves (one thread: SECOND 2751 -> 2419 ms, BEVFusion lidar 6862 -> 5710 ms;
+# PointPillars, whose dynamic-row matmuls are narrow, 687 -> 711 ms, so it keeps them). Fused
+# into the DCN sampling, the pack stores each sample element by element (PGD 12.7 -> 11.6 s,
+# SMOKE 1948 -> 1890 ms without it, one thread; graph_forms.gathered_row_matmuls).
 GATHERED_ROWS_MIN_K = 256
 
 # preset -> extra iree-compile flags. Every preset is validated against eager on each export.

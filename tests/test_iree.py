@@ -1101,6 +1101,10 @@ def test_smoke_compiles_in_iree_and_matches_eager(tmp_path):
     ops = {name: [n.op_type for n in onnx.load(str(out / name), load_external_data=False).graph.node] for name in ("model.onnx", "model.iree.onnx")}
     assert ops["model.onnx"].count("DeformConv") == 16 and "DeformConv" not in ops["model.iree.onnx"]
     assert meta["onnx_opset"] == 19 and "native DeformConv nodes (codegen.ops.native)" in meta["onnx_graph_forms"]
+    # their products over gathered samples are multiplied without data tiling (GATHERED_ROWS_MIN_K)
+    from codegen.iree import MATMUL_DATA_TILING
+
+    assert MATMUL_DATA_TILING not in meta["iree"]["flags"]
 
 
 @pytest.mark.slow

@@ -13,8 +13,8 @@ computation in tensor ops, numerically equal to mmcv's CPU kernel up to float su
 * DCN v2 multiplies each sample by its mask (already through the sigmoid);
 * the sampled columns meet the weight as one batched MatMul (``deform_conv2d``).
 
-Only gathers with in-range indices (out-of-image neighbours are clamped and weighted by 0): no
-GridSample, no scatter, no data-dependent shapes.  That is the form of eager runs, PT2 and IREE
+Only gathers with in-range indices (an out-of-image neighbour reads a zero row put before the
+image's rows): no GridSample, no scatter, no data-dependent shapes.  That is the form of eager runs, PT2 and IREE
 exports; ``model.onnx`` holds one ONNX ``DeformConv`` node instead (opset 19, onnxruntime's CPU
 kernel, 1.2-3x faster than these ops there: ``codegen.ops.native``).
 """
@@ -34,9 +34,15 @@ def deform_sample(x: Tensor, offset: Tensor, kernel_size, stride=1, padding=0, d
 
     ``offset`` is ``[B, G * 2 * K, Ho, Wo]`` (G = ``deform_groups``); channels ``c`` of ``x``
     belong to deformable group ``c // (C / G)``. ``mask`` (DCN v2, ``[B, G * K, Ho, Wo]``) scales
-    each sample. Each neighbour is one Gather of whole channel rows from ``x`` as ``[B * G * H * W,
-    C / G]``: no per-element index tensor (onnxruntime's Expand + GatherElements took 5 of PGD's
-    16 s).
+    each sample. Each neighbour is one Gather of whole channel rows from ``x`` as ``[B * G * (1 + H * W),
+    C / G]``: no per-element index tensor (onnxruntime's Expand + GatherElements took 5 of
+    PGD's 16 s).
+
+    The four neighbours' row indices are stacked into one tensor and each Gather takes its slice
+    of it: IREE then reads the index inside the gather's body, and MLIR's vectorizer copies whole
+    rows with vector loads (an index that is the fused op's own operand counts as varying along
+    the row: one scalar load per sample, as in ``sparse_conv.apply_rulebook``). One thread, 256
+    channels at 58 x 100, the sampling dispatch: 46 -> 15 ms (docs/iree.md).
     """
     kh, kw = _pair(kernel_size)
     sh, sw = _pair(stride)
@@ -63,16 +69,22 @@ def deform_sample(x: Tensor, offset: Tensor, kernel_size, stride=1, padding=0, d
     ly, lx = py - y0, px - x0
     hy, hx = 1 - ly, 1 - lx
     scale = None if mask is None else mask.reshape(b, g, k, ho, wo).permute(0, 1, 3, 4, 2).reshape(b, g, ho * wo, k)
-    rows = x.reshape(b, g, cg, h * w).transpose(2, 3).reshape(b * g * h * w, cg)
-    first = (torch.arange(b * g, device=device, dtype=torch.int64) * (h * w)).view(b, g, 1, 1)
-    out = None
-    for yy, xx, weight in ((y0, x0, hy * hx), (y0, x0 + 1, hy * lx), (y0 + 1, x0, ly * hx), (y0 + 1, x0 + 1, ly * lx)):
+    # a zero row before each image's rows of channels, one per pixel ([B * G * (1 + H * W), C / G]):
+    # a neighbour outside the image reads the zero row (no clamp, no 0/1 weight). The Concat also
+    # writes the rows out channels-last in IREE: a transposed view is fused into the gathers there,
+    # which then read x channel by channel, one scalar load per sample (docs/iree.md)
+    rows = torch.cat((x.new_zeros(b * g, 1, cg), x.reshape(b * g, cg, h * w).transpose(1, 2)), 1).reshape(-1, cg)
+    first = (torch.arange(b * g, device=device, dtype=torch.int64) * (h * w + 1)).view(b, g, 1, 1)
+    corners = ((y0, x0, hy * hx), (y0, x0 + 1, hy * lx), (y0 + 1, x0, ly * hx), (y0 + 1, x0 + 1, ly * lx))
+    indices, weights = [], []
+    for yy, xx, weight in corners:
         inside = (yy >= 0) & (yy <= h - 1) & (xx >= 0) & (xx <= w - 1)
-        index = (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).to(torch.int64) + first  # [B, G, Ho*Wo, K]
-        weight = weight * inside.to(dtype)
-        if scale is not None:
-            weight = weight * scale
-        term = rows[index] * weight.unsqueeze(-1)  # [B, G, Ho*Wo, K, C/G]
+        indices.append(torch.where(inside, yy * w + xx + 1, 0.0).to(torch.int64) + first)  # [B, G, Ho*Wo, K]
+        weights.append(weight if scale is None else weight * scale)
+    index = torch.stack(indices)
+    out = None
+    for n in range(4):
+        term = rows[index[n]] * weights[n].unsqueeze(-1)  # [B, G, Ho*Wo, K, C/G]
         out = term if out is None else out + term
     return out
 
@@ -92,8 +104,8 @@ def deform_conv2d(
     """mmcv's ``deform_conv2d`` (``mask=None``) and ``modulated_deform_conv2d`` (``mask`` given,
     ``[B, deform_groups * K, Ho, Wo]``) as tensor ops: the samples ``[B, G, Ho*Wo, K * C/G]``
     meet the weight, regrouped to ``[G, K * C/G, C_out]``, in one batched MatMul summed over the
-    deformable groups, a plain 2-D MatMul for one group (convolution ``groups`` > 1: as a grouped
-    1x1 convolution instead).  Exporting in onnxruntime's forms: one ONNX ``DeformConv`` node."""
+    deformable groups, a plain 2-D MatMul for one group (convolution ``groups`` > 1: a MatMul
+    batched over them).  Exporting in onnxruntime's forms: one ONNX ``DeformConv`` node."""
     stride, padding, dilation = (list(_pair(v)) for v in (stride, padding, dilation))
     if native.native_exporting():  # codegen.ops.native
         return torch.ops.mmdet3d_export.deform_conv2d(x, offset, weight, bias, mask, stride, padding, dilation, groups, deform_groups)
@@ -117,8 +129,18 @@ def _decomposition(x, offset, weight, bias, mask, stride, padding, dilation, gro
         if bias is not None:
             out = out + bias
         return out.transpose(1, 2).reshape(b, c_out, ho, wo)
-    cols = cols.permute(0, 1, 4, 3, 2).reshape(b, c * k, ho, wo)  # channel-major, tap-minor
-    return torch.nn.functional.conv2d(cols, weight.reshape(c_out, -1, 1, 1), bias, groups=groups)
+    # convolution groups: one batched MatMul over them, [B, groups, Ho*Wo, K * C/groups] x [groups,
+    # K * C/groups, C_out/groups]. IREE writes each sample's channels of a group as one vector
+    # (CenterPoint's DCN head, 64 channels in 4 groups at 128 x 128: 35 -> 32 ms against a
+    # grouped 1x1 Conv over channel-major columns, whose store transposes every sample)
+    cg, og = c // groups, c_out // groups
+    cols = cols.permute(0, 2, 3, 1, 4).reshape(b, ho * wo, k, groups, cg)  # channels in x's order
+    lhs = cols.permute(0, 3, 1, 2, 4).reshape(b, groups, ho * wo, k * cg)
+    w = weight.reshape(groups, og, cg, k).permute(0, 3, 2, 1).reshape(groups, k * cg, og)
+    out = torch.matmul(lhs, w)  # [B, groups, Ho*Wo, C_out/groups]
+    if bias is not None:
+        out = out + bias.reshape(groups, 1, og)
+    return out.transpose(2, 3).reshape(b, c_out, ho, wo)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ and across its border, which is where bilinear sampling is easiest to get wrong.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -136,3 +137,41 @@ def test_native_deform_conv_matches_mmcv_cpu(case, tmp_path):
         feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
         ref = refs[name].numpy()
         assert abs(session.run(None, feeds)[0] - ref).max() < 1e-5 * max(1.0, abs(ref).max()), name
+
+
+# (channels in, out, H, W, stride, padding, dilation, groups, deform groups): a DCNv2 of the
+# ResNet DCN stages, shrunk (K = 9 x 64 = 576 per output pixel), and CenterPoint's DCN head
+# layout (4 convolution groups: a MatMul batched over them, K = 9 x 16)
+IREE_CASES = {"resnet_dcnv2": (64, 64, 24, 40, 2, 1, 1, 1, 1), "centerpoint_dcn_head": (64, 64, 32, 32, 1, 1, 1, 4, 1)}
+
+
+@pytest.mark.parametrize("case", sorted(IREE_CASES))
+def test_iree_form_matches_mmcv_in_iree(case, tmp_path):
+    """IREE's form (tensor ops: the four neighbours' stacked row indices, a zero row for
+    neighbours outside the image) compiled by iree-compile equals mmcv's modulated DCN on two
+    inputs. Its product over the samples counts as a MatMul over gathered rows when K >= 256,
+    which then compiles without matmul data tiling (``codegen.iree.GATHERED_ROWS_MIN_K``: the
+    pack fused into the sampling stored every sample element by element); the grouped head's
+    narrow product keeps it."""
+    from codegen.graph_forms import gathered_row_matmuls
+    from codegen.iree import GATHERED_ROWS_MIN_K, MATMUL_DATA_TILING, compile_onnx, iree_onnx, iree_runtime
+    from codegen.ops.forms import iree_forms
+
+    c_in, c_out, h, w, stride, pad, dil, groups, dg = IREE_CASES[case]
+    inputs = [_inputs(*IREE_CASES[case], seed=s) for s in (1, 2)]
+    module = _Modulated(inputs[0][3], inputs[0][4], stride, pad, dil, groups, dg)
+    with iree_forms():
+        program = assert_exports(module, [i[:3] for i in inputs], None, tmp_path, atol=1e-4)
+    assert native.used(program) == []  # no DeformConv node in IREE's graph
+    iree_onnx(tmp_path / "op.onnx", tmp_path / "iree.onnx")
+    wide = groups == 1  # K = 576 against 144
+    assert gathered_row_matmuls(tmp_path / "iree.onnx", GATHERED_ROWS_MIN_K) == (1 if wide else 0)
+    compiled = compile_onnx(tmp_path / "op.onnx", tmp_path / "dcn.vmfb")
+    assert (MATMUL_DATA_TILING in compiled.flags) == (not wide)
+    run = iree_runtime(tmp_path / "dcn.vmfb", ["x", "offset", "mask"], static={}).run
+    weight, bias = module.weight.detach(), module.bias.detach()
+    for x, offset, mask, *_ in inputs:
+        ref = mmcv_modulated_deform_conv2d(x, offset, mask, weight, bias, stride, pad, dil, groups, dg).numpy()
+        got = np.asarray(run((x.numpy(), offset.numpy(), mask.numpy()))[0])
+        assert got.shape == ref.shape
+        assert abs(got - ref).max() < 1e-5 * max(1.0, abs(ref).max())
