@@ -1285,7 +1285,11 @@ def grouped_deconvs_as_convs(model) -> list[str]:
     reassociation map #0 to have size equal to the expanded rank (5)"): SMOKE's DLA neck
     upsamples with depthwise 4x4 / stride-2 ones. Applied to the IREE copy only
     (``codegen.iree.iree_onnx``); ungrouped ones compile (and stride-sized ones are MatMuls,
-    ``rewrite_deconvs``)."""
+    ``rewrite_deconvs``).
+
+    Depthwise ones whose kernel is a whole number of strides (and no dilation) take the phase
+    form instead (``_depthwise_deconv_phases``): IREE ran the depthwise Conv over the zero-stuffed
+    input at ~2.5 GFLOP/s, 3/4 of its products (15/16 at stride 4) with stuffed zeros."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -1314,6 +1318,13 @@ def grouped_deconvs_as_convs(model) -> list[str]:
         co_g = weight.dims[1]
         ci_g = ci // group
         p = f"{_label(node)}_form"
+        if ci_g == co_g == 1 and kh % sh == 0 and kw % sw == 0 and (dh, dw) == (1, 1) and pb >= oph and pr >= opw:
+            bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            kernel = numpy_helper.to_array(weight)[:, 0]  # [C, kh, kw]
+            out_hw = ((h - 1) * sh + kh - pt - pb + oph, (w - 1) * sw + kw - pl - pr + opw)
+            nodes += _depthwise_deconv_phases(graph, p, node.input[0], bias, node.output[0], kernel, (n, ci, h, w), (sh, sw), (pt, pl), out_hw)
+            done.append(f"ConvTranspose {_label(node)} ({kh}x{kw}, stride [{sh}, {sw}], {group} groups) as {sh * sw} phases of shifted products")
+            continue
         kernel = numpy_helper.to_array(weight).reshape(group, ci_g, co_g, kh, kw).transpose(0, 2, 1, 3, 4)
         kernel = np.ascontiguousarray(kernel.reshape(group * co_g, ci_g, kh, kw)[:, :, ::-1, ::-1])
         consts = {
@@ -1344,6 +1355,75 @@ def grouped_deconvs_as_convs(model) -> list[str]:
         del graph.node[:]
         graph.node.extend(nodes)
     return done
+
+
+def _depthwise_deconv_phases(graph, p: str, x: str, bias, out: str, kernel, x_shape, strides, start, out_hw) -> list:
+    """A depthwise ``ConvTranspose`` as sums of shifted products, one per output phase: with
+    ``m = k / s`` taps an axis, output row ``u = q s + r`` of the uncropped result is
+    ``sum_j x[q - j] w[r + j s]`` (x zero outside), so phase ``(ry, rx)`` is the sum of
+    ``m_h m_w`` Slices of x padded by ``m - 1`` zeros, each times its tap's per-channel weight.
+    The phases are interleaved (Concat + Reshape) and cropped to the output (the pads); no
+    product with a stuffed zero."""
+    from onnx import helper, numpy_helper
+
+    n, c, h, w = x_shape
+    sh, sw = strides
+    mh, mw = kernel.shape[1] // sh, kernel.shape[2] // sw
+    hq, wq = h + mh - 1, w + mw - 1  # phase rows / columns
+    consts = {
+        "pads": np.array([0, 0, mh - 1, mw - 1, 0, 0, mh - 1, mw - 1], np.int64),
+        "axes": np.array([2, 3], np.int64),
+        "unsq": np.array([3, 5], np.int64),
+        "shape": np.array([n, c, hq * sh, wq * sw], np.int64),
+        "crop_starts": np.array(start, np.int64),
+        "crop_ends": np.array([start[0] + out_hw[0], start[1] + out_hw[1]], np.int64),
+    }
+    for jy in range(mh):
+        for jx in range(mw):
+            consts[f"s{jy}_{jx}"] = np.array([mh - 1 - jy, mw - 1 - jx], np.int64)
+            consts[f"e{jy}_{jx}"] = np.array([mh - 1 - jy + hq, mw - 1 - jx + wq], np.int64)
+    for key, value in consts.items():
+        graph.initializer.append(numpy_helper.from_array(value, f"{p}_{key}"))
+    nodes = [helper.make_node("Pad", [x, f"{p}_pads"], [f"{p}_xpad"], name=f"{p}_xpad")]
+    for jy in range(mh):
+        for jx in range(mw):
+            name = f"{p}_x{jy}_{jx}"
+            nodes.append(helper.make_node("Slice", [f"{p}_xpad", f"{p}_s{jy}_{jx}", f"{p}_e{jy}_{jx}", f"{p}_axes"], [name], name=name))
+    rows = []
+    for ry in range(sh):
+        columns = []
+        for rx in range(sw):
+            phase = f"{p}_phase{ry}_{rx}"
+            terms = []
+            for jy in range(mh):
+                for jx in range(mw):
+                    tap = f"{phase}_w{jy}_{jx}"
+                    weight = kernel[:, ry + jy * sh, rx + jx * sw].reshape(1, c, 1, 1)
+                    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight, np.float32), tap))
+                    nodes.append(helper.make_node("Mul", [f"{p}_x{jy}_{jx}", tap], [f"{tap}_term"], name=f"{tap}_term"))
+                    terms.append(f"{tap}_term")
+            total = terms[0]
+            for i, term in enumerate(terms[1:]):
+                nodes.append(helper.make_node("Add", [total, term], [f"{phase}_sum{i}"], name=f"{phase}_sum{i}"))
+                total = f"{phase}_sum{i}"
+            nodes.append(helper.make_node("Unsqueeze", [total, f"{p}_unsq"], [f"{phase}_6d"], name=f"{phase}_6d"))
+            columns.append(f"{phase}_6d")
+        nodes.append(helper.make_node("Concat", columns, [f"{p}_row{ry}"], name=f"{p}_row{ry}", axis=5))
+        rows.append(f"{p}_row{ry}")
+    nodes += [
+        helper.make_node("Concat", rows, [f"{p}_phases"], name=f"{p}_phases", axis=3),  # [N, C, Hq, sh, Wq, sw]
+        helper.make_node("Reshape", [f"{p}_phases", f"{p}_shape"], [f"{p}_full"], name=f"{p}_full"),
+        helper.make_node(
+            "Slice", [f"{p}_full", f"{p}_crop_starts", f"{p}_crop_ends", f"{p}_axes"], [out if bias is None else f"{p}_cropped"], name=f"{p}_crop"
+        ),
+    ]
+    if bias is not None:
+        graph.initializer.append(numpy_helper.from_array(np.array([1, c, 1, 1], np.int64), f"{p}_bias_shape"))
+        nodes += [
+            helper.make_node("Reshape", [bias, f"{p}_bias_shape"], [f"{p}_bias4d"], name=f"{p}_bias4d"),
+            helper.make_node("Add", [f"{p}_cropped", f"{p}_bias4d"], [out], name=f"{p}_bias"),
+        ]
+    return nodes
 
 
 def remove_dead_nodes(model) -> None:
