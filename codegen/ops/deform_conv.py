@@ -14,9 +14,9 @@ computation in tensor ops, numerically equal to mmcv's CPU kernel up to float su
 * the sampled columns meet the weight as one batched MatMul (``deform_conv2d``).
 
 Only gathers with in-range indices (an out-of-image neighbour reads a zero row put before the
-image's rows): no GridSample, no scatter, no data-dependent shapes.  That is the form of eager runs, PT2 and IREE
-exports; ``model.onnx`` holds one ONNX ``DeformConv`` node instead (opset 19, onnxruntime's CPU
-kernel, 1.2-3x faster than these ops there: ``codegen.ops.native``).
+image's rows): no GridSample, no scatter, no data-dependent shapes.  That is the form of eager
+runs, PT2 and IREE exports; ``model.onnx`` holds one ONNX ``DeformConv`` node instead (opset 19,
+onnxruntime's CPU kernel, 1.2-3x faster than these ops there: ``codegen.ops.native``).
 """
 
 from __future__ import annotations
@@ -34,15 +34,16 @@ def deform_sample(x: Tensor, offset: Tensor, kernel_size, stride=1, padding=0, d
 
     ``offset`` is ``[B, G * 2 * K, Ho, Wo]`` (G = ``deform_groups``); channels ``c`` of ``x``
     belong to deformable group ``c // (C / G)``. ``mask`` (DCN v2, ``[B, G * K, Ho, Wo]``) scales
-    each sample. Each neighbour is one Gather of whole channel rows from ``x`` as ``[B * G * (1 + H * W),
-    C / G]``: no per-element index tensor (onnxruntime's Expand + GatherElements took 5 of
-    PGD's 16 s).
+    each sample. Each neighbour is one Gather of whole channel rows from ``x`` as
+    ``[B * G * (1 + H * W), C / G]``: no per-element index tensor (onnxruntime's Expand +
+    GatherElements took 5 of PGD's 16 s).
 
     The four neighbours' row indices are stacked into one tensor and each Gather takes its slice
     of it: IREE then reads the index inside the gather's body, and MLIR's vectorizer copies whole
     rows with vector loads (an index that is the fused op's own operand counts as varying along
     the row: one scalar load per sample, as in ``sparse_conv.apply_rulebook``). One thread, 256
-    channels at 58 x 100, the sampling dispatch: 46 -> 15 ms (docs/iree.md).
+    channels at 58 x 100, the sampling dispatch: 46 -> 15 ms, its product compiled without data
+    tiling (``codegen.iree.GATHERED_ROWS_MIN_K``; docs/iree.md).
     """
     kh, kw = _pair(kernel_size)
     sh, sw = _pair(stride)
