@@ -1072,12 +1072,12 @@ def _split_attention(scores, final, shapes: dict, p: str, const) -> list:
 _GATHERED_ROW_PATH = {"Identity", "Reshape", "Transpose", "Mul", "Add"}
 
 
-def gathered_row_matmuls(onnx_path, min_k: int) -> int:
+def gathered_row_matmuls(onnx_path, min_k: int, dynamic_rows: bool = False) -> int:
     """MatMuls of the ONNX file over gathered rows with a static ``K >= min_k`` (the shapes its
     value_info records: ``codegen.iree.iree_onnx`` infers them): a first operand with a dynamic
     row count (the sparse convolutions' gathered rows), or one built from row Gathers through
     reshapes, sums and products only (``_GATHERED_ROW_PATH``: the deformable convolutions' samples,
-    ``ops.deform_conv``)."""
+    ``ops.deform_conv``). ``dynamic_rows``: the first kind only."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
@@ -1099,7 +1099,7 @@ def gathered_row_matmuls(onnx_path, min_k: int) -> int:
         and (dims := shapes.get(node.input[0]))
         and len(dims) >= 2
         and (dims[-1] or 0) >= min_k
-        and (None in dims[:-1] or from_gathers(node.input[0]))
+        and (None in dims[:-1] or (not dynamic_rows and from_gathers(node.input[0])))
     )
 
 

@@ -886,8 +886,10 @@ def test_attention_is_split_without_transposing_its_probabilities(tmp_path):
 @pytest.mark.parametrize("k, tiled", [(432, False), (64, True)])
 def test_matmuls_of_gathered_rows_are_not_data_tiled(tmp_path, k, tiled):
     """The host preset data-tiles matmuls unless one multiplies a dynamic row count by K >= 256
-    (a sparse convolution's gathered rows: SECOND, BEVFusion); the vmfb computes the product."""
-    from codegen.iree import MATMUL_DATA_TILING
+    (a sparse convolution's gathered rows: SECOND, BEVFusion). Such graphs are vectorised with
+    peeled loops (``VECTOR_PEELING``: unmasked full tiles, a remainder loop); the vmfb computes
+    the product for row counts that are and are not a whole number of tiles."""
+    from codegen.iree import MATMUL_DATA_TILING, VECTOR_PEELING
 
     w = np.random.default_rng(2).standard_normal((k, 16)).astype(np.float32)
     graph = helper.make_graph(
@@ -898,11 +900,18 @@ def test_matmuls_of_gathered_rows_are_not_data_tiled(tmp_path, k, tiled):
         [numpy_helper.from_array(w, "w")],
     )
     _save(graph, tmp_path / "m.onnx")
-    info = compile_onnx(tmp_path / "m.onnx", tmp_path / "m.vmfb")
-    assert (MATMUL_DATA_TILING in info.flags) == tiled
-    rows = np.random.default_rng(3).standard_normal((37, k)).astype(np.float32)
-    got = iree_runtime(tmp_path / "m.vmfb", ["rows"], static={}).run((rows,))[0]
-    np.testing.assert_allclose(got, rows @ w, rtol=1e-5, atol=1e-4)
+    dump = tmp_path / "configs"
+    info = compile_onnx(
+        tmp_path / "m.onnx", tmp_path / "m.vmfb", extra_flags=[f"--iree-hal-dump-executable-configurations-to={dump}"]
+    )
+    assert (MATMUL_DATA_TILING in info.flags) == tiled and (VECTOR_PEELING in info.flags) == (not tiled)
+    if not tiled:
+        (matmul,) = [text for f in dump.iterdir() if "linalg.matmul" in (text := f.read_text())]
+        assert "enable_loop_peeling" in matmul
+    runtime = iree_runtime(tmp_path / "m.vmfb", ["rows"], static={})
+    for count in (37, 256):
+        rows = np.random.default_rng(count).standard_normal((count, k)).astype(np.float32)
+        np.testing.assert_allclose(runtime.run((rows,))[0], rows @ w, rtol=1e-5, atol=1e-4)
 
 
 def test_freed_buffers_stay_in_the_process_for_the_next_call():
@@ -1024,12 +1033,14 @@ OTHER_MODELS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("config", sorted(OTHER_MODELS))
 def test_other_models_compile_in_iree_and_match_eager(tmp_path, config):
-    from codegen.iree import MATMUL_DATA_TILING
+    from codegen.iree import MATMUL_DATA_TILING, VECTOR_PEELING
 
     _, meta = _iree_export(tmp_path, config, dataset=OTHER_MODELS[config])
     assert meta["validation"]["max_abs_diff"]["iree"] < 1e-4
-    # sparse convolutions' gathered rows are multiplied without data tiling (GATHERED_ROWS_MIN_K)
-    assert (MATMUL_DATA_TILING in meta["iree"]["flags"]) == config.startswith(("centerpoint_pillar", "pointpillars", "ssn"))
+    # sparse convolutions' gathered rows are multiplied without data tiling (GATHERED_ROWS_MIN_K),
+    # vectorised with peeled loops (VECTOR_PEELING)
+    pillars = config.startswith(("centerpoint_pillar", "pointpillars", "ssn"))
+    assert (MATMUL_DATA_TILING in meta["iree"]["flags"]) == pillars == (VECTOR_PEELING not in meta["iree"]["flags"])
 
 
 def _shipped_with(tmp_path, shipped: str, overrides: str) -> str:
@@ -1109,10 +1120,11 @@ def test_smoke_compiles_in_iree_and_matches_eager(tmp_path):
     ops = {name: [n.op_type for n in onnx.load(str(out / name), load_external_data=False).graph.node] for name in ("model.onnx", "model.iree.onnx")}
     assert ops["model.onnx"].count("DeformConv") == 16 and "DeformConv" not in ops["model.iree.onnx"]
     assert meta["onnx_opset"] == 19 and "native DeformConv nodes (codegen.ops.native)" in meta["onnx_graph_forms"]
-    # their products over gathered samples are multiplied without data tiling (GATHERED_ROWS_MIN_K)
-    from codegen.iree import MATMUL_DATA_TILING
+    # their products over gathered samples are multiplied without data tiling (GATHERED_ROWS_MIN_K);
+    # their row counts are static, so its 1x1 convolutions are not vectorised with peeled loops
+    from codegen.iree import MATMUL_DATA_TILING, VECTOR_PEELING
 
-    assert MATMUL_DATA_TILING not in meta["iree"]["flags"]
+    assert MATMUL_DATA_TILING not in meta["iree"]["flags"] and VECTOR_PEELING not in meta["iree"]["flags"]
 
 
 @pytest.mark.slow
