@@ -18,6 +18,7 @@ measurements behind the graph forms and the presets.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -78,10 +79,12 @@ GATHERED_ROWS_MIN_K = 256
 # The sparse convolutions' products (not data-tiled, above) vectorise their dynamic row count with
 # masks by default: every FMA of an 8 x 16 tile masked and merged, ~55-60 GFLOP/s on a Zen 4 core.
 # Peeled, full 8 x 32 tiles run unmasked and a remainder loop takes the rest: 90-106 GFLOP/s
-# (onnxruntime's MLAS 71-92) on [15000, 1728] x [1728, 64] and the other sparse-conv shapes;
-# CenterPoint voxel's sparse-conv products 1026 -> 542 ms, one thread. The flag is global and
-# halves the speed of static non-data-tiled contractions (PGD's 1x1 convolutions: 11.2 -> 14.7 s),
-# so only graphs with such dynamic-row products get it (graph_forms.gathered_row_matmuls).
+# (onnxruntime's MLAS 71-92) on [15000, 1728] x [1728, 64] and the other sparse-conv shapes. The
+# flag is global, and static contractions that are not data-tiled run up to 2.5x slower peeled
+# (PGD's 1x1 convolutions: 11.2 -> 14.7 s a frame; BEVFusion's Swin: 11.0 -> 13.4 s). So graphs with
+# dynamic-row products (graph_forms.gathered_row_matmuls) are configured twice, with and without
+# it, and only dispatches whose matmul has a dynamic row count take the peeled configuration
+# (``_peel_dynamic_row_matmuls``): CenterPoint voxel 2586 -> 2187 ms one thread.
 VECTOR_PEELING = "--iree-llvmcpu-vector-pproc-strategy=peel"
 
 # preset -> extra iree-compile flags. Every preset is validated against eager on each export.
@@ -256,15 +259,73 @@ def compile_onnx(
         info.rewrites, info.function = iree_onnx(onnx_path, rewritten, sizes)
         if MATMUL_DATA_TILING in flags and gathered_row_matmuls(rewritten, GATHERED_ROWS_MIN_K):
             flags.remove(MATMUL_DATA_TILING)  # see GATHERED_ROWS_MIN_K
-        if VECTOR_PEELING in flags and not gathered_row_matmuls(rewritten, GATHERED_ROWS_MIN_K, dynamic_rows=True):
-            flags.remove(VECTOR_PEELING)  # see VECTOR_PEELING
-        info.flags = flags[len(BASE_FLAGS) :]
+        peel = VECTOR_PEELING in flags
+        if peel:
+            flags.remove(VECTOR_PEELING)  # only for some dispatches: see VECTOR_PEELING
+            if not gathered_row_matmuls(rewritten, GATHERED_ROWS_MIN_K, dynamic_rows=True):
+                peel = False
         _run([sys.executable, "-m", "iree.compiler.tools.import_onnx", str(rewritten), "-o", str(mlir)], "iree-import-onnx")
         info.import_s = round(time.perf_counter() - start, 3)
         start = time.perf_counter()
-        _run([_tool("iree-compile"), str(mlir), *flags, "-o", str(vmfb_path)], "iree-compile")
+        if peel:
+            configured, peeled = _peel_dynamic_row_matmuls(mlir, flags, Path(tmp))
+            info.rewrites.append(f"{peeled} dynamic-row matmul dispatches vectorised with peeled loops ({VECTOR_PEELING})")
+            _run([_tool("iree-compile"), str(configured), *flags, f"--compile-from={CONFIGURED}", "-o", str(vmfb_path)], "iree-compile")
+        else:
+            _run([_tool("iree-compile"), str(mlir), *flags, "-o", str(vmfb_path)], "iree-compile")
+        info.flags = flags[len(BASE_FLAGS) :]
         info.compile_s = round(time.perf_counter() - start, 3)
     return info
+
+
+# the compilation phase whose output holds every dispatch with its codegen configuration
+CONFIGURED = "executable-configurations"
+# a dispatch whose matmul multiplies a dynamic row count (its LHS ``tensor<?xKxf32>``)
+_DYNAMIC_ROW_MATMUL = re.compile(r"linalg\.matmul \{[^\n]*ins\([^\n]*: tensor<\?x\d+xf32>, tensor<\d+x\d+xf32>\)")
+
+
+def _peel_dynamic_row_matmuls(mlir: Path, flags: list[str], tmp: Path) -> tuple[Path, int]:
+    """Configure the dispatches of ``mlir`` twice, with IREE's own choices with and without
+    ``VECTOR_PEELING``; keep the peeled configuration of the dispatches whose matmul has a dynamic
+    row count and the other one elsewhere. Returns the configured module (to compile with
+    ``--compile-from=CONFIGURED``) and how many dispatches took the peeled configuration."""
+    sources, configured = tmp / "sources.mlir", tmp / "configured.mlir"
+    compile_ = [_tool("iree-compile"), *flags]
+    _run([*compile_, str(mlir), "--compile-to=executable-sources", "-o", str(sources)], "iree-compile")
+    texts = {}
+    for peel in (False, True):
+        out = tmp / f"configured_{peel}.mlir"
+        phases = ["--compile-from=executable-sources", f"--compile-to={CONFIGURED}"]
+        _run([*compile_, *([VECTOR_PEELING] if peel else []), *phases, str(sources), "-o", str(out)], "iree-compile")
+        texts[peel] = out.read_text().split("\n")
+    masked, peeled = _executables(texts[False]), _executables(texts[True])
+    if masked.keys() != peeled.keys():
+        raise ExportError("iree-compile formed different dispatches with and without loop peeling")
+    lines, last, count = [], 0, 0
+    for name, (begin, end) in masked.items():  # in file order
+        lines += texts[False][last:begin]
+        p_begin, p_end = peeled[name]
+        if any(_DYNAMIC_ROW_MATMUL.search(line) for line in texts[True][p_begin:p_end]):
+            lines += texts[True][p_begin : p_end + 1]
+            count += 1
+        else:
+            lines += texts[False][begin : end + 1]
+        last = end + 1
+    configured.write_text("\n".join(lines + texts[False][last:]))
+    return configured, count
+
+
+def _executables(lines: list[str]) -> dict[str, tuple[int, int]]:
+    """``{name: (first line, last line)}`` of the module's ``hal.executable`` ops, in file order
+    (printed MLIR: each opens with ``  hal.executable private @name {`` and closes with ``  }``)."""
+    found, i = {}, 0
+    while i < len(lines):
+        if match := re.match(r"  hal\.executable private @(\S+) \{$", lines[i]):
+            end = lines.index("  }", i + 1)
+            found[match.group(1)] = (i, end)
+            i = end
+        i += 1
+    return found
 
 
 def _tool(name: str) -> str:

@@ -886,32 +886,37 @@ def test_attention_is_split_without_transposing_its_probabilities(tmp_path):
 @pytest.mark.parametrize("k, tiled", [(432, False), (64, True)])
 def test_matmuls_of_gathered_rows_are_not_data_tiled(tmp_path, k, tiled):
     """The host preset data-tiles matmuls unless one multiplies a dynamic row count by K >= 256
-    (a sparse convolution's gathered rows: SECOND, BEVFusion). Such graphs are vectorised with
-    peeled loops (``VECTOR_PEELING``: unmasked full tiles, a remainder loop); the vmfb computes
-    the product for row counts that are and are not a whole number of tiles."""
-    from codegen.iree import MATMUL_DATA_TILING, VECTOR_PEELING
+    (a sparse convolution's gathered rows: SECOND, BEVFusion). Such a product is vectorised with
+    peeled loops (``VECTOR_PEELING``: unmasked full tiles, a remainder loop), the graph's static
+    products are not; the vmfb computes both for row counts that are and are not a whole number
+    of tiles."""
+    from codegen.iree import MATMUL_DATA_TILING
 
-    w = np.random.default_rng(2).standard_normal((k, 16)).astype(np.float32)
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((k, 16)).astype(np.float32)
+    w2 = rng.standard_normal((256, 32)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["rows", "w"], ["y"])],
+        [helper.make_node("MatMul", ["rows", "w"], ["y"]), helper.make_node("MatMul", ["grid", "w2"], ["z"])],
         "main_graph",
-        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["n", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])],
-        [numpy_helper.from_array(w, "w")],
+        [
+            helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["n", k]),
+            helper.make_tensor_value_info("grid", TensorProto.FLOAT, [200, 256]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16]), helper.make_tensor_value_info("z", TensorProto.FLOAT, [200, 32])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w2, "w2")],
     )
     _save(graph, tmp_path / "m.onnx")
-    dump = tmp_path / "configs"
-    info = compile_onnx(
-        tmp_path / "m.onnx", tmp_path / "m.vmfb", extra_flags=[f"--iree-hal-dump-executable-configurations-to={dump}"]
-    )
-    assert (MATMUL_DATA_TILING in info.flags) == tiled and (VECTOR_PEELING in info.flags) == (not tiled)
-    if not tiled:
-        (matmul,) = [text for f in dump.iterdir() if "linalg.matmul" in (text := f.read_text())]
-        assert "enable_loop_peeling" in matmul
-    runtime = iree_runtime(tmp_path / "m.vmfb", ["rows"], static={})
+    info = compile_onnx(tmp_path / "m.onnx", tmp_path / "m.vmfb")
+    assert (MATMUL_DATA_TILING in info.flags) == tiled
+    peeled = [r for r in info.rewrites if "peeled loops" in r]
+    assert peeled == ([] if tiled else ["1 dynamic-row matmul dispatches vectorised with peeled loops (--iree-llvmcpu-vector-pproc-strategy=peel)"])
+    runtime = iree_runtime(tmp_path / "m.vmfb", ["rows", "grid"], static={})
+    grid = rng.standard_normal((200, 256)).astype(np.float32)
     for count in (37, 256):
         rows = np.random.default_rng(count).standard_normal((count, k)).astype(np.float32)
-        np.testing.assert_allclose(runtime.run((rows,))[0], rows @ w, rtol=1e-5, atol=1e-4)
+        y, z = runtime.run((rows, grid))
+        np.testing.assert_allclose(y, rows @ w, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(z, grid @ w2, rtol=1e-5, atol=1e-4)
 
 
 def test_freed_buffers_stay_in_the_process_for_the_next_call():
@@ -1033,14 +1038,15 @@ OTHER_MODELS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("config", sorted(OTHER_MODELS))
 def test_other_models_compile_in_iree_and_match_eager(tmp_path, config):
-    from codegen.iree import MATMUL_DATA_TILING, VECTOR_PEELING
+    from codegen.iree import MATMUL_DATA_TILING
 
     _, meta = _iree_export(tmp_path, config, dataset=OTHER_MODELS[config])
     assert meta["validation"]["max_abs_diff"]["iree"] < 1e-4
     # sparse convolutions' gathered rows are multiplied without data tiling (GATHERED_ROWS_MIN_K),
     # vectorised with peeled loops (VECTOR_PEELING)
     pillars = config.startswith(("centerpoint_pillar", "pointpillars", "ssn"))
-    assert (MATMUL_DATA_TILING in meta["iree"]["flags"]) == pillars == (VECTOR_PEELING not in meta["iree"]["flags"])
+    peeled = any("peeled loops" in r for r in meta["iree"]["graph_rewrites"])
+    assert (MATMUL_DATA_TILING in meta["iree"]["flags"]) == pillars == (not peeled)
 
 
 def _shipped_with(tmp_path, shipped: str, overrides: str) -> str:
@@ -1121,10 +1127,11 @@ def test_smoke_compiles_in_iree_and_matches_eager(tmp_path):
     assert ops["model.onnx"].count("DeformConv") == 16 and "DeformConv" not in ops["model.iree.onnx"]
     assert meta["onnx_opset"] == 19 and "native DeformConv nodes (codegen.ops.native)" in meta["onnx_graph_forms"]
     # their products over gathered samples are multiplied without data tiling (GATHERED_ROWS_MIN_K);
-    # their row counts are static, so its 1x1 convolutions are not vectorised with peeled loops
-    from codegen.iree import MATMUL_DATA_TILING, VECTOR_PEELING
+    # their row counts are static: no dispatch is vectorised with peeled loops (VECTOR_PEELING)
+    from codegen.iree import MATMUL_DATA_TILING
 
-    assert MATMUL_DATA_TILING not in meta["iree"]["flags"] and VECTOR_PEELING not in meta["iree"]["flags"]
+    assert MATMUL_DATA_TILING not in meta["iree"]["flags"]
+    assert not any("peeled loops" in r for r in meta["iree"]["graph_rewrites"])
 
 
 @pytest.mark.slow
