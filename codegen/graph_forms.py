@@ -1072,12 +1072,12 @@ def _split_attention(scores, final, shapes: dict, p: str, const) -> list:
 _GATHERED_ROW_PATH = {"Identity", "Reshape", "Transpose", "Mul", "Add"}
 
 
-def gathered_row_matmuls(onnx_path, min_k: int, dynamic_rows: bool = False) -> int:
+def gathered_row_matmuls(onnx_path, min_k: int) -> tuple[int, int]:
     """MatMuls of the ONNX file over gathered rows with a static ``K >= min_k`` (the shapes its
-    value_info records: ``codegen.iree.iree_onnx`` infers them): a first operand with a dynamic
-    row count (the sparse convolutions' gathered rows), or one built from row Gathers through
-    reshapes, sums and products only (``_GATHERED_ROW_PATH``: the deformable convolutions' samples,
-    ``ops.deform_conv``). ``dynamic_rows``: the first kind only."""
+    value_info records: ``codegen.iree.iree_onnx`` infers them), as ``(dynamic, sampled)``
+    counts: a first operand with a dynamic row count (the sparse convolutions' gathered rows), or
+    one built from row Gathers through reshapes, sums and products only (``_GATHERED_ROW_PATH``:
+    the deformable convolutions' samples, ``ops.deform_conv``)."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
@@ -1092,15 +1092,16 @@ def gathered_row_matmuls(onnx_path, min_k: int, dynamic_rows: bool = False) -> i
             return True
         return node.op_type in _GATHERED_ROW_PATH and any(from_gathers(i, depth - 1) for i in node.input[:2])
 
-    return sum(
-        1
-        for node in graph.node
-        if node.op_type == "MatMul"
-        and (dims := shapes.get(node.input[0]))
-        and len(dims) >= 2
-        and (dims[-1] or 0) >= min_k
-        and (None in dims[:-1] or (not dynamic_rows and from_gathers(node.input[0])))
-    )
+    dynamic = sampled = 0
+    for node in graph.node:
+        dims = shapes.get(node.input[0]) if node.op_type == "MatMul" else None
+        if not dims or len(dims) < 2 or (dims[-1] or 0) < min_k:
+            continue
+        if None in dims[:-1]:
+            dynamic += 1
+        elif from_gathers(node.input[0]):
+            sampled += 1
+    return dynamic, sampled
 
 
 def drop_empty_concat_inputs(model) -> list[str]:

@@ -81,10 +81,10 @@ GATHERED_ROWS_MIN_K = 256
 # Peeled, full 8 x 32 tiles run unmasked and a remainder loop takes the rest: 90-106 GFLOP/s
 # (onnxruntime's MLAS 71-92) on [15000, 1728] x [1728, 64] and the other sparse-conv shapes. The
 # flag is global, and static contractions that are not data-tiled run up to 2.5x slower peeled
-# (PGD's 1x1 convolutions: 11.2 -> 14.7 s a frame; BEVFusion's Swin: 11.0 -> 13.4 s). So graphs with
-# dynamic-row products (graph_forms.gathered_row_matmuls) are configured twice, with and without
-# it, and only dispatches whose matmul has a dynamic row count take the peeled configuration
-# (``_peel_dynamic_row_matmuls``): CenterPoint voxel 2586 -> 2187 ms one thread.
+# (PGD's 1x1 convolutions: 11.2 -> 14.7 s a frame; BEVFusion's Swin: 11.0 -> 13.4 s). So graphs
+# with dynamic-row products (graph_forms.gathered_row_matmuls' first count) are configured twice,
+# with and without it, and only dispatches whose matmul has a dynamic row count take the peeled
+# configuration (``_peel_dynamic_row_matmuls``): CenterPoint voxel 2586 -> 2187 ms one thread.
 VECTOR_PEELING = "--iree-llvmcpu-vector-pproc-strategy=peel"
 
 # preset -> extra iree-compile flags. Every preset is validated against eager on each export.
@@ -257,13 +257,14 @@ def compile_onnx(
         start = time.perf_counter()
         sizes = {dim: spec["size"] for dim, spec in info.static.items()}
         info.rewrites, info.function = iree_onnx(onnx_path, rewritten, sizes)
-        if MATMUL_DATA_TILING in flags and gathered_row_matmuls(rewritten, GATHERED_ROWS_MIN_K):
+        dynamic_rows = sampled_rows = 0
+        if MATMUL_DATA_TILING in flags or VECTOR_PEELING in flags:
+            dynamic_rows, sampled_rows = gathered_row_matmuls(rewritten, GATHERED_ROWS_MIN_K)
+        if MATMUL_DATA_TILING in flags and dynamic_rows + sampled_rows:
             flags.remove(MATMUL_DATA_TILING)  # see GATHERED_ROWS_MIN_K
-        peel = VECTOR_PEELING in flags
-        if peel:
+        peel = VECTOR_PEELING in flags and dynamic_rows > 0
+        if VECTOR_PEELING in flags:
             flags.remove(VECTOR_PEELING)  # only for some dispatches: see VECTOR_PEELING
-            if not gathered_row_matmuls(rewritten, GATHERED_ROWS_MIN_K, dynamic_rows=True):
-                peel = False
         _run([sys.executable, "-m", "iree.compiler.tools.import_onnx", str(rewritten), "-o", str(mlir)], "iree-import-onnx")
         info.import_s = round(time.perf_counter() - start, 3)
         start = time.perf_counter()

@@ -165,7 +165,7 @@ def test_iree_form_matches_mmcv_in_iree(case, tmp_path):
     assert native.used(program) == []  # no DeformConv node in IREE's graph
     iree_onnx(tmp_path / "op.onnx", tmp_path / "iree.onnx")
     wide = groups == 1  # K = 576 against 144
-    assert gathered_row_matmuls(tmp_path / "iree.onnx", GATHERED_ROWS_MIN_K) == (1 if wide else 0)
+    assert gathered_row_matmuls(tmp_path / "iree.onnx", GATHERED_ROWS_MIN_K) == (0, 1 if wide else 0)  # static rows
     compiled = compile_onnx(tmp_path / "op.onnx", tmp_path / "dcn.vmfb")
     assert (MATMUL_DATA_TILING in compiled.flags) == (not wide)
     run = iree_runtime(tmp_path / "dcn.vmfb", ["x", "offset", "mask"], static={}).run
