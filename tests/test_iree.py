@@ -839,8 +839,8 @@ def test_attention_is_split_without_transposing_its_probabilities(tmp_path):
     """``split_long_reductions`` on a whole attention (BEVFusion's cross-attention: 8 heads, 200
     queries, 32400 BEV cells): the scores come out as [8, 180, 200, 180] parts, the value product
     is summed over the parts and divided by the softmax's sum once; no Softmax, no Div and no
-    Transpose over the 8 x 200 x 32400 probabilities. onnxruntime gives the original's values, IREE
-    the float64 attention closer than onnxruntime's unsplit original."""
+    Transpose over the 8 x 200 x 32400 probabilities. onnxruntime and IREE give the float64
+    attention within 1e-5 and closer than onnxruntime's unsplit original."""
     from codegen.graph_forms import split_long_reductions
 
     rng = np.random.default_rng(1)
@@ -869,17 +869,19 @@ def test_attention_is_split_without_transposing_its_probabilities(tmp_path):
     shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in onnx.shape_inference.infer_shapes(split).graph.value_info}
     transposed = next(node.output[0] for node in split.graph.node if node.op_type == "Transpose")
     assert shapes[transposed] == [h, 180, c, 180]  # the keys, not the probabilities
-    feeds = {"q": q, "kt": kt, "v": v}
-    original = ort.InferenceSession(str(path)).run(None, feeds)[0]
-    rewritten = ort.InferenceSession(split.SerializeToString()).run(None, feeds)[0]
-    np.testing.assert_allclose(rewritten, original, rtol=1e-5, atol=1e-6)
-
-    compile_onnx(path, tmp_path / "m.vmfb")
-    got = iree_runtime(tmp_path / "m.vmfb", ["q", "kt", "v"], static={}).run((q, kt, v))[0]
     scores = q.astype(np.float64) @ kt.astype(np.float64)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     exact = np.maximum((weights / weights.sum(-1, keepdims=True)) @ v.astype(np.float64), 0)
-    # measured 3.3e-6; onnxruntime's unsplit original 1.1e-5
+    feeds = {"q": q, "kt": kt, "v": v}
+    original = ort.InferenceSession(str(path)).run(None, feeds)[0]
+    rewritten = ort.InferenceSession(split.SerializeToString()).run(None, feeds)[0]
+    # onnxruntime, against the float64 attention: the split form 2.7e-6, the unsplit original
+    # 1.1e-5 (AVX-512 hosts) to 2.3e-5 (AVX2: MLAS's other kernels); the two differ by as much
+    assert np.abs(rewritten - exact).max() < min(1e-5, np.abs(original - exact).max())
+
+    compile_onnx(path, tmp_path / "m.vmfb")
+    got = iree_runtime(tmp_path / "m.vmfb", ["q", "kt", "v"], static={}).run((q, kt, v))[0]
+    # measured 3.3e-6
     assert np.abs(got - exact).max() < min(1e-5, np.abs(original - exact).max())
 
 
