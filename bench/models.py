@@ -253,7 +253,8 @@ def _export(wrapper: Path, cache: Path, with_iree: bool = True) -> tuple[Path, d
     from codegen import iree
     from codegen.metadata import IREE_ONNX
 
-    key = wrapper.read_bytes() + json.dumps([iree.PRESETS, with_iree], sort_keys=True).encode()
+    presets = {name: iree.preset_flags(name) for name in iree.PRESETS}  # as this host resolves them
+    key = wrapper.read_bytes() + json.dumps([presets, with_iree], sort_keys=True).encode()
     key += b"".join(p.read_bytes() for p in sorted((REPO / "codegen").rglob("*.py")))
     digest = hashlib.sha256(key).hexdigest()[:16]
     out = cache / wrapper.stem.removeprefix("wrapper_")
@@ -314,8 +315,11 @@ def _export(wrapper: Path, cache: Path, with_iree: bool = True) -> tuple[Path, d
 def bench_model(wrapper: Path, cache: Path, runs: int, log=print, with_iree: bool = True) -> dict:
     from codegen.iree import DEFAULT_PRESET
 
+    from codegen.iree import host_isa
+
     out, row = _export(wrapper, cache, with_iree)
     row["wrapper"] = wrapper.name
+    row["cpu_isa"] = host_isa()  # the host preset's convolutions depend on it (codegen.iree.preset_flags)
     if not row["export_ok"]:
         log(f"  export failed: {row['error']}")
         return row
@@ -385,17 +389,18 @@ def write_report(rows: list[dict], runs: int, notes: list[str] = ()) -> None:
         "of the FLOP-counting process). `predict` is "
         "mmdet3d's eager predict with mmcv CPU ops (*patched*: with the tool's op replacements, the original cannot run "
         "on a CPU). Peak RSS is the child process's, Python + torch included. Every runtime uses as many threads "
-        "as the process has CPUs.",
+        "as the process has CPUs. CPU: the widest vector ISA of the host the row was timed on (avx512 or avx2; "
+        "the IREE `host` preset's convolutions depend on it, and rows from different hosts are not comparable).",
         "",
         *[line for note in notes for line in (note, "")],
-        "| model | GFLOP | floor ms | " + " | ".join(runtimes) + " | export s / GiB |",
-        "|---|---:|---:|" + "---:|" * len(runtimes) + "---:|",
+        "| model | CPU | GFLOP | floor ms | " + " | ".join(runtimes) + " | export s / GiB |",
+        "|---|---|---:|---:|" + "---:|" * len(runtimes) + "---:|",
     ]
     for r in rows:
         name = _model_name(r)
         if not r.get("export_ok"):
             lines.append(
-                f"| {name} | | | " + " | ".join("" for _ in runtimes) + f" | failed: {r.get('error', '')[:80]} |"
+                f"| {name} | | | | " + " | ".join("" for _ in runtimes) + f" | failed: {r.get('error', '')[:80]} |"
             )
             continue
         cells = []
@@ -410,7 +415,7 @@ def write_report(rows: list[dict], runs: int, notes: list[str] = ()) -> None:
             mark = "*" if k == "predict" and r.get("reference_patched") else ""
             cells.append(f"{v}{mark} ({'; '.join(ratios)})")
         lines.append(
-            f"| {name} | {r.get('gflop', '')} | {r.get('fp32_floor_ms', '')} | "
+            f"| {name} | {r.get('cpu_isa', '')} | {r.get('gflop', '')} | {r.get('fp32_floor_ms', '')} | "
             + " | ".join(cells)
             + f" | {r['export_s']} / {r['export_peak_rss_gib']} |"
         )

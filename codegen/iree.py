@@ -17,6 +17,7 @@ measurements behind the graph forms and the presets.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -65,7 +66,14 @@ CHANNELS_LAST = "--iree-preprocessing-pass-pipeline=builtin.module(util.func(ire
 # data-tiled (NCHWc-like) form runs the 256-channel 3x3 convs 2.7x faster than the direct NHWC
 # one on a Xeon core (whole models 1.0-2.2x)
 MATMUL_DATA_TILING = "--iree-dispatch-creation-experimental-set-data-tiling-ops=matmul"
-DATA_TILED_OPS = (MATMUL_DATA_TILING, "--iree-dispatch-creation-experimental-set-data-tiling-ops=convolution")
+CONV_DATA_TILING = "--iree-dispatch-creation-experimental-set-data-tiling-ops=convolution"
+DATA_TILED_OPS = (MATMUL_DATA_TILING, CONV_DATA_TILING)
+
+# Without AVX-512 both direct convolution paths are slow (PointPillars on a Zen 3 host, two
+# threads: data-tiled 7.6 s, plain NHWC 9.1 s): convolutions go through im2col and the data-tiled
+# matmul ukernels instead (0.60-0.64 s; onnxruntime 0.36 s). ``preset_flags`` makes this choice
+# for ``host``; ``portable`` always makes it.
+IM2COL_CONVS = "--iree-global-opt-use-im2col-for-convs"
 
 # Matmuls over gathered rows (sparse convolutions: a dynamic row count, K = offsets x channels;
 # deformable convolutions: bilinear sums of gathered rows, K = taps x channels) are not
@@ -93,7 +101,8 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "default": ("--iree-llvmcpu-target-cpu=generic",),
     # the host CPU's ISA (AVX-512 where present), NHWC convolutions, data tiling (matmuls and,
     # since 2026-12-02, convolutions: PointPillars 1117 -> 866 ms, PointPillars nuScenes
-    # 3269 -> 1481 ms on one Xeon core; docs/iree.md) + ukernels
+    # 3269 -> 1481 ms on one Xeon core; docs/iree.md) + ukernels. On a CPU without AVX-512,
+    # convolutions through im2col instead (``preset_flags``)
     "host": (
         "--iree-llvmcpu-target-cpu=host",
         "--iree-opt-data-tiling",
@@ -102,18 +111,40 @@ PRESETS: dict[str, tuple[str, ...]] = {
         *DATA_TILED_OPS,
         VECTOR_PEELING,
     ),
-    # any x86-64 CPU with AVX2 + FMA (x86-64-v3: Haswell, Zen 1 and later). Without AVX-512 the
-    # direct NHWC convolutions are slow (12 s for PointPillars): convolutions go through im2col
-    # and the data-tiled matmul ukernels instead (1.6 s)
+    # any x86-64 CPU with AVX2 + FMA (x86-64-v3: Haswell, Zen 1 and later), so convolutions
+    # through im2col (IM2COL_CONVS; PointPillars 12 s -> 1.6 s on one core)
     "portable": (
         "--iree-llvmcpu-target-cpu=x86-64-v3",
         "--iree-opt-data-tiling",
         "--iree-llvmcpu-enable-ukernels=all",
         CHANNELS_LAST,
-        "--iree-global-opt-use-im2col-for-convs",
+        IM2COL_CONVS,
     ),
 }
 DEFAULT_PRESET = "host"
+
+
+@functools.cache
+def host_isa() -> str:
+    """The widest x86 vector ISA of this CPU as IREE's runtime sees it (``iree-cpuinfo``, shipped
+    with iree-base-runtime): ``avx512`` (AVX-512F), ``avx2``, or ``other``."""
+    try:
+        out = subprocess.run([_tool("iree-cpuinfo")], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "other"
+    features = {name for name, value in re.findall(r"^(\S+)\s+(\d+)$", out, re.M) if value == "1"}
+    return "avx512" if "avx512f" in features else "avx2" if "avx2" in features else "other"
+
+
+def preset_flags(preset: str, isa: str | None = None) -> tuple[str, ...]:
+    """``PRESETS[preset]`` for a CPU with ``isa`` (default: this host's): ``host`` keeps its
+    data-tiled direct convolutions on AVX-512 only, and otherwise takes ``IM2COL_CONVS``."""
+    if preset not in PRESETS:
+        raise ExportError(f"unknown IREE preset {preset!r} (choose from {', '.join(PRESETS)})")
+    flags = PRESETS[preset]
+    if preset == "host" and (isa or host_isa()) != "avx512":
+        flags = (*(f for f in flags if f != CONV_DATA_TILING), IM2COL_CONVS)
+    return flags
 
 
 @dataclass
@@ -129,11 +160,13 @@ class Compiled:
     import_s: float = 0.0
     compile_s: float = 0.0
     onnx_forms: list[str] | None = None  # CPU graph forms of the ONNX it was compiled from
+    host_isa: str = ""  # the compiling CPU's ISA (``host_isa``): ``host``'s flags depend on it
 
     def to_json(self) -> dict:
         return {
             "preset": self.preset,
             "flags": self.flags,
+            "host_isa": self.host_isa,
             "static": self.static or None,
             "padding": self.padding,
             "padding_rule": PADDINGS.get(self.padding) if self.static else None,
@@ -248,10 +281,8 @@ def compile_onnx(
 
     ``static``: ``{dim: {"size": N, "inputs": {name: axis}}}`` pins those dims (the caller pads
     inputs with ``pad_inputs`` and ``padding``)."""
-    if preset not in PRESETS:
-        raise ExportError(f"unknown IREE preset {preset!r} (choose from {', '.join(PRESETS)})")
-    flags = [*BASE_FLAGS, *PRESETS[preset], *extra_flags]
-    info = Compiled(preset, flags[len(BASE_FLAGS) :], dict(static or {}), padding)
+    flags = [*BASE_FLAGS, *preset_flags(preset), *extra_flags]
+    info = Compiled(preset, flags[len(BASE_FLAGS) :], dict(static or {}), padding, host_isa=host_isa())
     with tempfile.TemporaryDirectory(prefix="mmdet3d-iree-") as tmp:
         rewritten, mlir = Path(tmp) / "model.onnx", Path(tmp) / "model.mlir"
         start = time.perf_counter()
