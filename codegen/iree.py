@@ -82,6 +82,9 @@ IM2COL_CONVS = "--iree-global-opt-use-im2col-for-convs"
 # PointPillars, whose dynamic-row matmuls are narrow, 687 -> 711 ms, so it keeps them). Fused
 # into the DCN sampling, the pack stores each sample element by element (PGD 12.7 -> 11.6 s,
 # SMOKE 1948 -> 1890 ms without it, one thread; graph_forms.gathered_row_matmuls).
+# (Measured on AVX-512 hosts. Without AVX-512 the convolutions go through im2col as matmuls,
+# which need matmul data tiling (PointPillars 820 -> 630 ms without / with), and data tiling
+# selects op kinds, not dispatches: there every matmul keeps it, gathered rows included.)
 GATHERED_ROWS_MIN_K = 256
 
 # The sparse convolutions' products (not data-tiled, above) vectorise their dynamic row count with
@@ -291,9 +294,10 @@ def compile_onnx(
         dynamic_rows = sampled_rows = 0
         if MATMUL_DATA_TILING in flags or VECTOR_PEELING in flags:
             dynamic_rows, sampled_rows = gathered_row_matmuls(rewritten, GATHERED_ROWS_MIN_K)
-        if MATMUL_DATA_TILING in flags and dynamic_rows + sampled_rows:
+        if MATMUL_DATA_TILING in flags and dynamic_rows + sampled_rows and IM2COL_CONVS not in flags:
             flags.remove(MATMUL_DATA_TILING)  # see GATHERED_ROWS_MIN_K
-        peel = VECTOR_PEELING in flags and dynamic_rows > 0
+        # data-tiled matmuls run IREE's mmt4d kernels, which are not vectorised with masks
+        peel = VECTOR_PEELING in flags and dynamic_rows > 0 and MATMUL_DATA_TILING not in flags
         if VECTOR_PEELING in flags:
             flags.remove(VECTOR_PEELING)  # only for some dispatches: see VECTOR_PEELING
         _run([sys.executable, "-m", "iree.compiler.tools.import_onnx", str(rewritten), "-o", str(mlir)], "iree-import-onnx")

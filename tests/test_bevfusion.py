@@ -359,12 +359,13 @@ def test_bevfusion_lidar_onnx(tmp_path):
 def test_bevfusion_lidar_compiles_in_iree_and_matches(tmp_path):
     """The TransFusion decoder's cross-attention over 32400 BEV cells validates in IREE since its
     long sums are split (``graph_forms.split_long_reductions``; before: ``dim`` 1.9e-4 off); its
-    sparse convolutions' matmuls are not data-tiled (``codegen.iree.GATHERED_ROWS_MIN_K``)."""
-    from codegen.iree import MATMUL_DATA_TILING
+    sparse convolutions' matmuls are not data-tiled (``codegen.iree.GATHERED_ROWS_MIN_K``) unless
+    the convolutions go through im2col (a CPU without AVX-512)."""
+    from codegen.iree import IM2COL_CONVS, MATMUL_DATA_TILING
 
     meta = _export(LIDAR, "iree", tmp_path)
     assert any(r.startswith("attention") for r in meta["iree"]["graph_rewrites"])
-    assert MATMUL_DATA_TILING not in meta["iree"]["flags"]
+    assert (MATMUL_DATA_TILING in meta["iree"]["flags"]) == (IM2COL_CONVS in meta["iree"]["flags"])
 
 
 @pytest.mark.slow

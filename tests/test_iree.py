@@ -905,8 +905,11 @@ def test_matmuls_of_gathered_rows_are_not_data_tiled(tmp_path, k, tiled):
     (a sparse convolution's gathered rows: SECOND, BEVFusion). Such a product is vectorised with
     peeled loops (``VECTOR_PEELING``: unmasked full tiles, a remainder loop), the graph's static
     products are not; the vmfb computes both for row counts that are and are not a whole number
-    of tiles."""
-    from codegen.iree import MATMUL_DATA_TILING
+    of tiles. Without AVX-512 every matmul is data-tiled: the convolutions go through im2col as
+    matmuls, which need it."""
+    from codegen.iree import MATMUL_DATA_TILING, host_isa
+
+    tiled = tiled or host_isa() != "avx512"
 
     rng = np.random.default_rng(2)
     w = rng.standard_normal((k, 16)).astype(np.float32)
@@ -1059,15 +1062,16 @@ OTHER_MODELS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("config", sorted(OTHER_MODELS))
 def test_other_models_compile_in_iree_and_match_eager(tmp_path, config):
-    from codegen.iree import MATMUL_DATA_TILING
+    from codegen.iree import IM2COL_CONVS, MATMUL_DATA_TILING
 
     _, meta = _iree_export(tmp_path, config, dataset=OTHER_MODELS[config])
     assert meta["validation"]["max_abs_diff"]["iree"] < 1e-4
     # sparse convolutions' gathered rows are multiplied without data tiling (GATHERED_ROWS_MIN_K),
-    # vectorised with peeled loops (VECTOR_PEELING)
-    pillars = config.startswith(("centerpoint_pillar", "pointpillars", "ssn"))
+    # vectorised with peeled loops (VECTOR_PEELING); without AVX-512 (convolutions through im2col)
+    # every matmul is data-tiled
+    tiled = config.startswith(("centerpoint_pillar", "pointpillars", "ssn")) or IM2COL_CONVS in meta["iree"]["flags"]
     peeled = any("peeled loops" in r for r in meta["iree"]["graph_rewrites"])
-    assert (MATMUL_DATA_TILING in meta["iree"]["flags"]) == pillars == (not peeled)
+    assert (MATMUL_DATA_TILING in meta["iree"]["flags"]) == tiled == (not peeled)
 
 
 def _shipped_with(tmp_path, shipped: str, overrides: str) -> str:
@@ -1147,11 +1151,12 @@ def test_smoke_compiles_in_iree_and_matches_eager(tmp_path):
     ops = {name: [n.op_type for n in onnx.load(str(out / name), load_external_data=False).graph.node] for name in ("model.onnx", "model.iree.onnx")}
     assert ops["model.onnx"].count("DeformConv") == 16 and "DeformConv" not in ops["model.iree.onnx"]
     assert meta["onnx_opset"] == 19 and "native DeformConv nodes (codegen.ops.native)" in meta["onnx_graph_forms"]
-    # their products over gathered samples are multiplied without data tiling (GATHERED_ROWS_MIN_K);
-    # their row counts are static: no dispatch is vectorised with peeled loops (VECTOR_PEELING)
-    from codegen.iree import MATMUL_DATA_TILING
+    # their products over gathered samples are multiplied without data tiling (GATHERED_ROWS_MIN_K)
+    # unless the convolutions go through im2col (no AVX-512); their row counts are static: no
+    # dispatch is vectorised with peeled loops (VECTOR_PEELING)
+    from codegen.iree import IM2COL_CONVS, MATMUL_DATA_TILING
 
-    assert MATMUL_DATA_TILING not in meta["iree"]["flags"]
+    assert (MATMUL_DATA_TILING in meta["iree"]["flags"]) == (IM2COL_CONVS in meta["iree"]["flags"])
     assert not any("peeled loops" in r for r in meta["iree"]["graph_rewrites"])
 
 

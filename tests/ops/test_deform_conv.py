@@ -152,9 +152,10 @@ def test_iree_form_matches_mmcv_in_iree(case, tmp_path):
     inputs. Its product over the samples counts as a MatMul over gathered rows when K >= 256,
     which then compiles without matmul data tiling (``codegen.iree.GATHERED_ROWS_MIN_K``: the
     pack fused into the sampling stored every sample element by element); the grouped head's
-    narrow product keeps it."""
+    narrow product keeps it, as does every product on a CPU without AVX-512 (convolutions through
+    im2col)."""
     from codegen.graph_forms import gathered_row_matmuls
-    from codegen.iree import GATHERED_ROWS_MIN_K, MATMUL_DATA_TILING, compile_onnx, iree_onnx, iree_runtime
+    from codegen.iree import GATHERED_ROWS_MIN_K, IM2COL_CONVS, MATMUL_DATA_TILING, compile_onnx, iree_onnx, iree_runtime
     from codegen.ops.forms import iree_forms
 
     c_in, c_out, h, w, stride, pad, dil, groups, dg = IREE_CASES[case]
@@ -167,7 +168,7 @@ def test_iree_form_matches_mmcv_in_iree(case, tmp_path):
     wide = groups == 1  # K = 576 against 144
     assert gathered_row_matmuls(tmp_path / "iree.onnx", GATHERED_ROWS_MIN_K) == (0, 1 if wide else 0)  # static rows
     compiled = compile_onnx(tmp_path / "op.onnx", tmp_path / "dcn.vmfb")
-    assert (MATMUL_DATA_TILING in compiled.flags) == (not wide)
+    assert (MATMUL_DATA_TILING in compiled.flags) == (not wide or IM2COL_CONVS in compiled.flags)
     run = iree_runtime(tmp_path / "dcn.vmfb", ["x", "offset", "mask"], static={}).run
     weight, bias = module.weight.detach(), module.bias.detach()
     for x, offset, mask, *_ in inputs:
