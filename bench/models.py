@@ -313,9 +313,7 @@ def _export(wrapper: Path, cache: Path, with_iree: bool = True) -> tuple[Path, d
 
 
 def bench_model(wrapper: Path, cache: Path, runs: int, log=print, with_iree: bool = True) -> dict:
-    from codegen.iree import DEFAULT_PRESET
-
-    from codegen.iree import host_isa
+    from codegen.iree import DEFAULT_PRESET, host_isa
 
     out, row = _export(wrapper, cache, with_iree)
     row["wrapper"] = wrapper.name
