@@ -907,9 +907,7 @@ def test_matmuls_of_gathered_rows_are_not_data_tiled(tmp_path, k, tiled):
     products are not; the vmfb computes both for row counts that are and are not a whole number
     of tiles. Without AVX-512 every matmul is data-tiled: the convolutions go through im2col as
     matmuls, which need it."""
-    from codegen.iree import MATMUL_DATA_TILING, host_isa
-
-    tiled = tiled or host_isa() != "avx512"
+    from codegen.iree import IM2COL_CONVS, MATMUL_DATA_TILING
 
     rng = np.random.default_rng(2)
     w = rng.standard_normal((k, 16)).astype(np.float32)
@@ -926,6 +924,7 @@ def test_matmuls_of_gathered_rows_are_not_data_tiled(tmp_path, k, tiled):
     )
     _save(graph, tmp_path / "m.onnx")
     info = compile_onnx(tmp_path / "m.onnx", tmp_path / "m.vmfb")
+    tiled = tiled or IM2COL_CONVS in info.flags
     assert (MATMUL_DATA_TILING in info.flags) == tiled
     peeled = [r for r in info.rewrites if "peeled loops" in r]
     assert peeled == ([] if tiled else ["1 dynamic-row matmul dispatches vectorised with peeled loops (--iree-llvmcpu-vector-pproc-strategy=peel)"])
