@@ -21,8 +21,10 @@ against the eager model.
   ``split_long_reductions``: long f32 sums IREE adds in order, as sums of sums, and
   ``strided_pointwise_convs_as_slices``: strided 1x1 Convs IREE runs as slow generic reductions,
   ``grouped_deconvs_as_convs``: grouped ConvTransposes IREE rejects,
-  ``row_max_pools_as_reductions``: one-row MaxPools IREE runs as data-tiled convolutions
-  (applied to the IREE copy only, ``codegen.iree.iree_onnx``).
+  ``row_max_pools_as_reductions``: one-row MaxPools IREE runs as data-tiled convolutions,
+  and, where IREE's flags send convolutions through im2col, ``shifted_output_convs``: stride-1
+  convolutions as one MatMul over all kernel taps + shifted sums (applied to the IREE copy
+  only, ``codegen.iree.iree_onnx``).
 
 docs/iree.md and docs/bench_models.md have the measurements.
 """
@@ -1274,6 +1276,118 @@ def row_max_pools_as_reductions(model) -> list[str]:
     del graph.node[:]
     graph.node.extend(nodes)
     return [f"{count} MaxPool(s) over windows of one row as Slice + Reshape + ReduceMax"]
+
+
+# ops a channels-first tensor passes through on its way to convolutions while IREE keeps it
+# channels-last (its transposes propagate through elementwise ops)
+_ELEMENTWISE = {
+    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Clip", "Identity", "Add", "Sub", "Mul", "Div", "BatchNormalization",
+}
+
+
+def _read_channels_last(name: str, readers: dict, outputs: set) -> bool:
+    """Whether every path from ``name`` through elementwise ops ends at a ``Conv`` /
+    ``ConvTranspose`` or at a ``Transpose`` to channels-last: IREE runs those channels-last
+    (``iree-preprocessing-convert-conv-to-channels-last``), so a channels-last producer's
+    transposes cancel against theirs. A graph output or any other reader (GroupNorm's Reshape,
+    a Concat, ...) reads it channels-first."""
+    todo, seen = [name], set()
+    while todo:
+        value = todo.pop()
+        if value in outputs or not readers.get(value):
+            return False
+        for node in readers[value]:
+            perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+            if node.op_type in ("Conv", "ConvTranspose") or (node.op_type == "Transpose" and perm == [[0, 2, 3, 1]]):
+                continue
+            if node.op_type not in _ELEMENTWISE:
+                return False
+            if node.output[0] not in seen:
+                seen.add(node.output[0])
+                todo.append(node.output[0])
+    return True
+
+
+def shifted_output_convs(model) -> list[str]:
+    """A stride-1 ``Conv`` (constant 4-D weight ``[cout, c, kh, kw]`` with ``kh * kw > 1``, one
+    group, no dilation, explicit pads, static input shape, ``cout <= c``) -> one channels-last
+    ``MatMul`` of every padded input pixel with all ``kh * kw`` kernel taps at once
+    (``[pixels, c] x [c, taps * cout]``) and a ``Sum`` of ``kh * kw`` shifted ``Slice`` s of its
+    result (tap ``(dy, dx)``'s columns, rows shifted by ``(dy, dx)``) plus the bias: the same
+    products, summed per output pixel in another order.
+
+    For IREE's im2col convolutions (``codegen.iree.IM2COL_CONVS``, hosts without AVX-512):
+    IREE 3.13 writes the im2col matrix straight into the data-tiled matmul's 8 x 1 LHS tiles, a
+    transposing gather at ~2.5 GB/s, as long as the product itself (PointPillars' 124 x 108,
+    128-channel 3x3 conv, one Zen 3 thread: 26 ms gather + 54 ms product). Here only the input
+    is packed (its 1/9th), and the shifted sums are one vectorised elementwise dispatch: 72 ms
+    (64 channels at 248 x 216: 112 -> 88 ms; 256 at 62 x 54: 76 -> 61 ms). ``cout <= c`` keeps
+    the product's result no larger than the im2col matrix it replaces (64 -> 128 channels: 50 ->
+    130 ms). Only where the result stays channels-last (``_read_channels_last``) or is small
+    (``8 * cout <= c``: CenterPoint's and PGD's last head convolutions): written back
+    channels-first, the shifted sums become a transposing dispatch (128 channels: 6 -> 52 ms).
+    Applied to the IREE copy only, when its flags send convolutions through im2col
+    (``codegen.iree.iree_onnx``)."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    shapes = _shapes(graph)
+    readers = _readers(graph)
+    outputs = {o.name for o in graph.output}
+    done, nodes = [], []
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute} if node.op_type == "Conv" else {}
+        weight = numpy_helper.to_array(inits[node.input[1]]) if node.op_type == "Conv" and node.input[1] in inits else None
+        dims = _static_shape(shapes, node.input[0]) if weight is not None else None
+        if (
+            weight is None or weight.ndim != 4 or weight.shape[2] * weight.shape[3] == 1
+            or weight.shape[0] > weight.shape[1] or attrs.get("group", 1) != 1
+            or any(s != 1 for s in attrs.get("strides", [])) or any(d != 1 for d in attrs.get("dilations", []))
+            or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or dims is None or len(dims) != 4
+            or not (8 * weight.shape[0] <= weight.shape[1] or _read_channels_last(node.output[0], readers, outputs))
+        ):
+            nodes.append(node)
+            continue
+        cout, c, kh, kw = weight.shape
+        n, _, h, w = dims
+        top, left, bottom, right = list(attrs.get("pads", [0, 0, 0, 0]))
+        hp, wp = h + top + bottom, w + left + right
+        ho, wo, taps = hp - kh + 1, wp - kw + 1, kh * kw
+        p = f"{_label(node)}_form_shift"
+        consts = {
+            "pads": np.array([0, top, left, 0, 0, bottom, right, 0], np.int64),
+            "rows": np.array([n * hp * wp, c], np.int64),
+            "taps": weight.transpose(1, 2, 3, 0).reshape(c, taps * cout),  # columns (dy, dx, cout)
+            "grid": np.array([n, hp, wp, taps * cout], np.int64),
+            "axes": np.array([1, 2, 3], np.int64),
+        }
+        for t in range(taps):
+            dy, dx = divmod(t, kw)
+            consts[f"start{t}"] = np.array([dy, dx, t * cout], np.int64)
+            consts[f"end{t}"] = np.array([dy + ho, dx + wo, (t + 1) * cout], np.int64)
+        for key, values in consts.items():
+            graph.initializer.append(numpy_helper.from_array(values, f"{p}_{key}"))
+        step = lambda op, ins, out, **a: helper.make_node(op, ins, [f"{p}_{out}"], name=f"{p}_{out}", **a)  # noqa: E731
+        nodes += [
+            step("Transpose", [node.input[0]], "nhwc", perm=[0, 2, 3, 1]),
+            step("Pad", [f"{p}_nhwc", f"{p}_pads"], "padded"),
+            step("Reshape", [f"{p}_padded", f"{p}_rows"], "pixels"),
+            step("MatMul", [f"{p}_pixels", f"{p}_taps"], "products"),
+            step("Reshape", [f"{p}_products", f"{p}_grid"], "products_grid"),
+        ]
+        nodes += [step("Slice", [f"{p}_products_grid", f"{p}_start{t}", f"{p}_end{t}", f"{p}_axes"], f"tap{t}") for t in range(taps)]
+        bias = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
+        nodes += [
+            step("Sum", [*(f"{p}_tap{t}" for t in range(taps)), *bias], "sum"),
+            helper.make_node("Transpose", [f"{p}_sum"], [node.output[0]], name=p, perm=[0, 3, 1, 2]),
+        ]
+        done.append(f"Conv {_label(node)} ({kh}x{kw}, {c} -> {cout} channels) as one MatMul over its taps + shifted sums")
+    if done:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        remove_dead_nodes(model)  # the replaced weights
+    return done
 
 
 def grouped_deconvs_as_convs(model) -> list[str]:

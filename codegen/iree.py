@@ -41,6 +41,7 @@ from .graph_forms import (
     list_constants_as_initializers,
     row_max_pools_as_reductions,
     row_max_scatters_as_scatter_nd,
+    shifted_output_convs,
     split_long_reductions,
     strided_pointwise_convs_as_slices,
 )
@@ -183,9 +184,12 @@ class Compiled:
         }
 
 
-def iree_onnx(onnx_path: Path, out_path: Path, static: dict[str, int] | None = None) -> tuple[list[str], str]:
+def iree_onnx(
+    onnx_path: Path, out_path: Path, static: dict[str, int] | None = None, im2col: bool = False
+) -> tuple[list[str], str]:
     """Write the IREE form of ``onnx_path`` to ``out_path``; return the rewrites applied and
-    the graph's name (the vmfb's function)."""
+    the graph's name (the vmfb's function). ``im2col``: the flags send convolutions through
+    im2col (``IM2COL_CONVS``), so stride-1 ones are written as ``shifted_output_convs``."""
     import onnx
 
     model = onnx.load(str(onnx_path))
@@ -204,6 +208,8 @@ def iree_onnx(onnx_path: Path, out_path: Path, static: dict[str, int] | None = N
     rewrites += strided_pointwise_convs_as_slices(model)
     rewrites += grouped_deconvs_as_convs(model)
     rewrites += row_max_pools_as_reductions(model)
+    if im2col:
+        rewrites += shifted_output_convs(model)
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
     return rewrites, model.graph.name
@@ -290,7 +296,7 @@ def compile_onnx(
         rewritten, mlir = Path(tmp) / "model.onnx", Path(tmp) / "model.mlir"
         start = time.perf_counter()
         sizes = {dim: spec["size"] for dim, spec in info.static.items()}
-        info.rewrites, info.function = iree_onnx(onnx_path, rewritten, sizes)
+        info.rewrites, info.function = iree_onnx(onnx_path, rewritten, sizes, im2col=IM2COL_CONVS in flags)
         dynamic_rows = sampled_rows = 0
         if MATMUL_DATA_TILING in flags or VECTOR_PEELING in flags:
             dynamic_rows, sampled_rows = gathered_row_matmuls(rewritten, GATHERED_ROWS_MIN_K)

@@ -694,6 +694,60 @@ def test_row_max_pools_become_reductions_that_iree_compiles(tmp_path):
             np.testing.assert_array_equal(a, b)
 
 
+def test_stride1_convs_become_shifted_sums_of_one_matmul_under_im2col(tmp_path):
+    """``shifted_output_convs`` (IREE's copy when its flags send convolutions through im2col):
+    stride-1 Convs read channels-last (by Convs, through a ReLU) become one channels-last MatMul
+    over all taps + a Sum of shifted Slices (3x3 padded with a bias; 3x2 with uneven pads, batch 2,
+    no bias), and so does one whose small output (8x fewer channels) is a graph output. A strided
+    one, a grouped one, a 1x1 one, one with more output than input channels and one whose
+    full-width output is a graph output stay. Without ``im2col`` nothing changes. The same
+    values in onnxruntime and, compiled with ``portable`` (im2col on any host), in IREE."""
+    rng = np.random.default_rng(6)
+    f32 = lambda *s: (rng.standard_normal(s) * 0.2).astype(np.float32)  # noqa: E731
+    inits = {
+        "w1": f32(8, 8, 3, 3), "b1": f32(8), "w2": f32(6, 8, 3, 2), "w7": f32(4, 6, 1, 1), "w3": f32(8, 8, 3, 3),
+        "w4": f32(8, 4, 3, 3), "w5": f32(4, 8, 1, 1), "w6": f32(16, 8, 3, 3), "w8": f32(8, 8, 3, 3), "w9": f32(1, 8, 3, 3),
+    }  # fmt: skip
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w1", "b1"], ["a"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="same"),
+            helper.make_node("Conv", ["a", "w2"], ["u"], kernel_shape=[3, 2], pads=[2, 0, 1, 1], name="uneven"),
+            helper.make_node("Relu", ["u"], ["r"]),
+            helper.make_node("Conv", ["r", "w7"], ["b"], kernel_shape=[1, 1]),
+            helper.make_node("Conv", ["a", "w3"], ["c"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+            helper.make_node("Conv", ["a", "w4"], ["d"], kernel_shape=[3, 3], group=2),
+            helper.make_node("Conv", ["a", "w5"], ["e"], kernel_shape=[1, 1]),
+            helper.make_node("Conv", ["a", "w6"], ["f"], kernel_shape=[3, 3]),
+            helper.make_node("Conv", ["a", "w8"], ["g"], kernel_shape=[3, 3], name="wide_out"),
+            helper.make_node("Conv", ["a", "w9"], ["h"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="small_out"),
+        ],
+        "main_graph",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8, 9, 7])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "bcdefgh"],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    _save(graph, tmp_path / "model.onnx")
+    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "plain.onnx")
+    assert not [r for r in rewrites if "shifted sums" in r]
+    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", im2col=True)
+    assert [r for r in rewrites if "shifted sums" in r] == [
+        "Conv same (3x3, 8 -> 8 channels) as one MatMul over its taps + shifted sums",
+        "Conv uneven (3x2, 8 -> 6 channels) as one MatMul over its taps + shifted sums",
+        "Conv small_out (3x3, 8 -> 1 channels) as one MatMul over its taps + shifted sums",
+    ]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
+    assert ops.count("Conv") == 6 and ops.count("MatMul") == 3 and ops.count("Slice") == 9 + 6 + 9
+    feeds = {"x": f32(2, 8, 9, 7)}
+    expected = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
+    assert [e.shape for e in expected][:1] == [(2, 4, 10, 7)]
+    info = compile_onnx(tmp_path / "model.onnx", tmp_path / "model.vmfb", "portable")
+    assert len([r for r in info.rewrites if "shifted sums" in r]) == 3
+    iree_got = iree_runtime(tmp_path / "model.vmfb", list(feeds), static={}).run(tuple(feeds.values()))
+    for got in (ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, feeds), iree_got):
+        for a, b in zip(got, expected):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------ static shapes
 
 
@@ -1005,13 +1059,15 @@ def test_pointpillars_compiles_in_iree_and_matches_eager(tmp_path):
     # the CPU graph forms are in both ONNX files (onnxruntime runs them too), none left for IREE
     assert sum("ConvTranspose" in r for r in meta["onnx_graph_forms"]) == 3
     assert sum("ConvTranspose" in r for r in iree["onnx_graph_forms"]) == 3
-    assert iree["graph_rewrites"] == []
-    # data-tiled direct convolutions on an AVX-512 CPU, im2col on others (9-12x faster there)
+    # data-tiled direct convolutions on an AVX-512 CPU, im2col on others (9-12x faster there),
+    # where the backbone's 13 stride-1 3x3 convolutions are one MatMul each + shifted sums
     from codegen.iree import CONV_DATA_TILING, IM2COL_CONVS, host_isa
 
     assert iree["host_isa"] == host_isa() in ("avx512", "avx2")
     conv_flags = [f for f in iree["flags"] if f in (CONV_DATA_TILING, IM2COL_CONVS)]
     assert conv_flags == [CONV_DATA_TILING if host_isa() == "avx512" else IM2COL_CONVS]
+    shifted = [r for r in iree["graph_rewrites"] if r.endswith("as one MatMul over its taps + shifted sums")]
+    assert len(shifted) == (0 if host_isa() == "avx512" else 13) and iree["graph_rewrites"] == shifted
     assert meta["validation"]["max_abs_diff"]["iree"] < 1e-5  # measured 5.6e-8
     assert "iree" in (out / "validation.txt").read_text()
 
