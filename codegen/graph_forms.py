@@ -1318,10 +1318,10 @@ def shifted_output_convs(model) -> list[str]:
 
     For IREE's im2col convolutions (``codegen.iree.IM2COL_CONVS``, hosts without AVX-512):
     IREE 3.13 writes the im2col matrix straight into the data-tiled matmul's 8 x 1 LHS tiles, a
-    transposing gather at ~2.5 GB/s, as long as the product itself (PointPillars' 124 x 108,
-    128-channel 3x3 conv, one Zen 3 thread: 26 ms gather + 54 ms product). Here only the input
-    is packed (its 1/9th), and the shifted sums are one vectorised elementwise dispatch: 72 ms
-    (64 channels at 248 x 216: 112 -> 88 ms; 256 at 62 x 54: 76 -> 61 ms). ``cout <= c`` keeps
+    transposing gather at ~2.5 GB/s (PointPillars' 124 x 108, 128-channel 3x3 conv, one Zen 3
+    thread: 26 ms gather + 54 ms product). Here only the input is packed (its 1/9th), and the
+    shifted sums are one vectorised elementwise dispatch: 72 ms (64 channels at 248 x 216: 112 ->
+    88 ms; 256 at 62 x 54: 76 -> 61 ms; docs/iree.md, twenty-fifth session). ``cout <= c`` keeps
     the product's result no larger than the im2col matrix it replaces (64 -> 128 channels: 50 ->
     130 ms). Only where the result stays channels-last (``_read_channels_last``) or is small
     (``8 * cout <= c``: CenterPoint's and PGD's last head convolutions): written back
