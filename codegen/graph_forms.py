@@ -1338,18 +1338,19 @@ def shifted_output_convs(model) -> list[str]:
     done, nodes = [], []
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute} if node.op_type == "Conv" else {}
-        weight = numpy_helper.to_array(inits[node.input[1]]) if node.op_type == "Conv" and node.input[1] in inits else None
-        dims = _static_shape(shapes, node.input[0]) if weight is not None else None
+        # the weight's shape from the initializer's dims: only a rewritten Conv's weight is read
+        ws = list(inits[node.input[1]].dims) if node.op_type == "Conv" and node.input[1] in inits else []
+        dims = _static_shape(shapes, node.input[0]) if ws else None
         if (
-            weight is None or weight.ndim != 4 or weight.shape[2] * weight.shape[3] == 1
-            or weight.shape[0] > weight.shape[1] or attrs.get("group", 1) != 1
+            len(ws) != 4 or ws[2] * ws[3] == 1 or ws[0] > ws[1] or attrs.get("group", 1) != 1
             or any(s != 1 for s in attrs.get("strides", [])) or any(d != 1 for d in attrs.get("dilations", []))
             or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or dims is None or len(dims) != 4
-            or not (8 * weight.shape[0] <= weight.shape[1] or _read_channels_last(node.output[0], readers, outputs))
+            or not (8 * ws[0] <= ws[1] or _read_channels_last(node.output[0], readers, outputs))
         ):
             nodes.append(node)
             continue
-        cout, c, kh, kw = weight.shape
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        cout, c, kh, kw = ws
         n, _, h, w = dims
         top, left, bottom, right = list(attrs.get("pads", [0, 0, 0, 0]))
         hp, wp = h + top + bottom, w + left + right
