@@ -22,7 +22,8 @@ against the eager model.
   ``strided_pointwise_convs_as_slices``: strided 1x1 Convs IREE runs as slow generic reductions,
   ``grouped_deconvs_as_convs``: grouped ConvTransposes IREE rejects,
   ``row_max_pools_as_reductions``: one-row MaxPools IREE runs as data-tiled convolutions,
-  and, where IREE's flags send convolutions through im2col, ``shifted_output_convs``: stride-1
+  and, where IREE's flags send convolutions through im2col, ``winograd_convs``: wide stride-1
+  3x3 convolutions as Winograd F(4x4, 3x3), and ``shifted_output_convs``: the other stride-1
   convolutions as one MatMul over all kernel taps + shifted sums (applied to the IREE copy
   only, ``codegen.iree.iree_onnx``).
 
@@ -1308,6 +1309,175 @@ def _read_channels_last(name: str, readers: dict, outputs: set) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class PlainConv:
+    """A ``Conv`` the convolution forms can rewrite (``_plain_conv``)."""
+
+    cout: int
+    c: int
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    pads: tuple[int, int, int, int]  # top, left, bottom, right
+    input: tuple[int, int, int, int]  # n, c, h, w
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        (top, left, bottom, right), (h, w) = self.pads, self.input[2:]
+        return tuple((size - k) // s + 1 for size, k, s in zip((h + top + bottom, w + left + right), self.kernel, self.strides))
+
+
+def _plain_conv(node, inits: dict, shapes: dict) -> PlainConv | None:
+    """``node`` as a ``PlainConv`` when it is a 2-D ``Conv`` with a constant 4-D weight, one group,
+    no dilation, explicit pads and a static 4-D input; else None. The weight's shape comes from
+    the initializer's dims (a form reads the weight only for a Conv it rewrites)."""
+    from onnx import helper
+
+    if node.op_type != "Conv" or node.input[1] not in inits:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    ws = list(inits[node.input[1]].dims)
+    dims = _static_shape(shapes, node.input[0])
+    if (
+        len(ws) != 4 or dims is None or len(dims) != 4 or attrs.get("group", 1) != 1
+        or any(d != 1 for d in attrs.get("dilations", [])) or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")
+    ):
+        return None
+    return PlainConv(
+        ws[0], ws[1], (ws[2], ws[3]), tuple(attrs.get("strides", [1, 1])), tuple(attrs.get("pads", [0, 0, 0, 0])), tuple(dims)
+    )
+
+
+# Winograd F(4x4, 3x3) (``winograd_convs``): output tiles of 4 x 4 from 6 x 6 input tiles, 36
+# products per tile pixel-channel pair against the direct convolution's 144. The points 0, 1, -1,
+# 1/2, -2 (and infinity) give fp32 results 2.5x closer to float64 than Lavin's 0, +-1, +-2 (one
+# 128-channel layer: max error 1.0e-5 against 2.5e-5, direct fp32 1.8e-6, F(2x2, 3x3) 1.6e-6).
+WINOGRAD_TILE = 4
+WINOGRAD_POINTS = (0.0, 1.0, -1.0, 0.5, -2.0)
+WINOGRAD_MIN_CHANNELS = 32
+
+
+def winograd_matrices(m: int, r: int, points) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Toom-Cook matrices ``(BT [a, a], G [a, r], AT [m, a])``, ``a = m + r - 1``, of the 1-D
+    correlation ``y[i] = sum_k g[k] d[i + k]`` (``i < m``, ``d`` of length ``a``) at ``a - 1``
+    finite ``points`` and infinity: ``y = AT @ ((G @ g) * (BT @ d))``. The correlation is the
+    transpose of the product of polynomials of degrees ``m - 1`` and ``r - 1``: evaluate both at
+    the points (infinity: the leading coefficient), multiply, interpolate. ``AT`` is the first
+    one's evaluation transposed, ``G`` the second's, ``BT`` the interpolation's transpose; each
+    finite point's row of ``BT`` is scaled by ``prod(p_j - p_l)`` and its row of ``G`` divided by
+    it, which keeps ``BT``'s entries small."""
+    a = m + r - 1
+    p = np.asarray(points, np.float64)
+    if len(p) != a - 1 or len(set(points)) != len(points):
+        raise ValueError(f"F({m}, {r}) needs {a - 1} distinct finite points, got {points}")
+
+    def evaluation(n: int) -> np.ndarray:  # rows: powers 0..n-1 of each point; last row: infinity
+        e = np.zeros((a, n))
+        e[:-1] = p[:, None] ** np.arange(n)
+        e[-1, -1] = 1.0
+        return e
+
+    scale = np.ones(a)
+    scale[:-1] = [np.prod([pj - pl for pl in np.delete(p, j)]) for j, pj in enumerate(p)]
+    return scale[:, None] * np.linalg.inv(evaluation(a)).T, evaluation(r) / scale[:, None], evaluation(m).T
+
+
+def winograd_convs(model) -> list[str]:
+    """A stride-1 3x3 ``Conv`` (``_plain_conv``, at least 32 input and output channels, output at
+    least 4 x 4) -> Winograd F(4x4, 3x3), channels-last: the padded input as 6 x 6 tiles
+    overlapping by 2 (``BT d BT^T``: a Reshape into 4 x 4 blocks and two linear passes of Slices
+    times constant vectors, summed), 36 ``MatMul`` s ``[tiles, c] x [c, cout]`` (one batched
+    MatMul against the weights transformed once here, ``G g G^T``, in float64), and the output
+    tiles' ``AT m AT`` (two such passes; the second also interleaves the tiles and adds the bias).
+    2.25 products per output pixel and channel pair instead of 9; the same function up to fp32
+    rounding (``WINOGRAD_POINTS``).
+
+    For IREE's im2col convolutions (``codegen.iree.IM2COL_CONVS``, hosts without AVX-512),
+    whose matmul kernel (8 x 8 x 1 tiles, 60-75 GFLOP/s on a Zen 3 core) is what the
+    convolutions wait on. One Zen 3 thread, 3x3 conv + ReLU, ``shifted_output_convs`` -> this
+    form: 32 channels at 248 x 216 37.5 -> 23.4 ms, 64 88 -> 50 ms, 128 at 124 x 108 75 ->
+    35-39 ms, 256 at 62 x 54 63-69 -> 24-32 ms; 64 -> 256 channels at 96 x 320 (IREE's im2col;
+    the shifted form is not taken with more output than input channels) 163 -> 116 ms.
+    F(2x2, 3x3) gained less (90, 63, 38 ms for 64-256 channels). Unlike the shifted sums, the
+    output transform costs about the same when the result is read channels-first (PGD's and
+    SMOKE's GroupNorm towers: PGD 10.5 -> 7.0 s with them, 9.6-10.0 s without). Narrower
+    convolutions (CenterPoint's 64 -> 1-3 channel head outputs, DCN offset convs) are left to
+    ``shifted_output_convs``. Applied to the IREE copy only (``codegen.iree.iree_onnx``)."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    shapes = _shapes(graph)
+    m = WINOGRAD_TILE
+    a = m + 2
+    bt, g, at = winograd_matrices(m, 3, WINOGRAD_POINTS)
+    done, nodes = [], []
+    for node in graph.node:
+        conv = _plain_conv(node, inits, shapes)
+        if (
+            conv is None or conv.kernel != (3, 3) or conv.strides != (1, 1)
+            or min(conv.c, conv.cout) < WINOGRAD_MIN_CHANNELS or min(conv.out_hw) < m
+        ):
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        cout, c = conv.cout, conv.c
+        n, _, h, w = conv.input
+        top, left, _, _ = conv.pads
+        ho, wo = conv.out_hw
+        th, tw = -(-ho // m), -(-wo // m)  # output tiles
+        p = f"{_label(node)}_form_winograd"
+        count = iter(range(1 << 30))
+
+        def const(values, dtype=np.int64) -> str:
+            name = f"{p}_c{next(count)}"
+            graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype), name))
+            return name
+
+        def step(op: str, ins: list, out: str | None = None, **attrs) -> str:
+            out = out or f"{p}_{op.lower()}{next(count)}"
+            nodes.append(helper.make_node(op, ins, [out], name=out, **attrs))
+            return out
+
+        def part(x: str, axis: int, start: int, end: int) -> str:
+            return step("Slice", [x, const([start]), const([end]), const([axis])])
+
+        def combine(terms, shape, extra=()) -> str:
+            """Sum of ``x * vector`` (the vector laid along ``shape``'s non-1 axis) over ``terms``."""
+            scaled = [step("Mul", [x, const(v.reshape(shape), np.float32)]) for x, v in terms if v.any()]
+            return step("Sum", [*scaled, *extra])
+
+        # input tiles: [n, th+1, m, tw+1, m, c] blocks; tile row j is block row j (j < m) or the next block's row j - m
+        padded = step("Pad", [step("Transpose", [node.input[0]], perm=[0, 2, 3, 1]),
+                              const([0, top, left, 0, 0, m * (th + 1) - h - top, m * (tw + 1) - w - left, 0])])
+        blocks = step("Reshape", [padded, const([n, th + 1, m, tw + 1, m, c])])
+        lo, hi = part(blocks, 1, 0, th), part(blocks, 1, 1, th + 1)
+        rows = combine(
+            [(step("Reshape", [part(lo if j < m else hi, 2, j % m, j % m + 1), const([1, n, th, tw + 1, m, c])]), bt[:, j]) for j in range(a)],
+            (a, 1, 1, 1, 1, 1),
+        )  # [a, n, th, tw+1, m, c]
+        lo, hi = part(rows, 3, 0, tw), part(rows, 3, 1, tw + 1)
+        tiles = combine([(part(lo if j < m else hi, 4, j % m, j % m + 1), bt[:, j]) for j in range(a)], (1, 1, 1, 1, a, 1))
+        lhs = step("Reshape", [step("Transpose", [tiles], perm=[0, 4, 1, 2, 3, 5]), const([a * a, n * th * tw, c])])
+        kernel = np.einsum("ai,kcij,bj->abck", g, weight, g).reshape(a * a, c, cout)
+        products = step("Reshape", [step("MatMul", [lhs, const(kernel, np.float32)]), const([a, a, n, th, tw, cout])])
+        # output tiles: AT along the tile rows, then along the columns, interleaved to [n, th, m, tw, m, cout]
+        out_rows = combine([(part(products, 0, i, i + 1), at[:, i]) for i in range(a)], (m, 1, 1, 1, 1, 1))
+        bias = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
+        out = combine(
+            [(step("Transpose", [part(out_rows, 1, j, j + 1)], perm=[2, 3, 0, 4, 1, 5]), at[:, j]) for j in range(a)],
+            (1, 1, 1, 1, m, 1),
+            bias,
+        )
+        out = step("Slice", [step("Reshape", [out, const([n, m * th, m * tw, cout])]), const([0, 0]), const([ho, wo]), const([1, 2])])
+        step("Transpose", [out], node.output[0], perm=[0, 3, 1, 2])
+        done.append(f"Conv {_label(node)} (3x3, {c} -> {cout} channels) as Winograd F(4x4, 3x3)")
+    if done:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        remove_dead_nodes(model)  # the replaced weights
+    return done
+
+
 def shifted_output_convs(model) -> list[str]:
     """A stride-1 ``Conv`` (constant 4-D weight ``[cout, c, kh, kw]`` with ``kh * kw > 1``, one
     group, no dilation, explicit pads, static input shape, ``cout <= c``) -> one channels-last
@@ -1337,24 +1507,19 @@ def shifted_output_convs(model) -> list[str]:
     outputs = {o.name for o in graph.output}
     done, nodes = [], []
     for node in graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute} if node.op_type == "Conv" else {}
-        # the weight's shape from the initializer's dims: only a rewritten Conv's weight is read
-        ws = list(inits[node.input[1]].dims) if node.op_type == "Conv" and node.input[1] in inits else []
-        dims = _static_shape(shapes, node.input[0]) if ws else None
+        conv = _plain_conv(node, inits, shapes)
         if (
-            len(ws) != 4 or ws[2] * ws[3] == 1 or ws[0] > ws[1] or attrs.get("group", 1) != 1
-            or any(s != 1 for s in attrs.get("strides", [])) or any(d != 1 for d in attrs.get("dilations", []))
-            or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or dims is None or len(dims) != 4
-            or not (8 * ws[0] <= ws[1] or _read_channels_last(node.output[0], readers, outputs))
+            conv is None or conv.kernel == (1, 1) or conv.strides != (1, 1) or conv.cout > conv.c
+            or not (8 * conv.cout <= conv.c or _read_channels_last(node.output[0], readers, outputs))
         ):
             nodes.append(node)
             continue
         weight = numpy_helper.to_array(inits[node.input[1]])
-        cout, c, kh, kw = ws
-        n, _, h, w = dims
-        top, left, bottom, right = list(attrs.get("pads", [0, 0, 0, 0]))
+        cout, c, (kh, kw) = conv.cout, conv.c, conv.kernel
+        n, _, h, w = conv.input
+        top, left, bottom, right = conv.pads
         hp, wp = h + top + bottom, w + left + right
-        ho, wo, taps = hp - kh + 1, wp - kw + 1, kh * kw
+        (ho, wo), taps = conv.out_hw, kh * kw
         p = f"{_label(node)}_form_shift"
         consts = {
             "pads": np.array([0, top, left, 0, 0, bottom, right, 0], np.int64),

@@ -44,6 +44,7 @@ from .graph_forms import (
     shifted_output_convs,
     split_long_reductions,
     strided_pointwise_convs_as_slices,
+    winograd_convs,
 )
 
 if TYPE_CHECKING:
@@ -189,7 +190,8 @@ def iree_onnx(
 ) -> tuple[list[str], str]:
     """Write the IREE form of ``onnx_path`` to ``out_path``; return the rewrites applied and
     the graph's name (the vmfb's function). ``im2col``: the flags send convolutions through
-    im2col (``IM2COL_CONVS``), so stride-1 ones are written as ``shifted_output_convs``."""
+    im2col (``IM2COL_CONVS``), so stride-1 ones are written as ``winograd_convs`` or
+    ``shifted_output_convs``."""
     import onnx
 
     model = onnx.load(str(onnx_path))
@@ -209,7 +211,8 @@ def iree_onnx(
     rewrites += grouped_deconvs_as_convs(model)
     rewrites += row_max_pools_as_reductions(model)
     if im2col:
-        rewrites += shifted_output_convs(model)
+        rewrites += winograd_convs(model)  # stride-1 3x3 convs with enough channels
+        rewrites += shifted_output_convs(model)  # the other stride-1 convs
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
     return rewrites, model.graph.name

@@ -18,7 +18,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from codegen.errors import ExportError
-from codegen.graph_forms import cpu_forms
+from codegen.graph_forms import WINOGRAD_POINTS, WINOGRAD_TILE, cpu_forms, winograd_matrices
 from codegen.iree import PADDINGS, compile_onnx, iree_onnx, iree_runtime, pad_inputs, padding_rule
 from codegen.metadata import parse_formats
 from conftest import CONFIG, REPO, cli, frame_path
@@ -748,6 +748,76 @@ def test_stride1_convs_become_shifted_sums_of_one_matmul_under_im2col(tmp_path):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_winograd_matrices_compute_the_correlation():
+    """Toom-Cook F(m, 3) from its points: ``AT ((G g) * (BT d))`` is the 1-D correlation, for the
+    form's points and for Lavin's F(2, 3); repeated points are refused."""
+    rng = np.random.default_rng(7)
+    for m, points in ((WINOGRAD_TILE, WINOGRAD_POINTS), (2, (0, 1, -1)), (4, (0, 1, -1, 2, -2))):
+        bt, g, at = winograd_matrices(m, 3, points)
+        assert bt.shape == (m + 2, m + 2) and g.shape == (m + 2, 3) and at.shape == (m, m + 2)
+        d, k = rng.standard_normal(m + 2), rng.standard_normal(3)
+        np.testing.assert_allclose(at @ ((g @ k) * (bt @ d)), [k @ d[i : i + 3] for i in range(m)], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="distinct"):
+        winograd_matrices(2, 3, (0, 1, 1))
+
+
+def test_wide_3x3_convs_become_winograd_under_im2col(tmp_path):
+    """``winograd_convs`` (IREE's copy when its flags send convolutions through im2col): stride-1
+    3x3 Convs with at least 32 input and output channels become Winograd F(4x4, 3x3), read
+    channels-last or not (batch 2, sizes that are not multiples of the tile, uneven pads, with
+    and without a bias, a graph output, more output than input channels). A narrow one and one
+    whose output is smaller than a tile go to ``shifted_output_convs``; a strided one stays a
+    Conv. The same values in onnxruntime and, compiled with ``portable`` (im2col on any host),
+    in IREE."""
+    rng = np.random.default_rng(8)
+    f32 = lambda *s: (rng.standard_normal(s) * np.sqrt(2 / (9 * s[1] if len(s) > 1 else 1))).astype(np.float32)  # noqa: E731
+    inits = {"w1": f32(32, 32, 3, 3), "b1": f32(32), "w2": f32(32, 32, 3, 3), "w3": f32(16, 32, 3, 3), "w4": f32(8, 32, 1, 1),
+             "w8": f32(8, 16, 1, 1), "w5": f32(32, 32, 3, 3), "w6": f32(32, 32, 3, 3), "w7": f32(32, 32, 3, 3), "w9": f32(48, 32, 3, 3)}  # fmt: skip
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w1", "b1"], ["a"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="same"),
+            helper.make_node("Relu", ["a"], ["r"]),
+            helper.make_node("Conv", ["r", "w2"], ["u"], kernel_shape=[3, 3], pads=[2, 0, 1, 1], name="uneven"),
+            helper.make_node("Conv", ["u", "w3"], ["v"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="narrow"),
+            helper.make_node("Conv", ["v", "w8"], ["b"], kernel_shape=[1, 1]),
+            helper.make_node("Conv", ["r", "w5"], ["c"], kernel_shape=[3, 3], name="graph_output"),
+            helper.make_node("Conv", ["r", "w6"], ["d"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+            helper.make_node("Slice", ["x", "s0", "s1", "s2"], ["small"]),
+            helper.make_node("Conv", ["small", "w7"], ["e"], kernel_shape=[3, 3], name="small_input"),
+            helper.make_node("Conv", ["e", "w4"], ["f"], kernel_shape=[1, 1]),
+            helper.make_node("Conv", ["x", "w9"], ["g"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="widening"),
+        ],
+        "main_graph",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32, 11, 9])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "bcdfg"],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()]
+        + [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in (("s0", [0, 0]), ("s1", [5, 5]), ("s2", [2, 3]))],
+    )
+    _save(graph, tmp_path / "model.onnx")
+    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "plain.onnx")
+    assert not [r for r in rewrites if "Winograd" in r or "shifted sums" in r]
+    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", im2col=True)
+    assert [r for r in rewrites if "Winograd" in r or "shifted sums" in r] == [
+        "Conv same (3x3, 32 -> 32 channels) as Winograd F(4x4, 3x3)",
+        "Conv uneven (3x3, 32 -> 32 channels) as Winograd F(4x4, 3x3)",
+        "Conv graph_output (3x3, 32 -> 32 channels) as Winograd F(4x4, 3x3)",
+        "Conv widening (3x3, 32 -> 48 channels) as Winograd F(4x4, 3x3)",
+        "Conv narrow (3x3, 32 -> 16 channels) as one MatMul over its taps + shifted sums",
+        "Conv small_input (3x3, 32 -> 32 channels) as one MatMul over its taps + shifted sums",
+    ]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
+    assert ops.count("Conv") == 3 and ops.count("MatMul") == 6
+    feeds = {"x": rng.standard_normal((2, 32, 11, 9)).astype(np.float32)}
+    expected = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
+    assert [e.shape for e in expected] == [(2, 8, 12, 8), (2, 32, 9, 7), (2, 32, 6, 5), (2, 8, 3, 3), (2, 48, 11, 9)]
+    info = compile_onnx(tmp_path / "model.onnx", tmp_path / "model.vmfb", "portable")
+    assert len([r for r in info.rewrites if "Winograd" in r]) == 4
+    iree_got = iree_runtime(tmp_path / "model.vmfb", list(feeds), static={}).run(tuple(feeds.values()))
+    for got in (ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, feeds), iree_got):
+        for a, b in zip(got, expected):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
+
+
 # ------------------------------------------------------------------ static shapes
 
 
@@ -1060,14 +1130,14 @@ def test_pointpillars_compiles_in_iree_and_matches_eager(tmp_path):
     assert sum("ConvTranspose" in r for r in meta["onnx_graph_forms"]) == 3
     assert sum("ConvTranspose" in r for r in iree["onnx_graph_forms"]) == 3
     # data-tiled direct convolutions on an AVX-512 CPU, im2col on others (9-12x faster there),
-    # where the backbone's 13 stride-1 3x3 convolutions are one MatMul each + shifted sums
+    # where the backbone's 13 stride-1 3x3 convolutions (64-256 channels) are Winograd F(4x4, 3x3)
     from codegen.iree import CONV_DATA_TILING, IM2COL_CONVS, host_isa
 
     assert iree["host_isa"] == host_isa() in ("avx512", "avx2")
     conv_flags = [f for f in iree["flags"] if f in (CONV_DATA_TILING, IM2COL_CONVS)]
     assert conv_flags == [CONV_DATA_TILING if host_isa() == "avx512" else IM2COL_CONVS]
-    shifted = [r for r in iree["graph_rewrites"] if r.endswith("as one MatMul over its taps + shifted sums")]
-    assert len(shifted) == (0 if host_isa() == "avx512" else 13) and iree["graph_rewrites"] == shifted
+    winograd = [r for r in iree["graph_rewrites"] if r.endswith("as Winograd F(4x4, 3x3)")]
+    assert len(winograd) == (0 if host_isa() == "avx512" else 13) and iree["graph_rewrites"] == winograd
     assert meta["validation"]["max_abs_diff"]["iree"] < 1e-5  # measured 5.6e-8
     assert "iree" in (out / "validation.txt").read_text()
 
