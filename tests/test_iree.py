@@ -72,6 +72,15 @@ def _iree_run(tmp_path, feeds) -> list:
     return list(iree_runtime(tmp_path / "model.vmfb", list(feeds), static={}).run(tuple(feeds.values())))
 
 
+def _iree_copy_and_vmfb_match(tmp_path, feeds, expected, atol: float) -> None:
+    """IREE's copy (``iree.onnx``) in onnxruntime and the compiled ``model.vmfb`` in IREE both give
+    ``expected`` on ``feeds`` (rtol 1e-5)."""
+    iree_got = iree_runtime(tmp_path / "model.vmfb", list(feeds), static={}).run(tuple(feeds.values()))
+    for got in (ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, feeds), iree_got):
+        for a, b in zip(got, expected):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol)
+
+
 def _secondfpn_like(path, seed=0):
     """SECONDFPN + Anchor3DHead in miniature: three ConvTranspose upsamplings (kernel = stride,
     with bias) of three scales, ReLU, a channel Concat read by three 1x1 Convs; plus a
@@ -742,10 +751,7 @@ def test_stride1_convs_become_shifted_sums_of_one_matmul_under_im2col(tmp_path):
     assert [e.shape for e in expected][:1] == [(2, 4, 10, 7)]
     info = compile_onnx(tmp_path / "model.onnx", tmp_path / "model.vmfb", "portable")
     assert len([r for r in info.rewrites if "shifted sums" in r]) == 3
-    iree_got = iree_runtime(tmp_path / "model.vmfb", list(feeds), static={}).run(tuple(feeds.values()))
-    for got in (ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, feeds), iree_got):
-        for a, b in zip(got, expected):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    _iree_copy_and_vmfb_match(tmp_path, feeds, expected, atol=1e-5)
 
 
 def test_winograd_matrices_compute_the_correlation():
@@ -812,10 +818,7 @@ def test_wide_3x3_convs_become_winograd_under_im2col(tmp_path):
     assert [e.shape for e in expected] == [(2, 8, 12, 8), (2, 32, 9, 7), (2, 32, 6, 5), (2, 8, 3, 3), (2, 48, 11, 9)]
     info = compile_onnx(tmp_path / "model.onnx", tmp_path / "model.vmfb", "portable")
     assert len([r for r in info.rewrites if "Winograd" in r]) == 4
-    iree_got = iree_runtime(tmp_path / "model.vmfb", list(feeds), static={}).run(tuple(feeds.values()))
-    for got in (ort.InferenceSession(str(tmp_path / "iree.onnx")).run(None, feeds), iree_got):
-        for a, b in zip(got, expected):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
+    _iree_copy_and_vmfb_match(tmp_path, feeds, expected, atol=2e-5)
 
 
 # ------------------------------------------------------------------ static shapes
