@@ -133,8 +133,7 @@ def rewrite_deconvs(model, unshuffled: dict[str, Unshuffled]) -> list[str]:
         _shuffle_to_nchw(nodes, graph, u, pre, co, node.output[0], p)
         unshuffled[node.output[0]] = u
         done.append(f"ConvTranspose {_label(node)} {kh}x{kw}/{kh} {ci}->{co} as MatMul + pixel shuffle")
-    del graph.node[:]
-    graph.node.extend(nodes)
+    _set_nodes(model, nodes, prune=False)
     onnx.checker.check_model(model)
     return done
 
@@ -241,9 +240,7 @@ def split_concat_heads(model, unshuffled: dict[str, Unshuffled]) -> list[str]:
             + (f" ({early} before their deconvolution's pixel shuffle)" if early else "")
         )
     nodes = [n for node in graph.node for n in replaced.get(id(node), [node])]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    remove_dead_nodes(model)
+    _set_nodes(model, nodes)
     return done
 
 
@@ -316,9 +313,7 @@ def split_concat_matmuls(model) -> list[str]:
             f"MatMul {_label(node)} of Concat {_label(concat)} ({'+'.join(map(str, widths))} channels) as {len(parts)} "
             f"summed MatMuls{f' ({repeated} on the unrepeated input)' if repeated else ''}"
         )
-    del graph.node[:]
-    graph.node.extend(nodes)
-    remove_dead_nodes(model)
+    _set_nodes(model, nodes)
     return done
 
 
@@ -396,8 +391,7 @@ def fold_constants(model) -> list[str]:
         constants[node.output[0]], types[node.output[0]] = tensor, tensor.data_type
     if not castlikes and not folded and not fills:
         return []
-    del graph.node[:]
-    graph.node.extend(nodes)
+    _set_nodes(model, nodes, prune=False)
     # a folded value's old type may lack its shape (inferred before the fold, e.g. an Unsqueeze
     # with computed axes): dropped, or shape inference keeps it and its consumers stay unshaped
     kept = [v for v in graph.value_info if v.name not in constants]
@@ -482,9 +476,7 @@ def fold_deconv_batchnorms(model) -> list[str]:
     if not done:
         return []
     kept = [n for n in graph.node if id(n) not in dropped]
-    del graph.node[:]
-    graph.node.extend(kept)
-    remove_dead_nodes(model)
+    _set_nodes(model, kept)
     return done
 
 
@@ -564,9 +556,7 @@ def fold_transposed_batchnorms(model) -> list[str]:
         nodes.append(helper.make_node("Add", [t1.input[0], f"{p}_shift"], [node.output[0]], name=f"{p}_shift"))
         names = ", ".join(_label(mm) for mm in terms)
         done.append(f"BatchNormalization {_label(bn)} folded into MatMul{'s' if len(terms) > 1 else ''} {names} ({len(scale)} channels)")
-    del graph.node[:]
-    graph.node.extend(nodes)
-    remove_dead_nodes(model)
+    _set_nodes(model, nodes)
     return done
 
 
@@ -647,9 +637,7 @@ def hoist_max_over_bias_relu(model) -> list[str]:
             total = f"{p}_add{j}"
         nodes.append(helper.make_node("Relu", [total], [node.output[0]], name=f"{p}_relu"))
         done.append(f"ReduceMax {_label(node)} moved before its ReLU and {len(terms)} Add{'s' if len(terms) > 1 else ''}")
-    del graph.node[:]
-    graph.node.extend(nodes)
-    remove_dead_nodes(model)
+    _set_nodes(model, nodes)
     return done
 
 
@@ -726,9 +714,7 @@ def select_scatters_as_concats(model) -> list[str]:
         done.append(f"ScatterElements {_label(node)} (index {c} of {size} along axis {axis}) as Concat")
     if not done:
         return []
-    del graph.node[:]
-    graph.node.extend(nodes)
-    remove_dead_nodes(model)
+    _set_nodes(model, nodes)
     return done
 
 
@@ -1010,8 +996,7 @@ def split_long_reductions(model, limit: int = LONG_REDUCTION) -> list[str]:
                 continue
         nodes.append(node)
     if done:
-        graph.ClearField("node")
-        graph.node.extend(nodes)
+        _set_nodes(model, nodes, prune=False)
     return done
 
 
@@ -1163,8 +1148,7 @@ def list_constants_as_initializers(model) -> list[str]:
         moved += 1
     if not moved:
         return []
-    del graph.node[:]
-    graph.node.extend(nodes)
+    _set_nodes(model, nodes, prune=False)
     return [f"{moved} list-valued Constants as initializers"]
 
 
@@ -1274,8 +1258,7 @@ def row_max_pools_as_reductions(model) -> list[str]:
         count += 1
     if not count:
         return []
-    del graph.node[:]
-    graph.node.extend(nodes)
+    _set_nodes(model, nodes, prune=False)
     return [f"{count} MaxPool(s) over windows of one row as Slice + Reshape + ReduceMax"]
 
 
@@ -1353,7 +1336,10 @@ def _plain_conv(node, inits: dict, shapes: dict) -> PlainConv | None:
 # 128-channel layer: max error 1.0e-5 against 2.5e-5, direct fp32 1.8e-6, F(2x2, 3x3) 1.6e-6).
 WINOGRAD_TILE = 4
 WINOGRAD_POINTS = (0.0, 1.0, -1.0, 0.5, -2.0)
-WINOGRAD_MIN_CHANNELS = 32
+# narrower (CenterPoint's 64 -> 1-3 channel head outputs) stay ``shifted_output_convs``; from 16,
+# SMOKE's 16-channel full-resolution conv and the 27-channel DCN offset convs of SMOKE and PGD
+# take the form too (two threads: SMOKE 1246-1263 -> 1086-1168 ms, PGD 7544-7647 -> 6714-6988 ms)
+WINOGRAD_MIN_CHANNELS = 16
 
 
 def winograd_matrices(m: int, r: int, points) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1382,7 +1368,7 @@ def winograd_matrices(m: int, r: int, points) -> tuple[np.ndarray, np.ndarray, n
 
 
 def winograd_convs(model) -> list[str]:
-    """A stride-1 3x3 ``Conv`` (``_plain_conv``, at least 32 input and output channels, output at
+    """A stride-1 3x3 ``Conv`` (``_plain_conv``, at least 16 input and output channels, output at
     least 4 x 4) -> Winograd F(4x4, 3x3), channels-last: the padded input as 6 x 6 tiles
     overlapping by 2 (``BT d BT^T``: a Reshape into 4 x 4 blocks and two linear passes of Slices
     times constant vectors, summed), 36 ``MatMul`` s ``[tiles, c] x [c, cout]`` (one batched
@@ -1400,8 +1386,8 @@ def winograd_convs(model) -> list[str]:
     F(2x2, 3x3) gained less (90, 63, 38 ms for 64-256 channels). Unlike the shifted sums, the
     output transform costs about the same when the result is read channels-first (PGD's and
     SMOKE's GroupNorm towers: PGD 10.5 -> 7.0 s with them, 9.6-10.0 s without). Narrower
-    convolutions (CenterPoint's 64 -> 1-3 channel head outputs, DCN offset convs) are left to
-    ``shifted_output_convs``. Applied to the IREE copy only (``codegen.iree.iree_onnx``)."""
+    convolutions (``WINOGRAD_MIN_CHANNELS``) are left to ``shifted_output_convs``. Applied to the
+    IREE copy only (``codegen.iree.iree_onnx``)."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -1472,9 +1458,7 @@ def winograd_convs(model) -> list[str]:
         step("Transpose", [out], node.output[0], perm=[0, 3, 1, 2])
         done.append(f"Conv {_label(node)} (3x3, {c} -> {cout} channels) as Winograd F(4x4, 3x3)")
     if done:
-        del graph.node[:]
-        graph.node.extend(nodes)
-        remove_dead_nodes(model)  # the replaced weights
+        _set_nodes(model, nodes)  # the replaced weights
     return done
 
 
@@ -1550,9 +1534,7 @@ def shifted_output_convs(model) -> list[str]:
         ]
         done.append(f"Conv {_label(node)} ({kh}x{kw}, {c} -> {cout} channels) as one MatMul over its taps + shifted sums")
     if done:
-        del graph.node[:]
-        graph.node.extend(nodes)
-        remove_dead_nodes(model)  # the replaced weights
+        _set_nodes(model, nodes)  # the replaced weights
     return done
 
 
@@ -1633,8 +1615,7 @@ def grouped_deconvs_as_convs(model) -> list[str]:
         ]
         done.append(f"ConvTranspose {_label(node)} ({kh}x{kw}, stride [{sh}, {sw}], {group} groups) as a grouped Conv over the zero-stuffed input")
     if done:
-        del graph.node[:]
-        graph.node.extend(nodes)
+        _set_nodes(model, nodes, prune=False)
     return done
 
 
@@ -1705,6 +1686,14 @@ def _depthwise_deconv_phases(graph, p: str, x: str, bias, out: str, kernel, x_sh
             helper.make_node("Add", [f"{p}_cropped", f"{p}_bias4d"], [out], name=f"{p}_bias"),
         ]
     return nodes
+
+
+def _set_nodes(model, nodes: list, prune: bool = True) -> None:
+    """Make ``nodes`` the graph's nodes (a rewrite's result); with ``prune``, drop what nothing reads any more."""
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if prune:
+        remove_dead_nodes(model)
 
 
 def remove_dead_nodes(model) -> None:

@@ -769,7 +769,7 @@ def test_winograd_matrices_compute_the_correlation():
 
 def test_wide_3x3_convs_become_winograd_under_im2col(tmp_path):
     """``winograd_convs`` (IREE's copy when its flags send convolutions through im2col): stride-1
-    3x3 Convs with at least 32 input and output channels become Winograd F(4x4, 3x3), read
+    3x3 Convs with at least 16 input and output channels become Winograd F(4x4, 3x3), read
     channels-last or not (batch 2, sizes that are not multiples of the tile, uneven pads, with
     and without a bias, a graph output, more output than input channels). A narrow one and one
     whose output is smaller than a tile go to ``shifted_output_convs``; a strided one stays a
@@ -777,8 +777,8 @@ def test_wide_3x3_convs_become_winograd_under_im2col(tmp_path):
     in IREE."""
     rng = np.random.default_rng(8)
     f32 = lambda *s: (rng.standard_normal(s) * np.sqrt(2 / (9 * s[1] if len(s) > 1 else 1))).astype(np.float32)  # noqa: E731
-    inits = {"w1": f32(32, 32, 3, 3), "b1": f32(32), "w2": f32(32, 32, 3, 3), "w3": f32(16, 32, 3, 3), "w4": f32(8, 32, 1, 1),
-             "w8": f32(8, 16, 1, 1), "w5": f32(32, 32, 3, 3), "w6": f32(32, 32, 3, 3), "w7": f32(32, 32, 3, 3), "w9": f32(48, 32, 3, 3)}  # fmt: skip
+    inits = {"w1": f32(32, 32, 3, 3), "b1": f32(32), "w2": f32(32, 32, 3, 3), "w3": f32(8, 32, 3, 3), "w4": f32(8, 32, 1, 1),
+             "w8": f32(8, 8, 1, 1), "w5": f32(32, 32, 3, 3), "w6": f32(32, 32, 3, 3), "w7": f32(32, 32, 3, 3), "w9": f32(48, 32, 3, 3)}  # fmt: skip
     graph = helper.make_graph(
         [
             helper.make_node("Conv", ["x", "w1", "b1"], ["a"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="same"),
@@ -808,7 +808,7 @@ def test_wide_3x3_convs_become_winograd_under_im2col(tmp_path):
         "Conv uneven (3x3, 32 -> 32 channels) as Winograd F(4x4, 3x3)",
         "Conv graph_output (3x3, 32 -> 32 channels) as Winograd F(4x4, 3x3)",
         "Conv widening (3x3, 32 -> 48 channels) as Winograd F(4x4, 3x3)",
-        "Conv narrow (3x3, 32 -> 16 channels) as one MatMul over its taps + shifted sums",
+        "Conv narrow (3x3, 32 -> 8 channels) as one MatMul over its taps + shifted sums",
         "Conv small_input (3x3, 32 -> 32 channels) as one MatMul over its taps + shifted sums",
     ]
     ops = [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
