@@ -1705,8 +1705,7 @@ def remove_dead_nodes(model) -> None:
         if any(o in needed for o in node.output):
             keep.append(node)
             needed.update(_reads(node))  # Scan / Loop bodies read outer names too
-    del graph.node[:]
-    graph.node.extend(reversed(keep))
+    _set_nodes(model, keep[::-1], prune=False)
     unused = [t for t in graph.initializer if t.name not in needed]
     for t in unused:
         graph.initializer.remove(t)
