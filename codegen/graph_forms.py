@@ -1371,11 +1371,11 @@ def winograd_convs(model) -> list[str]:
     """A stride-1 3x3 ``Conv`` (``_plain_conv``, at least 16 input and output channels, output at
     least 4 x 4) -> Winograd F(4x4, 3x3), channels-last: the padded input as 6 x 6 tiles
     overlapping by 2 (``BT d BT^T``: a Reshape into 4 x 4 blocks and two linear passes of Slices
-    times constant vectors, summed), 36 ``MatMul`` s ``[tiles, c] x [c, cout]`` (one batched
-    MatMul against the weights transformed once here, ``G g G^T``, in float64), and the output
-    tiles' ``AT m AT`` (two such passes; the second also interleaves the tiles and adds the bias).
-    2.25 products per output pixel and channel pair instead of 9; the same function up to fp32
-    rounding (``WINOGRAD_POINTS``).
+    times constant vectors, summed), 36 ``MatMul`` s ``[tiles, c] x [c, cout]`` on a ``Split`` of
+    the tiles (against the weights transformed once here, ``G g G^T``, in float64), ``Concat`` ed,
+    and the output tiles' ``AT m AT`` (two such passes; the second also interleaves the tiles and
+    adds the bias). 2.25 products per output pixel and channel pair instead of 9; the same function
+    up to fp32 rounding (``WINOGRAD_POINTS``).
 
     For IREE's im2col convolutions (``codegen.iree.IM2COL_CONVS``, hosts without AVX-512),
     whose matmul kernel (8 x 8 x 1 tiles, 60-75 GFLOP/s on a Zen 3 core) is what the
@@ -1386,8 +1386,14 @@ def winograd_convs(model) -> list[str]:
     F(2x2, 3x3) gained less (90, 63, 38 ms for 64-256 channels). Unlike the shifted sums, the
     output transform costs about the same when the result is read channels-first (PGD's and
     SMOKE's GroupNorm towers: PGD 10.5 -> 7.0 s with them, 9.6-10.0 s without). Narrower
-    convolutions (``WINOGRAD_MIN_CHANNELS``) are left to ``shifted_output_convs``. Applied to the
-    IREE copy only (``codegen.iree.iree_onnx``)."""
+    convolutions (``WINOGRAD_MIN_CHANNELS``) are left to ``shifted_output_convs``.
+
+    36 plain MatMuls, not one batched MatMul: IREE's ``batch_mmt4d`` dispatch writes each 8 x 8
+    output tile three times (its unpack, then a copy out to the stack and back) and ran
+    ``[36, 2200, 128] x [36, 128, 128]`` in 55-63 ms against 36 x 1.07 ms split (one Zen 3 thread);
+    PointPillars 616-628 -> 547-548 ms on one thread, 335-339 -> 298-317 ms on two (best of 8-12
+    calls). It costs compile time (PointPillars' iree-compile 13.5 -> 27 s). Applied to the IREE
+    copy only (``codegen.iree.iree_onnx``)."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -1443,9 +1449,13 @@ def winograd_convs(model) -> list[str]:
         )  # [a, n, th, tw+1, m, c]
         lo, hi = part(rows, 3, 0, tw), part(rows, 3, 1, tw + 1)
         tiles = combine([(part(lo if j < m else hi, 4, j % m, j % m + 1), bt[:, j]) for j in range(a)], (1, 1, 1, 1, a, 1))
-        lhs = step("Reshape", [step("Transpose", [tiles], perm=[0, 4, 1, 2, 3, 5]), const([a * a, n * th * tw, c])])
+        # 36 MatMuls [tiles, c] x [c, cout], one per tile point, on a Split of [a, a, tiles, c]; their Concat is [a, a, tiles, cout]
+        lhs = step("Reshape", [step("Transpose", [tiles], perm=[0, 4, 1, 2, 3, 5]), const([a * a * n * th * tw, c])])
+        parts = [f"{p}_lhs{i}" for i in range(a * a)]
+        nodes.append(helper.make_node("Split", [lhs], parts, name=f"{p}_split", axis=0, num_outputs=a * a))
         kernel = np.einsum("ai,kcij,bj->abck", g, weight, g).reshape(a * a, c, cout)
-        products = step("Reshape", [step("MatMul", [lhs, const(kernel, np.float32)]), const([a, a, n, th, tw, cout])])
+        products = step("Concat", [step("MatMul", [x, const(kernel[i], np.float32)]) for i, x in enumerate(parts)], axis=0)
+        products = step("Reshape", [products, const([a, a, n, th, tw, cout])])
         # output tiles: AT along the tile rows, then along the columns, interleaved to [n, th, m, tw, m, cout]
         out_rows = combine([(part(products, 0, i, i + 1), at[:, i]) for i in range(a)], (m, 1, 1, 1, 1, 1))
         bias = [node.input[2]] if len(node.input) > 2 and node.input[2] else []

@@ -771,7 +771,7 @@ def test_winograd_matrices_compute_the_correlation():
 
 def test_wide_3x3_convs_become_winograd_under_im2col(tmp_path):
     """``winograd_convs`` (IREE's copy when its flags send convolutions through im2col): stride-1
-    3x3 Convs with at least 16 input and output channels become Winograd F(4x4, 3x3), read
+    3x3 Convs with at least 16 input and output channels become Winograd F(4x4, 3x3) (36 MatMuls on a Split each), read
     channels-last or not (batch 2, sizes that are not multiples of the tile, uneven pads, with
     and without a bias, a graph output of exactly 16 channels, more output than input channels).
     A narrow one (15 channels) and one whose output is smaller than a tile go to
@@ -814,7 +814,7 @@ def test_wide_3x3_convs_become_winograd_under_im2col(tmp_path):
         "Conv small_input (3x3, 32 -> 32 channels) as one MatMul over its taps + shifted sums",
     ]
     ops = [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
-    assert ops.count("Conv") == 3 and ops.count("MatMul") == 6
+    assert ops.count("Conv") == 3 and ops.count("MatMul") == 4 * 36 + 2 and ops.count("Split") == 4
     feeds = {"x": rng.standard_normal((2, 32, 11, 9)).astype(np.float32)}
     expected = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
     assert [e.shape for e in expected] == [(2, 8, 12, 8), (2, 16, 9, 7), (2, 32, 6, 5), (2, 8, 3, 3), (2, 48, 11, 9)]
