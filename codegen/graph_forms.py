@@ -1452,7 +1452,7 @@ def winograd_convs(model) -> list[str]:
         # 36 MatMuls [tiles, c] x [c, cout], one per tile point, on a Split of [a, a, tiles, c]; their Concat is [a, a, tiles, cout]
         lhs = step("Reshape", [step("Transpose", [tiles], perm=[0, 4, 1, 2, 3, 5]), const([a * a * n * th * tw, c])])
         parts = [f"{p}_lhs{i}" for i in range(a * a)]
-        nodes.append(helper.make_node("Split", [lhs], parts, name=f"{p}_split", axis=0, num_outputs=a * a))
+        nodes.append(helper.make_node("Split", [lhs, const([n * th * tw] * (a * a))], parts, name=f"{p}_split", axis=0))  # sizes: opset 13+
         kernel = np.einsum("ai,kcij,bj->abck", g, weight, g).reshape(a * a, c, cout)
         products = step("Concat", [step("MatMul", [x, const(kernel[i], np.float32)]) for i, x in enumerate(parts)], axis=0)
         products = step("Reshape", [products, const([a, a, n, th, tw, cout])])
