@@ -771,12 +771,12 @@ def test_winograd_matrices_compute_the_correlation():
 
 def test_wide_3x3_convs_become_winograd_under_im2col(tmp_path):
     """``winograd_convs`` (IREE's copy when its flags send convolutions through im2col): stride-1
-    3x3 Convs with at least 16 input and output channels become Winograd F(4x4, 3x3) (36 MatMuls on a Split each), read
-    channels-last or not (batch 2, sizes that are not multiples of the tile, uneven pads, with
-    and without a bias, a graph output of exactly 16 channels, more output than input channels).
-    A narrow one (15 channels) and one whose output is smaller than a tile go to
-    ``shifted_output_convs``; a strided one stays a Conv. The same values in onnxruntime and, compiled with ``portable`` (im2col on any host),
-    in IREE."""
+    3x3 Convs with at least 16 input and output channels become Winograd F(4x4, 3x3) (36 MatMuls
+    on a Split each), read channels-last or not (batch 2, sizes that are not multiples of the
+    tile, uneven pads, with and without a bias, a graph output of exactly 16 channels, more output
+    than input channels). A narrow one (15 channels) and one whose output is smaller than a tile
+    go to ``shifted_output_convs``; a strided one stays a Conv. The same values in onnxruntime
+    and, compiled with ``portable`` (im2col on any host), in IREE."""
     rng = np.random.default_rng(8)
     f32 = lambda *s: (rng.standard_normal(s) * np.sqrt(2 / (9 * s[1] if len(s) > 1 else 1))).astype(np.float32)  # noqa: E731
     inits = {"w1": f32(32, 32, 3, 3), "b1": f32(32), "w2": f32(32, 32, 3, 3), "w3": f32(15, 32, 3, 3), "w4": f32(8, 32, 1, 1),
