@@ -1377,16 +1377,18 @@ def winograd_convs(model) -> list[str]:
     adds the bias). 2.25 products per output pixel and channel pair instead of 9; the same function
     up to fp32 rounding (``WINOGRAD_POINTS``).
 
-    For IREE's im2col convolutions (``codegen.iree.IM2COL_CONVS``, hosts without AVX-512),
-    whose matmul kernel (8 x 8 x 1 tiles, 60-75 GFLOP/s on a Zen 3 core) is what the
-    convolutions wait on. One Zen 3 thread, 3x3 conv + ReLU, ``shifted_output_convs`` -> this
+    For IREE with data tiling (``codegen.iree.DATA_TILING``), whose matmul ukernels are what
+    the convolutions wait on. With im2col (``codegen.iree.IM2COL_CONVS``, hosts without AVX-512;
+    8 x 8 x 1 tiles, 60-75 GFLOP/s on a Zen 3 core), one Zen 3 thread, 3x3 conv + ReLU, ``shifted_output_convs`` -> this
     form: 32 channels at 248 x 216 37.5 -> 23.4 ms, 64 88 -> 50 ms, 128 at 124 x 108 75 ->
     35-39 ms, 256 at 62 x 54 63-69 -> 24-32 ms; 64 -> 256 channels at 96 x 320 (IREE's im2col;
     the shifted form is not taken with more output than input channels) 163 -> 116 ms.
     F(2x2, 3x3) gained less (90, 63, 38 ms for 64-256 channels). Unlike the shifted sums, the
     output transform costs about the same when the result is read channels-first (PGD's and
     SMOKE's GroupNorm towers: PGD 10.5 -> 7.0 s with them, 9.6-10.0 s without). Narrower
-    convolutions (``WINOGRAD_MIN_CHANNELS``) are left to ``shifted_output_convs``.
+    convolutions (``WINOGRAD_MIN_CHANNELS``) are left to ``shifted_output_convs``. On an
+    AVX-512 Xeon, against IREE's data-tiled direct convolutions (16 x 16 tiles; two threads):
+    PointPillars 267-289 -> 218-236 ms, SECOND 787-820 -> 638-663 ms, SMOKE unchanged.
 
     36 plain MatMuls, not one batched MatMul: IREE's ``batch_mmt4d`` dispatch writes each 8 x 8
     output tile three times (its unpack, then a copy out to the stack and back) and ran

@@ -62,6 +62,14 @@ BASE_FLAGS = (
     "--iree-llvmcpu-stack-allocation-limit=65536",
 )
 
+# IREE's data tiling (packed operands, the mmt4d ukernels). With it, every stride-1 3x3
+# convolution (16 channels or more) is written as Winograd F(4x4, 3x3) (graph_forms.winograd_convs):
+# its 2.25 products per output pixel and channel pair run as 36 matmuls. On an AVX-512 Xeon,
+# two threads, against the data-tiled direct convolutions: PointPillars 267-289 -> 218-236 ms,
+# SECOND 787-820 -> 638-663 ms, SMOKE 817-869 -> 815-831 ms (twenty-ninth session); on AVX2 hosts,
+# with im2col, docs/iree.md (twenty-sixth session).
+DATA_TILING = "--iree-opt-data-tiling"
+
 CHANNELS_LAST = "--iree-preprocessing-pass-pipeline=builtin.module(util.func(iree-preprocessing-convert-conv-to-channels-last))"
 
 # the op families data tiling applies to: IREE's default (matmuls) plus convolutions, whose
@@ -106,11 +114,12 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "default": ("--iree-llvmcpu-target-cpu=generic",),
     # the host CPU's ISA (AVX-512 where present), NHWC convolutions, data tiling (matmuls and,
     # since 2026-12-02, convolutions: PointPillars 1117 -> 866 ms, PointPillars nuScenes
-    # 3269 -> 1481 ms on one Xeon core; docs/iree.md) + ukernels. On a CPU without AVX-512,
-    # convolutions through im2col instead (``preset_flags``)
+    # 3269 -> 1481 ms on one Xeon core; docs/iree.md) + ukernels, stride-1 3x3 convolutions as
+    # Winograd (``DATA_TILING``). On a CPU without AVX-512, the other convolutions through im2col
+    # instead (``preset_flags``)
     "host": (
         "--iree-llvmcpu-target-cpu=host",
-        "--iree-opt-data-tiling",
+        DATA_TILING,
         "--iree-llvmcpu-enable-ukernels=all",
         CHANNELS_LAST,
         *DATA_TILED_OPS,
@@ -120,7 +129,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
     # through im2col (IM2COL_CONVS; PointPillars 12 s -> 1.6 s on one core)
     "portable": (
         "--iree-llvmcpu-target-cpu=x86-64-v3",
-        "--iree-opt-data-tiling",
+        DATA_TILING,
         "--iree-llvmcpu-enable-ukernels=all",
         CHANNELS_LAST,
         IM2COL_CONVS,
@@ -186,12 +195,17 @@ class Compiled:
 
 
 def iree_onnx(
-    onnx_path: Path, out_path: Path, static: dict[str, int] | None = None, im2col: bool = False
+    onnx_path: Path,
+    out_path: Path,
+    static: dict[str, int] | None = None,
+    im2col: bool = False,
+    winograd: bool = False,
 ) -> tuple[list[str], str]:
     """Write the IREE form of ``onnx_path`` to ``out_path``; return the rewrites applied and
-    the graph's name (the vmfb's function). ``im2col``: the flags send convolutions through
-    im2col (``IM2COL_CONVS``), so stride-1 ones are written as ``winograd_convs`` or
-    ``shifted_output_convs``."""
+    the graph's name (the vmfb's function). ``winograd``: the flags data-tile (``DATA_TILING``),
+    so stride-1 3x3 convolutions are written as ``winograd_convs`` (their products are
+    matmuls). ``im2col``: the flags send convolutions through im2col (``IM2COL_CONVS``), so the
+    other stride-1 ones are written as ``shifted_output_convs``."""
     import onnx
 
     model = onnx.load(str(onnx_path))
@@ -210,8 +224,9 @@ def iree_onnx(
     rewrites += strided_pointwise_convs_as_slices(model)
     rewrites += grouped_deconvs_as_convs(model)
     rewrites += row_max_pools_as_reductions(model)
-    if im2col:
+    if winograd:
         rewrites += winograd_convs(model)  # stride-1 3x3 convs with enough channels
+    if im2col:
         rewrites += shifted_output_convs(model)  # the other stride-1 convs
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
@@ -299,7 +314,9 @@ def compile_onnx(
         rewritten, mlir = Path(tmp) / "model.onnx", Path(tmp) / "model.mlir"
         start = time.perf_counter()
         sizes = {dim: spec["size"] for dim, spec in info.static.items()}
-        info.rewrites, info.function = iree_onnx(onnx_path, rewritten, sizes, im2col=IM2COL_CONVS in flags)
+        info.rewrites, info.function = iree_onnx(
+            onnx_path, rewritten, sizes, im2col=IM2COL_CONVS in flags, winograd=DATA_TILING in flags
+        )
         dynamic_rows = sampled_rows = 0
         if MATMUL_DATA_TILING in flags or VECTOR_PEELING in flags:
             dynamic_rows, sampled_rows = gathered_row_matmuls(rewritten, GATHERED_ROWS_MIN_K)

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from codegen.errors import ExportError
 from codegen.graph_forms import WINOGRAD_POINTS, WINOGRAD_TILE, cpu_forms, winograd_matrices
-from codegen.iree import PADDINGS, compile_onnx, iree_onnx, iree_runtime, pad_inputs, padding_rule
+from codegen.iree import PADDINGS, compile_onnx, host_isa, iree_onnx, iree_runtime, pad_inputs, padding_rule
 from codegen.metadata import parse_formats
 from conftest import CONFIG, REPO, cli, frame_path
 
@@ -769,14 +769,15 @@ def test_winograd_matrices_compute_the_correlation():
         winograd_matrices(2, 3, (0, 1, 1))
 
 
-def test_wide_3x3_convs_become_winograd_under_im2col(tmp_path):
-    """``winograd_convs`` (IREE's copy when its flags send convolutions through im2col): stride-1
+def test_wide_3x3_convs_become_winograd_with_data_tiling(tmp_path):
+    """``winograd_convs`` (IREE's copy when its flags data-tile, im2col or not): stride-1
     3x3 Convs with at least 16 input and output channels become Winograd F(4x4, 3x3) (36 MatMuls
     on a Split each), read channels-last or not (batch 2, sizes that are not multiples of the
     tile, uneven pads, with and without a bias, a graph output of exactly 16 channels, more output
     than input channels). A narrow one (15 channels) and one whose output is smaller than a tile
-    go to ``shifted_output_convs``; a strided one stays a Conv. The same values in onnxruntime
-    and, compiled with ``portable`` (im2col on any host), in IREE."""
+    go to ``shifted_output_convs`` under im2col and stay Convs without it; a strided one stays a
+    Conv. The same values in onnxruntime and, compiled with ``portable`` (im2col on any host) and
+    ``host`` (data-tiled direct convolutions on an AVX-512 host), in IREE."""
     rng = np.random.default_rng(8)
     f32 = lambda *s: (rng.standard_normal(s) * np.sqrt(2 / (9 * s[1] if len(s) > 1 else 1))).astype(np.float32)  # noqa: E731
     inits = {"w1": f32(32, 32, 3, 3), "b1": f32(32), "w2": f32(32, 32, 3, 3), "w3": f32(15, 32, 3, 3), "w4": f32(8, 32, 1, 1),
@@ -804,7 +805,12 @@ def test_wide_3x3_convs_become_winograd_under_im2col(tmp_path):
     _save(graph, tmp_path / "model.onnx")
     rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "plain.onnx")
     assert not [r for r in rewrites if "Winograd" in r or "shifted sums" in r]
-    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", im2col=True)
+    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "direct.onnx", winograd=True)
+    winograd = [r for r in rewrites if "Winograd" in r]
+    assert len(winograd) == 4 and not [r for r in rewrites if "shifted sums" in r]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "direct.onnx")).graph.node]
+    assert ops.count("Conv") == 5 and ops.count("MatMul") == 4 * 36
+    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", im2col=True, winograd=True)
     assert [r for r in rewrites if "Winograd" in r or "shifted sums" in r] == [
         "Conv same (3x3, 32 -> 32 channels) as Winograd F(4x4, 3x3)",
         "Conv uneven (3x3, 32 -> 32 channels) as Winograd F(4x4, 3x3)",
@@ -819,7 +825,11 @@ def test_wide_3x3_convs_become_winograd_under_im2col(tmp_path):
     expected = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
     assert [e.shape for e in expected] == [(2, 8, 12, 8), (2, 16, 9, 7), (2, 32, 6, 5), (2, 8, 3, 3), (2, 48, 11, 9)]
     info = compile_onnx(tmp_path / "model.onnx", tmp_path / "model.vmfb", "portable")
-    assert len([r for r in info.rewrites if "Winograd" in r]) == 4
+    assert [r for r in info.rewrites if "Winograd" in r] == winograd
+    _iree_copy_and_vmfb_match(tmp_path, feeds, expected, atol=2e-5)
+    info = compile_onnx(tmp_path / "model.onnx", tmp_path / "model.vmfb", "host")
+    assert [r for r in info.rewrites if "Winograd" in r] == winograd
+    assert len([r for r in info.rewrites if "shifted sums" in r]) == (0 if host_isa() == "avx512" else 2)
     _iree_copy_and_vmfb_match(tmp_path, feeds, expected, atol=2e-5)
 
 
@@ -1134,15 +1144,15 @@ def test_pointpillars_compiles_in_iree_and_matches_eager(tmp_path):
     # the CPU graph forms are in both ONNX files (onnxruntime runs them too), none left for IREE
     assert sum("ConvTranspose" in r for r in meta["onnx_graph_forms"]) == 3
     assert sum("ConvTranspose" in r for r in iree["onnx_graph_forms"]) == 3
-    # data-tiled direct convolutions on an AVX-512 CPU, im2col on others (9-12x faster there),
-    # where the backbone's 13 stride-1 3x3 convolutions (64-256 channels) are Winograd F(4x4, 3x3)
-    from codegen.iree import CONV_DATA_TILING, IM2COL_CONVS, host_isa
+    # data-tiled direct convolutions on an AVX-512 CPU, im2col on others (9-12x faster there);
+    # on both, the backbone's 13 stride-1 3x3 convolutions (64-256 channels) are Winograd F(4x4, 3x3)
+    from codegen.iree import CONV_DATA_TILING, IM2COL_CONVS
 
     assert iree["host_isa"] == host_isa() in ("avx512", "avx2")
     conv_flags = [f for f in iree["flags"] if f in (CONV_DATA_TILING, IM2COL_CONVS)]
     assert conv_flags == [CONV_DATA_TILING if host_isa() == "avx512" else IM2COL_CONVS]
     winograd = [r for r in iree["graph_rewrites"] if r.endswith("as Winograd F(4x4, 3x3)")]
-    assert len(winograd) == (0 if host_isa() == "avx512" else 13) and iree["graph_rewrites"] == winograd
+    assert len(winograd) == 13 and iree["graph_rewrites"] == winograd
     assert meta["validation"]["max_abs_diff"]["iree"] < 1e-5  # measured 5.6e-8
     assert "iree" in (out / "validation.txt").read_text()
 
