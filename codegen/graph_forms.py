@@ -1380,18 +1380,17 @@ def winograd_convs(model) -> list[str]:
     input once per result (one Xeon thread, the first output pass: SECOND's 128-channel
     200 x 176 convolution 13.0 -> 8.4 ms, PointPillars' 128-channel one 4.2 -> 1.3 ms).
 
-    For IREE with data tiling (``codegen.iree.DATA_TILING``), whose matmul ukernels are what
-    the convolutions wait on. With im2col (``codegen.iree.IM2COL_CONVS``, hosts without AVX-512;
-    8 x 8 x 1 tiles, 60-75 GFLOP/s on a Zen 3 core), one Zen 3 thread, 3x3 conv + ReLU, ``shifted_output_convs`` -> this
-    form: 32 channels at 248 x 216 37.5 -> 23.4 ms, 64 88 -> 50 ms, 128 at 124 x 108 75 ->
-    35-39 ms, 256 at 62 x 54 63-69 -> 24-32 ms; 64 -> 256 channels at 96 x 320 (IREE's im2col;
-    the shifted form is not taken with more output than input channels) 163 -> 116 ms.
+    Applied when IREE's flags data-tile (``codegen.iree.DATA_TILING``, where the measurements
+    on an AVX-512 Xeon are): the products then run in its matmul ukernels. With im2col
+    (``codegen.iree.IM2COL_CONVS``, hosts without AVX-512; 8 x 8 x 1 tiles, 60-75 GFLOP/s on a
+    Zen 3 core), one Zen 3 thread, 3x3 conv + ReLU, ``shifted_output_convs`` -> this form:
+    32 channels at 248 x 216 37.5 -> 23.4 ms, 64 88 -> 50 ms, 128 at 124 x 108 75 -> 35-39 ms,
+    256 at 62 x 54 63-69 -> 24-32 ms; 64 -> 256 channels at 96 x 320 (IREE's im2col; the
+    shifted form is not taken with more output than input channels) 163 -> 116 ms.
     F(2x2, 3x3) gained less (90, 63, 38 ms for 64-256 channels). Unlike the shifted sums, the
     output transform costs about the same when the result is read channels-first (PGD's and
     SMOKE's GroupNorm towers: PGD 10.5 -> 7.0 s with them, 9.6-10.0 s without). Narrower
-    convolutions (``WINOGRAD_MIN_CHANNELS``) are left to ``shifted_output_convs``. On an
-    AVX-512 Xeon, against IREE's data-tiled direct convolutions (16 x 16 tiles; two threads):
-    PointPillars 267-289 -> 218-236 ms, SECOND 787-820 -> 638-663 ms, SMOKE unchanged.
+    convolutions (``WINOGRAD_MIN_CHANNELS``) are left to ``shifted_output_convs``.
 
     36 plain MatMuls, not one batched MatMul: IREE's ``batch_mmt4d`` dispatch writes each 8 x 8
     output tile three times (its unpack, then a copy out to the stack and back) and ran
@@ -1447,7 +1446,7 @@ def winograd_convs(model) -> list[str]:
         padded = step("Pad", [step("Transpose", [node.input[0]], perm=[0, 2, 3, 1]),
                               const([0, top, left, 0, 0, m * (th + 1) - h - top, m * (tw + 1) - w - left, 0])])
         blocks = step("Reshape", [padded, const([n, th + 1, m, tw + 1, m, c])])
-        # each pass writes its a results beside the channels, so it reads its input once (see the docstring)
+        # each pass writes its ``a`` results beside the channels, so it reads its input once (see the docstring)
         lo, hi = part(blocks, 1, 0, th), part(blocks, 1, 1, th + 1)
         rows = combine(
             [(step("Reshape", [part(lo if j < m else hi, 2, j % m, j % m + 1), const([n, th, tw + 1, m, 1, c])]), bt[:, j]) for j in range(a)],
