@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from codegen.ops.forms import iree_forms
-from codegen.ops.sort import radix_sort, sort_keys, top_k_keys
+from codegen.ops.sort import COUNT_CHUNK, _running_counts, radix_sort, sort_keys, top_k_keys
 
 
 @pytest.mark.parametrize("n, bound", [(1, 1), (9, 2), (1000, 50), (60_000, 2 * 43 * 1602 * 1410), (5000, 2**40)])
@@ -20,6 +20,16 @@ def test_radix_sort_equals_stable_torch_sort(n, bound):
     expected = torch.sort(keys, stable=True)
     assert torch.equal(values, expected.values)
     assert torch.equal(perm, expected.indices)  # ties in input order
+
+
+def test_running_counts_in_chunks_equal_a_cumsum():
+    """The radix passes' running counts (a triangle product within each chunk plus a CumSum over
+    the chunk totals) equal one CumSum along the flat keys."""
+    flags = torch.rand(16, 7, COUNT_CHUNK, generator=torch.Generator().manual_seed(1)) < 0.3
+    within, before = _running_counts(flags)
+    assert within.dtype == before.dtype == torch.int32
+    expected = torch.cumsum(flags.flatten(1).to(torch.int32), 1)
+    assert torch.equal((within + before.unsqueeze(2)).flatten(1), expected)
 
 
 class _Sort(torch.nn.Module):
