@@ -5,8 +5,8 @@
 per-channel sort of 64 x 16897 values).  The op library's large sorts are of non-negative int64
 keys below a bound known when exporting (linear keys of a grid, pair ranks), so for IREE exports
 they can be an LSD radix sort instead: ``ceil(log2(bound) / RADIX_BITS)`` passes, each a stable
-counting sort of one digit made of ops IREE compiles (a one-hot compare, running counts along the
-keys, one non-reducing scatter that inverts the permutation, gathers).  O(n * 2^RADIX_BITS) work a pass;
+counting sort of one digit made of ops IREE compiles (a one-hot compare, ``CumSum`` along the keys, one
+non-reducing scatter that inverts the permutation, gathers).  O(n * 2^RADIX_BITS) work a pass;
 stable, the same order as ``torch.sort(keys, stable=True)``.  In IREE exports ``top_k_keys``
 selects the k largest of a long row before it sorts them.
 
@@ -20,7 +20,6 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .forms import iree_exporting
@@ -28,71 +27,38 @@ from .forms import iree_exporting
 #: Bits of a key per pass: 16 bins, a [16, n] running count per pass.
 RADIX_BITS = 4
 
-#: Keys per chunk of a pass's running counts (``_running_counts``).  IREE 3.13 runs a ``CumSum``
-#: as a sequential loop, ~2.4 ns a value: SECOND's 47 passes took 57 ms of its ~680 ms call (two
-#: Xeon threads), their chunked counts 12 ms.  Micro (25,000 keys below 2**27, one thread, IREE
-#: host): 11.9 ms with a CumSum over every key, 6.5 ms in chunks of 16 with data-tiled matmuls and
-#: 5.0 without (the sparse-convolution models' form, ``codegen.iree.GATHERED_ROWS_MIN_K``).  In an
-#: earlier draft chunks of 8 were 3 % faster with data tiling and 14 % slower without, 32 slower.
-COUNT_CHUNK = 16
-
-
 def radix_sort(keys: Tensor, bound: int) -> tuple[Tensor, Tensor]:
     """``(values, perm)`` of the int64 ``keys`` [n] (all in ``[0, bound)``) in ascending order,
     ties in input order, as ``torch.sort(keys, stable=True)``."""
     if bound < 1:
         raise ValueError("bound must be positive")
     radix = 1 << RADIX_BITS
-    n = keys.shape[0]
-    # the keys padded to whole chunks of COUNT_CHUNK with bound - 1, which a stable sort puts
-    # after every real key.  At least two chunks more than whole: torch's size-1 checks put no
-    # guard on a dynamic n then
-    chunks = n // COUNT_CHUNK + 2
-    values = F.pad(keys, (0, chunks * COUNT_CHUNK - n), value=bound - 1)
-    # [chunks, COUNT_CHUNK] views of the padded keys are gathers at ``grid``, never reshapes: a
-    # reshape of a dynamic size puts guards on the export that torch cannot prove (it rejects
-    # them with a named dim, raises on a data-dependent n)
-    grid = torch.arange(chunks, device=keys.device).unsqueeze(1) * COUNT_CHUNK + torch.arange(COUNT_CHUNK, device=keys.device)
-    bins = torch.arange(radix, dtype=torch.int32, device=keys.device).view(-1, 1, 1)
-    perm = torch.arange(values.shape[0], device=keys.device)
+    bins = torch.arange(radix, dtype=keys.dtype, device=keys.device)
+    iota = torch.arange(keys.shape[0], device=keys.device)
+    values, perm = keys, iota
     shift = 0
     while (1 << shift) < bound:
         # ``//``, exported as an integer Div: ONNX BitShift takes unsigned types only (IREE's
         # importer does not legalize the Cast to uint64 before it), and torch.div(...,
         # rounding_mode=...) exports as a float32 Div + Floor, inexact above 2**24
-        digit = (values // (1 << shift) % radix).to(torch.int32)[grid]  # [chunks, COUNT_CHUNK]
-        # digit-major [radix, chunks, COUNT_CHUNK]: the running counts along the innermost axes
-        within, before = _running_counts(digit == bins)
-        totals = before[:, -1] + within[:, -1, -1]
+        digit = values // (1 << shift) % radix
+        # digit-major [radix, n] int32 counts: IREE scans along the innermost axis ~8x faster
+        # than down the columns of an [n, radix] tensor (one thread, n = 500k: 17 vs 132 ms), and
+        # int32 halves the bytes (n < 2**31)
+        onehot = (digit.unsqueeze(0) == bins.unsqueeze(1)).to(torch.int32)
+        seen = torch.cumsum(onehot, 1, dtype=torch.int32)  # keys up to here with each digit
+        totals = onehot.sum(1, dtype=torch.int32)
         start = torch.cumsum(totals, 0, dtype=torch.int32) - totals  # first slot of each digit
-        # own slot: the digit's first slot + the earlier keys with the same digit (gathers of
-        # the key's digit row)
-        index = digit.to(torch.int64)
-        dest = start[index] + before.t().gather(1, index) + within.gather(0, index.unsqueeze(0)).squeeze(0) - 1
+        # own slot: the digit's first slot + the earlier keys with the same digit
+        dest = (start.index_select(0, digit) + seen.gather(0, digit.unsqueeze(0)).squeeze(0) - 1).to(torch.int64)
         # slot -> key moving there (dest is a permutation: every slot written), then two gathers.
         # The scatter writes a fresh buffer of its own fill: IREE 3.13 ran a scatter whose data
         # and updates were one tensor in place (later reads saw its writes), and merges
         # identical fills (see sparse_conv._inverse_map)
-        source = torch.full_like(values, -1 - shift).index_put((dest.to(torch.int64),), grid)
+        source = torch.full_like(values, -1 - shift).index_put((dest,), iota)
         values, perm = values.index_select(0, source), perm.index_select(0, source)
         shift += RADIX_BITS
-    # the first n as a gather: a slice [:n] puts a guard on the export (as above)
-    first = torch.arange(n, device=keys.device)
-    return values.index_select(0, first), perm.index_select(0, first)
-
-
-def _running_counts(onehot: Tensor) -> tuple[Tensor, Tensor]:
-    """The running counts of a bool ``[R, chunks, COUNT_CHUNK]`` in its flat order, as int32
-    ``within`` (up to and including each entry, within its chunk, ``[R, chunks, COUNT_CHUNK]``)
-    plus ``before`` (in the earlier chunks, ``[R, chunks]``).  ``within`` is a product with a
-    triangle of ones (exact small integers in float32), ``before`` a ``CumSum`` over the chunk
-    totals (one value a chunk, where IREE runs a ``CumSum`` as a sequential loop)."""
-    triangle = torch.ones(COUNT_CHUNK, COUNT_CHUNK, device=onehot.device).triu()  # [i, j] = i <= j
-    # a broadcast product and a sum, which IREE makes one matmul: torch.matmul reshapes its
-    # operands, with the guards above
-    within = (onehot.to(torch.float32).unsqueeze(-1) * triangle).sum(-2).to(torch.int32)
-    counts = within[:, :, -1]
-    return within, torch.cumsum(counts, 1, dtype=torch.int32) - counts
+    return values, perm
 
 
 def sort_keys(keys: Tensor, bound: int, stable: bool = False) -> tuple[Tensor, Tensor]:
