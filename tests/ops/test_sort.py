@@ -23,9 +23,9 @@ def test_radix_sort_equals_stable_torch_sort(n, bound):
 
 
 def test_radix_sort_orders_keys_at_or_above_the_bound():
-    """Keys at or above ``bound`` (the sparse convolutions' rulebooks pass some) but below the
-    passes' 2**bits sort exactly: a chunked draft that padded the keys with ``bound - 1`` let its
-    padding back into the first n (docs/iree.md, thirtieth session)."""
+    """Keys at or above ``bound`` but below the passes' 2**bits sort exactly (a chunked draft that
+    padded the keys with ``bound - 1`` let its padding back into the first n for such keys:
+    docs/iree.md, thirtieth session)."""
     g = torch.Generator().manual_seed(5)
     keys = torch.cat([torch.randint(0, 1000, (37,), generator=g), torch.tensor([1000, 4095, 1500, 4095])])
     values, perm = radix_sort(keys, 1000)  # three 4-bit passes: keys below 4096 sort exactly
