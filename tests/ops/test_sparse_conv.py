@@ -130,14 +130,25 @@ def test_kernel_weight_layouts():
     assert sc.weight_layout(spconv.SubMConv3d(2, 2, 3)) == "KRSC"
 
 
-def test_sparse_encoder_second_equals_spconv(kitti_sites):
-    """mmdet3d's SparseEncoder as SECOND builds it, spconv vs our forward swapped in."""
+# CenterPoint voxel's SparseEncoder: SparseBasicBlocks, whose SubM convs have no indice_key
+CENTERPOINT_ENCODER = dict(
+    encoder_channels=((16, 16, 32), (32, 32, 64), (64, 64, 128), (128, 128)),
+    encoder_paddings=((0, 0, 1), (0, 0, 1), (0, 0, [0, 1, 1]), (0, 0)),
+    block_type="basicblock",
+)
+
+
+@pytest.mark.parametrize("build", ["second", "centerpoint"])
+def test_sparse_encoder_equals_spconv(kitti_sites, build):
+    """mmdet3d's SparseEncoder as SECOND and CenterPoint voxel build it (on the KITTI grid),
+    spconv vs our forward swapped in."""
     from mmdet3d.models.middle_encoders import SparseEncoder
     from spconv.pytorch.conv import SparseConvolution
     from spconv.pytorch.core import SparseConvTensor
 
     torch.manual_seed(7)
-    encoder = SparseEncoder(in_channels=4, sparse_shape=SECOND_GRID["shape"], order=("conv", "norm", "act")).eval()
+    extra = CENTERPOINT_ENCODER if build == "centerpoint" else {}
+    encoder = SparseEncoder(in_channels=4, sparse_shape=SECOND_GRID["shape"], order=("conv", "norm", "act"), **extra).eval()
     g = torch.Generator().manual_seed(8)
     with torch.no_grad():  # non-trivial BN statistics
         for m in encoder.modules():
@@ -159,6 +170,32 @@ def test_sparse_encoder_second_equals_spconv(kitti_sites):
     assert (ref != 0).sum() > 10_000
     scale = ref.abs().max()
     assert (ours - ref).abs().max() <= 1e-3 * scale
+
+
+def test_subm_layers_without_a_key_share_the_pairs_of_their_sites(kitti_sites):
+    """SubM layers without an ``indice_key`` (mmdet3d's SparseBasicBlock convs) on one sites
+    tensor build its pairs once (``sparse_conv._unnamed_subm_key``); the next sites tensor (after
+    a strided layer) gets its own, and every output equals spconv's (which recomputes them)."""
+    torch.manual_seed(10)
+    layers = torch.nn.ModuleList(
+        [
+            spconv.SubMConv3d(16, 16, 3, padding=1, bias=False),
+            spconv.SubMConv3d(16, 16, 3, padding=1, bias=False),
+            spconv.SparseConv3d(16, 32, 3, stride=2, padding=1, bias=False, indice_key="spconv2"),
+            spconv.SubMConv3d(32, 32, 3, padding=1, bias=False),
+            spconv.SubMConv3d(32, 32, 3, padding=1, bias=False),
+            spconv.SubMConv3d(32, 32, (1, 3, 3), padding=(0, 1, 1), bias=False),
+        ]
+    ).eval()
+    feats = features_for(kitti_sites, 16, seed=11)
+    ref = run(layers, feats, kitti_sites, SECOND_GRID["shape"])
+    ours = run(layers, feats, kitti_sites, SECOND_GRID["shape"], ours=True)
+    assert_same_sparse(ours, ref)
+    unnamed = [(k, r) for k, r in ours.indice_dict.items() if isinstance(k, tuple) and k[:2] == (sc.RULEBOOK_TAG, "unnamed subm")]
+    # one for the input sites, two for the strided layer's: the 1x3x3 kernel has pairs of its own
+    assert len(unnamed) == 3
+    assert sum(r.in_indices is kitti_sites for _, r in unnamed) == 1
+    assert sorted(tuple(r.ksize) for _, r in unnamed) == [(1, 3, 3), (3, 3, 3), (3, 3, 3)]
 
 
 def test_to_dense_equals_spconv_dense(kitti_sites):
