@@ -712,8 +712,9 @@ def _unnamed_subm_key(x, ksize, dilation, spatial_shape) -> tuple:
     ``SparseBasicBlock`` convs in CenterPoint's and BEVFusion's encoders: four per stage).  spconv
     computes such a layer's pairs afresh, but SubM pairs depend only on the sites tensor, the
     spatial shape, the batch size, the kernel and the dilation: a later layer on the same sites
-    tensor (``in_indices is x.indices``) reuses them, so CenterPoint voxel builds 4 SubM
-    rulebooks instead of 17, the same maps."""
+    tensor reuses them, so CenterPoint voxel builds 4 SubM rulebooks instead of 17, the same
+    maps.  The key holds the tensor's ``id``: the rulebook stored under it keeps that tensor
+    (``in_indices``) alive, so no other sites tensor can have the id while the entry exists."""
     return (RULEBOOK_TAG, "unnamed subm", id(x.indices), tuple(ksize), tuple(_expand(len(ksize), dilation)), tuple(spatial_shape), x.batch_size)
 
 
@@ -754,8 +755,6 @@ def sparse_conv_forward(self, input, add_input=None):
     key = _cache_key(self.indice_key) if self.indice_key is not None else None
     if key is None and self.subm and not self.inverse:
         key = _unnamed_subm_key(x, ksize, self.dilation, spatial_shape)
-        if key in indice_dict and indice_dict[key].in_indices is not x.indices:
-            del indice_dict[key]  # an id reused by another sites tensor
     cached = indice_dict.get(key) if key is not None else None
 
     if self.inverse:
