@@ -22,10 +22,12 @@ against the eager model.
   ``strided_pointwise_convs_as_slices``: strided 1x1 Convs IREE runs as slow generic reductions,
   ``grouped_deconvs_as_convs``: grouped ConvTransposes IREE rejects,
   ``row_max_pools_as_reductions``: one-row MaxPools IREE runs as data-tiled convolutions,
+  ``channels_last_concats``: channel Concats of channels-last branches taken channels-last,
+  ``cancel_transpose_pairs``: Transposes that undo each other dropped,
   and, where IREE's flags send convolutions through im2col, ``winograd_convs``: wide stride-1
-  3x3 convolutions as Winograd F(4x4, 3x3), and ``shifted_output_convs``: the other stride-1
-  convolutions as one MatMul over all kernel taps + shifted sums (applied to the IREE copy
-  only, ``codegen.iree.iree_onnx``).
+  3x3 convolutions (and stride-2 ones on the same input) as Winograd F(4x4, 3x3), and
+  ``shifted_output_convs``: the other stride-1 convolutions as one MatMul over all kernel taps +
+  shifted sums (applied to the IREE copy only, ``codegen.iree.iree_onnx``).
 
 docs/iree.md and docs/bench_models.md have the measurements.
 """
@@ -1262,6 +1264,124 @@ def row_max_pools_as_reductions(model) -> list[str]:
     return [f"{count} MaxPool(s) over windows of one row as Slice + Reshape + ReduceMax"]
 
 
+# single-input ops a channels-last result can take before a Transpose to channels-first instead of
+# after it (``channels_last_concats``)
+_UNARY = {"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Identity"}
+NCHW, NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
+
+
+def channels_last_concats(model) -> list[str]:
+    """A channel ``Concat`` (axis 1, 4-D) with an input that is a ``Transpose`` from channels-last
+    (``NCHW``), through single-reader unary ops (a ReLU), -> the unary ops on the channels-last
+    tensors, one ``Concat`` over their last axis and one ``Transpose`` of it; then
+    ``cancel_transpose_pairs`` drops what a channels-last reader transposes back (the Winograd
+    form's input). The SECFPN necks' deconvolutions end channels-last (``rewrite_deconvs``) and
+    their concatenation feeds the heads' 3x3 convolutions, which IREE runs channels-last.
+
+    A channels-first branch (CenterPoint's and BEVFusion's strided Conv beside a deconvolution)
+    gets a ``Transpose`` to channels-last, which cancels against the one IREE puts after that
+    convolution; a Concat with no channels-last branch stays.
+
+    Before, IREE transposed each branch to NCHW (fused with its pixel shuffle), copied them into
+    the NCHW concatenation and transposed the whole of it back (SSN: 15 + 10 ms of branch
+    transposes and 19 ms for the 384 x 40000 one, one Xeon thread). Interleaved calls, two
+    threads: SSN 510.0 -> 497.6 ms, CenterPoint voxel 884.8 -> 852.4 ms, BEVFusion lidar 1711.9
+    -> 1677.4 ms, CenterPoint pillar 405.3 -> 407.1 ms. Applied to the IREE copy only
+    (``codegen.iree.iree_onnx``)."""
+    from onnx import helper
+
+    graph = model.graph
+    readers = _readers(graph)
+    outputs = {o.name for o in graph.output}
+    producer = {o: n for n in graph.node for o in n.output}
+    shapes = _shapes(graph)
+
+    def perm(node) -> list[int]:
+        return next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
+
+    def single(name: str) -> bool:
+        return name not in outputs and len(readers.get(name, [])) == 1
+
+    def channels_last_source(name: str):
+        """(the channels-last tensor, the unary ops from it to ``name`` in order) or None."""
+        chain = []
+        while name in producer and producer[name].op_type in _UNARY and single(name):
+            chain.append(producer[name])
+            name = producer[name].input[0]
+        node = producer.get(name)
+        if node is None or node.op_type != "Transpose" or perm(node) != NCHW or not single(name):
+            return None
+        return node.input[0], chain[::-1]
+
+    replace: dict[str, list] = {}
+    done = []
+    for node in graph.node:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+        dims = shapes.get(node.output[0]) or []
+        if node.op_type != "Concat" or len(dims) != 4 or axis not in (1, -3):
+            continue
+        sources = [channels_last_source(x) for x in node.input]
+        if not any(sources):
+            continue
+        p = f"{_label(node)}_form_nhwc"
+        new, parts = [], []
+        for i, (x, source) in enumerate(zip(node.input, sources)):
+            if source is None:  # a channels-first branch (a Conv's): IREE's own transposes cancel this one
+                parts.append(f"{p}{i}")
+                new.append(helper.make_node("Transpose", [x], [parts[-1]], perm=NHWC, name=parts[-1]))
+                continue
+            x, chain = source
+            for j, op in enumerate(chain):
+                out = f"{p}{i}_{j}"
+                new.append(helper.make_node(op.op_type, [x, *op.input[1:]], [out], name=out, domain=op.domain))
+                new[-1].attribute.extend(op.attribute)
+                x = out
+            parts.append(x)
+        new += [
+            helper.make_node("Concat", parts, [p], name=p, axis=3),
+            helper.make_node("Transpose", [p], list(node.output), perm=NCHW, name=f"{p}_nchw"),
+        ]
+        replace[node.output[0]] = new
+        done.append(f"Concat {_label(node)} of {len(parts)} branches ({sum(map(bool, sources))} channels-last) concatenated channels-last")
+    if not done:
+        return []
+    nodes = []
+    for node in graph.node:
+        nodes += replace.get(node.output[0], [node]) if node.op_type == "Concat" else [node]
+    _set_nodes(model, nodes)
+    topological_sort(graph)
+    return done
+
+
+def cancel_transpose_pairs(model) -> list[str]:
+    """``Transpose(Transpose(x))`` whose permutations compose to the identity -> ``x``: its readers
+    read ``x``. One that is a graph output, or read inside a Scan / Loop body, stays."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    kept = {o.name for o in graph.output}
+    for node in graph.node:
+        kept |= _reads(node) - set(node.input)  # outer names its bodies read
+    rename, count = {}, 0
+    for node in graph.node:
+        inner = producer.get(node.input[0]) if node.op_type == "Transpose" else None
+        if inner is None or inner.op_type != "Transpose" or node.output[0] in kept:
+            continue
+        p1 = next((list(a.ints) for a in inner.attribute if a.name == "perm"), [])
+        p2 = next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
+        if p1 and len(p1) == len(p2) and all(p1[p2[i]] == i for i in range(len(p2))):
+            rename[node.output[0]] = inner.input[0]
+            count += 1
+    if not count:
+        return []
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            while name in rename:
+                name = rename[name]
+            node.input[i] = name
+    remove_dead_nodes(model)
+    return [f"{count} pair(s) of Transposes that cancel dropped"]
+
+
 # ops a channels-first tensor passes through on its way to convolutions while IREE keeps it
 # channels-last (its transposes propagate through elementwise ops)
 _ELEMENTWISE = {
@@ -1375,7 +1495,12 @@ def winograd_convs(model) -> list[str]:
     the tiles (against the weights transformed once here, ``G g G^T``, in float64), ``Concat`` ed,
     and the output tiles' ``AT m AT`` (two such passes; the second also interleaves the tiles and
     adds the bias). 2.25 products per output pixel and channel pair instead of 9; the same function
-    up to fp32 rounding (``WINOGRAD_POINTS``). Each pass writes its 6 (or 4) results beside the
+    up to fp32 rounding (``WINOGRAD_POINTS``). A stride-2 3x3 ``Conv`` that reads the same padded
+    input as one of these takes the form too, as every other row and column of the stride-1
+    convolution (a strided ``Slice`` of the output): as many products as the direct convolution, but
+    in the matmul kernels and on the input tiles already there (SSN's two 384 -> 64 channel heads on
+    its 200 x 200 neck, the direct ones 121 ms + 21 ms of padding and packing on one Xeon thread;
+    the model 930.9 -> 875.2 ms on one thread, 522.5 -> 478.4 ms on two). Each pass writes its 6 (or 4) results beside the
     channels or the tile columns, not as the outermost axis, where IREE's dispatch read its whole
     input once per result (one Xeon thread, the first output pass: SECOND's 128-channel
     200 x 176 convolution 13.0 -> 8.4 ms, PointPillars' 128-channel one 4.2 -> 1.3 ms).
@@ -1406,20 +1531,33 @@ def winograd_convs(model) -> list[str]:
     m = WINOGRAD_TILE
     a = m + 2
     bt, g, at = winograd_matrices(m, 3, WINOGRAD_POINTS)
+    convs = [_plain_conv(node, inits, shapes) for node in graph.node]
+
+    def eligible(conv) -> bool:
+        return conv is not None and conv.kernel == (3, 3) and min(conv.c, conv.cout) >= WINOGRAD_MIN_CHANNELS
+
+    # the inputs (and pads) of the stride-1 convolutions this form takes: a stride-2 one reading the same
+    # padded input takes the form too, as the stride-1 convolution's every other row and column
+    shared = {
+        (node.input[0], conv.pads) for node, conv in zip(graph.node, convs)
+        if eligible(conv) and conv.strides == (1, 1) and min(conv.out_hw) >= m
+    }
     done, nodes = [], []
-    for node in graph.node:
-        conv = _plain_conv(node, inits, shapes)
-        if (
-            conv is None or conv.kernel != (3, 3) or conv.strides != (1, 1)
-            or min(conv.c, conv.cout) < WINOGRAD_MIN_CHANNELS or min(conv.out_hw) < m
+    for node, conv in zip(graph.node, convs):
+        if not eligible(conv) or not (
+            (conv.strides == (1, 1) and min(conv.out_hw) >= m)
+            or (conv.strides == (2, 2) and (node.input[0], conv.pads) in shared)
         ):
             nodes.append(node)
             continue
         weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
         cout, c = conv.cout, conv.c
         n, _, h, w = conv.input
-        top, left, _, _ = conv.pads
+        top, left, bottom, right = conv.pads
         ho, wo = conv.out_hw
+        step_ = conv.strides[0]
+        if step_ > 1:  # the stride-1 output it subsamples
+            ho, wo = h + top + bottom - 2, w + left + right - 2
         th, tw = -(-ho // m), -(-wo // m)  # output tiles
         p = f"{_label(node)}_form_winograd"
         count = iter(range(1 << 30))
@@ -1474,9 +1612,10 @@ def winograd_convs(model) -> list[str]:
             (1, 1, 1, 1, m, 1),
             bias,
         )
-        out = step("Slice", [step("Reshape", [out, const([n, m * th, m * tw, cout])]), const([0, 0]), const([ho, wo]), const([1, 2])])
+        out = step("Slice", [step("Reshape", [out, const([n, m * th, m * tw, cout])]), const([0, 0]), const([ho, wo]), const([1, 2]),
+                             const([step_, step_])])
         step("Transpose", [out], node.output[0], perm=[0, 3, 1, 2])
-        done.append(f"Conv {_label(node)} (3x3, {c} -> {cout} channels) as Winograd F(4x4, 3x3)")
+        done.append(f"Conv {_label(node)} (3x3{', stride 2' if step_ > 1 else ''}, {c} -> {cout} channels) as Winograd F(4x4, 3x3)")
     if done:
         _set_nodes(model, nodes)  # the replaced weights
     return done

@@ -34,6 +34,8 @@ from .errors import ExportError
 from .memory import retain_freed_memory
 from .metadata import IREE_ONNX
 from .graph_forms import (
+    cancel_transpose_pairs,
+    channels_last_concats,
     cpu_forms,
     drop_empty_concat_inputs,
     gathered_row_matmuls,
@@ -224,10 +226,12 @@ def iree_onnx(
     rewrites += strided_pointwise_convs_as_slices(model)
     rewrites += grouped_deconvs_as_convs(model)
     rewrites += row_max_pools_as_reductions(model)
+    rewrites += channels_last_concats(model)  # before the Winograd form reads the Concat channels-last
     if winograd:
-        rewrites += winograd_convs(model)  # stride-1 3x3 convs with enough channels
+        rewrites += winograd_convs(model)  # stride-1 3x3 convs with enough channels (and stride-2 ones on their inputs)
     if im2col:
         rewrites += shifted_output_convs(model)  # the other stride-1 convs
+    rewrites += cancel_transpose_pairs(model)  # what the forms above left back to back
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
     return rewrites, model.graph.name

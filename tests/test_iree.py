@@ -629,6 +629,60 @@ def test_strided_pointwise_convs_become_slices(tmp_path):
     _iree_copy_and_vmfb_match(tmp_path, feeds, expected, atol=1e-4)
 
 
+def test_channels_last_concats_of_deconv_branches(tmp_path):
+    """``channels_last_concats`` + ``cancel_transpose_pairs`` (IREE's copy), SSN's neck in
+    miniature: three deconvolutions (kernel = stride; channels-last MatMuls + pixel shuffles after
+    ``rewrite_deconvs``), ReLU, a channel Concat read by a 3x3 Conv and a stride-2 one (both
+    Winograd). The Concat is taken channels-last and the Winograd inputs' Transposes back cancel.
+    CenterPoint's and BEVFusion's neck: a Conv's (channels-first) output beside a deconvolution's,
+    also concatenated channels-last; a Concat of two Conv outputs stays. The same values in
+    onnxruntime and IREE."""
+    rng = np.random.default_rng(5)
+    f32 = lambda *s: (rng.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
+    inits = {"w0": f32(8, 8, 1, 1), "b0": f32(8), "w1": f32(8, 8, 2, 2), "w2": f32(8, 8, 4, 4), "b2": f32(8),
+             "wa": f32(16, 24, 3, 3), "ba": f32(16), "wb": f32(16, 24, 3, 3), "wc": f32(8, 8, 3, 3)}  # fmt: skip
+    nodes = [
+        helper.make_node("ConvTranspose", ["x0", "w0", "b0"], ["d0"], kernel_shape=[1, 1], strides=[1, 1]),
+        helper.make_node("ConvTranspose", ["x1", "w1"], ["d1"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("ConvTranspose", ["x2", "w2", "b2"], ["d2"], kernel_shape=[4, 4], strides=[4, 4]),
+        *[helper.make_node("Relu", [f"d{i}"], [f"r{i}"]) for i in range(3)],
+        helper.make_node("Concat", ["r0", "r1", "r2"], ["cat"], axis=1, name="neck"),
+        helper.make_node("Conv", ["cat", "wa", "ba"], ["a"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="head"),
+        helper.make_node("Conv", ["cat", "wb"], ["b"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], name="down"),
+        helper.make_node("Conv", ["x0", "wc"], ["c0"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("ConvTranspose", ["x1", "w1"], ["e1"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Concat", ["c0", "e1"], ["mixed"], axis=1, name="mixed"),
+        helper.make_node("Concat", ["c0", "x0"], ["plain"], axis=1, name="plain"),
+    ]
+    inputs = {"x0": (1, 8, 12, 12), "x1": (1, 8, 6, 6), "x2": (1, 8, 3, 3)}
+    graph = helper.make_graph(
+        nodes,
+        "main_graph",
+        [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in inputs.items()],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("a", "b", "mixed", "plain")],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    _save(graph, tmp_path / "model.onnx")
+    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", winograd=True)  # as the host preset
+    assert [r for r in rewrites if r.startswith("Concat")] == [
+        "Concat neck of 3 branches (3 channels-last) concatenated channels-last",
+        "Concat mixed of 2 branches (1 channels-last) concatenated channels-last",
+    ]
+    assert [r for r in rewrites if "Winograd" in r] == [
+        "Conv head (3x3, 24 -> 16 channels) as Winograd F(4x4, 3x3)",
+        "Conv down (3x3, stride 2, 24 -> 16 channels) as Winograd F(4x4, 3x3)",
+    ]
+    assert "2 pair(s) of Transposes that cancel dropped" in rewrites  # the Winograd inputs'
+    formed = onnx.load(str(tmp_path / "iree.onnx")).graph
+    axes = {n.name: next(a.i for a in n.attribute if a.name == "axis") for n in formed.node if n.op_type == "Concat"}
+    assert axes["neck_form_nhwc"] == 3 and axes["mixed_form_nhwc"] == 3 and axes["plain"] == 1
+    feeds = {k: rng.standard_normal(v).astype(np.float32) for k, v in inputs.items()}
+    expected = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
+    assert [e.shape for e in expected] == [(1, 16, 12, 12), (1, 16, 6, 6), (1, 16, 12, 12), (1, 16, 12, 12)]
+    compile_onnx(tmp_path / "model.onnx", tmp_path / "model.vmfb")
+    _iree_copy_and_vmfb_match(tmp_path, feeds, expected, atol=1e-4)
+
+
 def test_grouped_deconvs_become_convs_that_iree_compiles(tmp_path):
     """``grouped_deconvs_as_convs`` (IREE's copy): SMOKE's DLA upsampling is a depthwise
     ConvTranspose (256 groups, 4x4 kernel, stride 2, padding 1; one 8x8, stride 4, padding 2),
@@ -769,19 +823,23 @@ def test_winograd_matrices_compute_the_correlation():
         winograd_matrices(2, 3, (0, 1, 1))
 
 
-def test_wide_3x3_convs_become_winograd_with_data_tiling(tmp_path):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_wide_3x3_convs_become_winograd_with_data_tiling(tmp_path, batch):
     """``winograd_convs`` (IREE's copy when its flags data-tile, im2col or not): stride-1
     3x3 Convs with at least 16 input and output channels become Winograd F(4x4, 3x3) (36 MatMuls
-    on a Split each), read channels-last or not (batch 2, sizes that are not multiples of the
-    tile, uneven pads, with and without a bias, a graph output of exactly 16 channels, more output
-    than input channels). A narrow one (15 channels) and one whose output is smaller than a tile
-    go to ``shifted_output_convs`` under im2col and stay Convs without it; a strided one stays a
-    Conv. The same values in onnxruntime and, compiled with ``portable`` (im2col on any host) and
-    ``host`` (data-tiled direct convolutions on an AVX-512 host), in IREE."""
+    on a Split each), read channels-last or not (batch 1 and 2, sizes that are not multiples of
+    the tile, uneven pads, with and without a bias, a graph output of exactly 16 channels, more
+    output than input channels), and a stride-2 one on the same padded input as a stride-1 one
+    (every other row and column of its output). A narrow one (15 channels) and one whose output
+    is smaller than a tile go to ``shifted_output_convs`` under im2col and stay Convs without it;
+    a strided one whose padded input no stride-1 one reads stays a Conv. The same values in
+    onnxruntime and, compiled with ``portable`` (im2col on any host) and ``host`` (data-tiled
+    direct convolutions on an AVX-512 host), in IREE."""
     rng = np.random.default_rng(8)
     f32 = lambda *s: (rng.standard_normal(s) * np.sqrt(2 / (9 * s[1] if len(s) > 1 else 1))).astype(np.float32)  # noqa: E731
     inits = {"w1": f32(32, 32, 3, 3), "b1": f32(32), "w2": f32(32, 32, 3, 3), "w3": f32(15, 32, 3, 3), "w4": f32(8, 32, 1, 1),
-             "w8": f32(8, 15, 1, 1), "w5": f32(16, 32, 3, 3), "w6": f32(32, 32, 3, 3), "w7": f32(32, 32, 3, 3), "w9": f32(48, 32, 3, 3)}  # fmt: skip
+             "w8": f32(8, 15, 1, 1), "w5": f32(16, 32, 3, 3), "w6": f32(32, 32, 3, 3), "w7": f32(32, 32, 3, 3), "w9": f32(48, 32, 3, 3),
+             "w10": f32(24, 32, 3, 3)}  # fmt: skip
     graph = helper.make_graph(
         [
             helper.make_node("Conv", ["x", "w1", "b1"], ["a"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="same"),
@@ -795,10 +853,11 @@ def test_wide_3x3_convs_become_winograd_with_data_tiling(tmp_path):
             helper.make_node("Conv", ["small", "w7"], ["e"], kernel_shape=[3, 3], name="small_input"),
             helper.make_node("Conv", ["e", "w4"], ["f"], kernel_shape=[1, 1]),
             helper.make_node("Conv", ["x", "w9"], ["g"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="widening"),
+            helper.make_node("Conv", ["x", "w10"], ["h"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], name="strided"),
         ],
         "main_graph",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32, 11, 9])],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "bcdfg"],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 32, 11, 9])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "bcdfgh"],
         [numpy_helper.from_array(v, k) for k, v in inits.items()]
         + [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in (("s0", [0, 0]), ("s1", [5, 5]), ("s2", [2, 3]))],
     )
@@ -807,23 +866,25 @@ def test_wide_3x3_convs_become_winograd_with_data_tiling(tmp_path):
     assert not [r for r in rewrites if "Winograd" in r or "shifted sums" in r]
     rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "direct.onnx", winograd=True)
     winograd = [r for r in rewrites if "Winograd" in r]
-    assert len(winograd) == 4 and not [r for r in rewrites if "shifted sums" in r]
+    assert len(winograd) == 5 and not [r for r in rewrites if "shifted sums" in r]
     ops = [n.op_type for n in onnx.load(str(tmp_path / "direct.onnx")).graph.node]
-    assert ops.count("Conv") == 5 and ops.count("MatMul") == 4 * 36
+    assert ops.count("Conv") == 5 and ops.count("MatMul") == 5 * 36
     rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", im2col=True, winograd=True)
     assert [r for r in rewrites if "Winograd" in r or "shifted sums" in r] == [
         "Conv same (3x3, 32 -> 32 channels) as Winograd F(4x4, 3x3)",
         "Conv uneven (3x3, 32 -> 32 channels) as Winograd F(4x4, 3x3)",
         "Conv graph_output (3x3, 32 -> 16 channels) as Winograd F(4x4, 3x3)",
         "Conv widening (3x3, 32 -> 48 channels) as Winograd F(4x4, 3x3)",
+        "Conv strided (3x3, stride 2, 32 -> 24 channels) as Winograd F(4x4, 3x3)",
         "Conv narrow (3x3, 32 -> 15 channels) as one MatMul over its taps + shifted sums",
         "Conv small_input (3x3, 32 -> 32 channels) as one MatMul over its taps + shifted sums",
     ]
     ops = [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
-    assert ops.count("Conv") == 3 and ops.count("MatMul") == 4 * 36 + 2 and ops.count("Split") == 4
-    feeds = {"x": rng.standard_normal((2, 32, 11, 9)).astype(np.float32)}
+    assert ops.count("Conv") == 3 and ops.count("MatMul") == 5 * 36 + 2 and ops.count("Split") == 5
+    feeds = {"x": rng.standard_normal((batch, 32, 11, 9)).astype(np.float32)}
     expected = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
-    assert [e.shape for e in expected] == [(2, 8, 12, 8), (2, 16, 9, 7), (2, 32, 6, 5), (2, 8, 3, 3), (2, 48, 11, 9)]
+    shapes = [(8, 12, 8), (16, 9, 7), (32, 6, 5), (8, 3, 3), (48, 11, 9), (24, 6, 5)]
+    assert [e.shape for e in expected] == [(batch, *s) for s in shapes]
     info = compile_onnx(tmp_path / "model.onnx", tmp_path / "model.vmfb", "portable")
     assert [r for r in info.rewrites if "Winograd" in r] == winograd
     _iree_copy_and_vmfb_match(tmp_path, feeds, expected, atol=2e-5)
@@ -1152,7 +1213,9 @@ def test_pointpillars_compiles_in_iree_and_matches_eager(tmp_path):
     conv_flags = [f for f in iree["flags"] if f in (CONV_DATA_TILING, IM2COL_CONVS)]
     assert conv_flags == [CONV_DATA_TILING if host_isa() == "avx512" else IM2COL_CONVS]
     winograd = [r for r in iree["graph_rewrites"] if r.endswith("as Winograd F(4x4, 3x3)")]
-    assert len(winograd) == 13 and iree["graph_rewrites"] == winograd
+    assert len(winograd) == 13
+    # and the first one's Transpose to channels-last cancels the BEV canvas's permute to NCHW
+    assert iree["graph_rewrites"] == winograd + ["1 pair(s) of Transposes that cancel dropped"]
     assert meta["validation"]["max_abs_diff"]["iree"] < 1e-5  # measured 5.6e-8
     assert "iree" in (out / "validation.txt").read_text()
 
