@@ -1500,10 +1500,11 @@ def winograd_convs(model) -> list[str]:
     convolution (a strided ``Slice`` of the output): as many products as the direct convolution, but
     in the matmul kernels and on the input tiles already there (SSN's two 384 -> 64 channel heads on
     its 200 x 200 neck, the direct ones 121 ms + 21 ms of padding and packing on one Xeon thread;
-    the model 930.9 -> 875.2 ms on one thread, 522.5 -> 478.4 ms on two). Each pass writes its 6 (or 4) results beside the
-    channels or the tile columns, not as the outermost axis, where IREE's dispatch read its whole
-    input once per result (one Xeon thread, the first output pass: SECOND's 128-channel
-    200 x 176 convolution 13.0 -> 8.4 ms, PointPillars' 128-channel one 4.2 -> 1.3 ms).
+    the model 930.9 -> 875.2 ms on one thread, 522.5 -> 478.4 ms on two). Each pass writes its 6
+    (or 4) results beside the channels or the tile columns, not as the outermost axis, where IREE's
+    dispatch read its whole input once per result (one Xeon thread, the first output pass:
+    SECOND's 128-channel 200 x 176 convolution 13.0 -> 8.4 ms, PointPillars' 128-channel one 4.2
+    -> 1.3 ms).
 
     Applied when IREE's flags data-tile (``codegen.iree.DATA_TILING``, where the measurements
     on an AVX-512 Xeon are): the products then run in its matmul ukernels. With im2col
