@@ -1270,6 +1270,11 @@ _UNARY = {"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Identity"
 NCHW, NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
 
 
+def _perm(node) -> list[int]:
+    """A ``Transpose``'s ``perm`` attribute (``[]`` when absent: the reversed axes)."""
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
+
+
 def channels_last_concats(model) -> list[str]:
     """A channel ``Concat`` (axis 1, 4-D) with an input that is a ``Transpose`` from channels-last
     (``NCHW``), through single-reader unary ops (a ReLU), -> the unary ops on the channels-last
@@ -1296,9 +1301,6 @@ def channels_last_concats(model) -> list[str]:
     producer = {o: n for n in graph.node for o in n.output}
     shapes = _shapes(graph)
 
-    def perm(node) -> list[int]:
-        return next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
-
     def single(name: str) -> bool:
         return name not in outputs and len(readers.get(name, [])) == 1
 
@@ -1309,7 +1311,7 @@ def channels_last_concats(model) -> list[str]:
             chain.append(producer[name])
             name = producer[name].input[0]
         node = producer.get(name)
-        if node is None or node.op_type != "Transpose" or perm(node) != NCHW or not single(name):
+        if node is None or node.op_type != "Transpose" or _perm(node) != NCHW or not single(name):
             return None
         return node.input[0], chain[::-1]
 
@@ -1345,11 +1347,10 @@ def channels_last_concats(model) -> list[str]:
         done.append(f"Concat {_label(node)} of {len(parts)} branches ({sum(map(bool, sources))} channels-last) concatenated channels-last")
     if not done:
         return []
-    nodes = []
+    nodes = []  # in the Concat's place: everything they read comes before it
     for node in graph.node:
         nodes += replace.get(node.output[0], [node]) if node.op_type == "Concat" else [node]
     _set_nodes(model, nodes)
-    topological_sort(graph)
     return done
 
 
@@ -1366,8 +1367,7 @@ def cancel_transpose_pairs(model) -> list[str]:
         inner = producer.get(node.input[0]) if node.op_type == "Transpose" else None
         if inner is None or inner.op_type != "Transpose" or node.output[0] in kept:
             continue
-        p1 = next((list(a.ints) for a in inner.attribute if a.name == "perm"), [])
-        p2 = next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
+        p1, p2 = _perm(inner), _perm(node)
         if p1 and len(p1) == len(p2) and all(p1[p2[i]] == i for i in range(len(p2))):
             rename[node.output[0]] = inner.input[0]
             count += 1
@@ -1534,21 +1534,21 @@ def winograd_convs(model) -> list[str]:
     bt, g, at = winograd_matrices(m, 3, WINOGRAD_POINTS)
     convs = [_plain_conv(node, inits, shapes) for node in graph.node]
 
-    def eligible(conv) -> bool:
-        return conv is not None and conv.kernel == (3, 3) and min(conv.c, conv.cout) >= WINOGRAD_MIN_CHANNELS
+    def eligible(conv, strides) -> bool:
+        return (
+            conv is not None and conv.kernel == (3, 3) and conv.strides == strides
+            and min(conv.c, conv.cout) >= WINOGRAD_MIN_CHANNELS
+        )
+
+    def stride_1(conv) -> bool:
+        return eligible(conv, (1, 1)) and min(conv.out_hw) >= m
 
     # the inputs (and pads) of the stride-1 convolutions this form takes: a stride-2 one reading the same
     # padded input takes the form too, as the stride-1 convolution's every other row and column
-    shared = {
-        (node.input[0], conv.pads) for node, conv in zip(graph.node, convs)
-        if eligible(conv) and conv.strides == (1, 1) and min(conv.out_hw) >= m
-    }
+    shared = {(node.input[0], conv.pads) for node, conv in zip(graph.node, convs) if stride_1(conv)}
     done, nodes = [], []
     for node, conv in zip(graph.node, convs):
-        if not eligible(conv) or not (
-            (conv.strides == (1, 1) and min(conv.out_hw) >= m)
-            or (conv.strides == (2, 2) and (node.input[0], conv.pads) in shared)
-        ):
+        if not (stride_1(conv) or (eligible(conv, (2, 2)) and (node.input[0], conv.pads) in shared)):
             nodes.append(node)
             continue
         weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)

@@ -58,11 +58,12 @@ def _save(graph, path) -> None:
     onnx.save(model, str(path))
 
 
-def _forms(tmp_path, graph) -> tuple[list[str], list[str]]:
-    """``graph`` saved as model.onnx and put through the forms (``iree_onnx``) into iree.onnx:
-    what was rewritten and the rewritten graph's op types."""
+def _forms(tmp_path, graph, winograd: bool = False) -> tuple[list[str], list[str]]:
+    """``graph`` saved as model.onnx and put through the forms (``iree_onnx``; ``winograd`` as
+    the ``host`` preset's data tiling asks) into iree.onnx: what was rewritten and the rewritten
+    graph's op types."""
     _save(graph, tmp_path / "model.onnx")
-    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx")
+    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", winograd=winograd)
     return rewrites, [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
 
 
@@ -662,8 +663,7 @@ def test_channels_last_concats_of_deconv_branches(tmp_path):
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("a", "b", "mixed", "plain")],
         [numpy_helper.from_array(v, k) for k, v in inits.items()],
     )
-    _save(graph, tmp_path / "model.onnx")
-    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", winograd=True)  # as the host preset
+    rewrites, _ = _forms(tmp_path, graph, winograd=True)
     assert [r for r in rewrites if r.startswith("Concat")] == [
         "Concat neck of 3 branches (3 channels-last) concatenated channels-last",
         "Concat mixed of 2 branches (1 channels-last) concatenated channels-last",
