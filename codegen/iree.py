@@ -34,6 +34,7 @@ from .errors import ExportError
 from .memory import retain_freed_memory
 from .metadata import IREE_ONNX
 from .graph_forms import (
+    ONLINE_ATTENTION,
     cancel_transpose_pairs,
     channels_last_concats,
     cpu_forms,
@@ -41,6 +42,7 @@ from .graph_forms import (
     gathered_row_matmuls,
     grouped_deconvs_as_convs,
     list_constants_as_initializers,
+    online_attentions,
     row_max_pools_as_reductions,
     row_max_scatters_as_scatter_nd,
     shifted_output_convs,
@@ -222,6 +224,7 @@ def iree_onnx(
     # cpu_forms infers the shapes (the clean-ups need none)
     rewrites = cpu_forms(model) + cleanup
     rewrites += row_max_scatters_as_scatter_nd(model)  # needs the shapes cpu_forms inferred
+    rewrites += online_attentions(model)  # fused by fuse_online_attentions after the import
     rewrites += split_long_reductions(model)  # IREE sums a long f32 reduction in order
     rewrites += strided_pointwise_convs_as_slices(model)
     rewrites += grouped_deconvs_as_convs(model)
@@ -331,6 +334,8 @@ def compile_onnx(
         if VECTOR_PEELING in flags:
             flags.remove(VECTOR_PEELING)  # only for some dispatches: see VECTOR_PEELING
         _run([sys.executable, "-m", "iree.compiler.tools.import_onnx", str(rewritten), "-o", str(mlir)], "iree-import-onnx")
+        if fused := fuse_online_attentions(mlir):
+            info.rewrites.append(f"{fused} OnlineAttention node(s) as iree_linalg_ext.online_attention")
         info.import_s = round(time.perf_counter() - start, 3)
         start = time.perf_counter()
         if peel:
@@ -379,6 +384,85 @@ def _peel_dynamic_row_matmuls(mlir: Path, flags: list[str], tmp: Path) -> tuple[
         last = end + 1
     configured.write_text("\n".join(lines + texts[False][last:]))
     return configured, count
+
+
+# ``graph_forms.online_attentions``' custom node as iree-import-onnx writes it
+_VTENSOR = r"!torch\.vtensor<\[([\d,]+)\],f32>"
+_ONLINE_ATTENTION = re.compile(
+    r'^(\s*)(%[\w.$-]+):3 = torch\.operator "onnx\.' + ONLINE_ATTENTION[1] + r'"\((%\S+), (%\S+), (%\S+)\) : '
+    rf"\({_VTENSOR}, {_VTENSOR}, {_VTENSOR}\) -> \({_VTENSOR}, {_VTENSOR}, {_VTENSOR}\)\s*$"
+)
+
+
+def fuse_online_attentions(mlir: Path) -> int:
+    """Replace each ``graph_forms.online_attentions`` node of the imported ``mlir`` (in place) by
+    IREE's ``iree_linalg_ext.online_attention`` over its blocks (the blocks are a batch dim; a
+    batch's queries are read by all its blocks). Returns how many were replaced."""
+    lines, count = mlir.read_text().split("\n"), 0
+    for i, line in enumerate(lines):
+        match = _ONLINE_ATTENTION.match(line)
+        if match is None:
+            continue
+        indent, result, *operands = match.group(1, 2, 3, 4, 5)
+        shapes = [[int(d) for d in match.group(j).split(",")] for j in range(6, 12)]
+        p = f"%online{count}_"
+        lines[i] = "\n".join(indent + row for row in _online_attention(p, operands, *shapes))
+        for j, part in enumerate(("acc", "max", "sum")):  # the node's results, read later in the function
+            use = re.compile(re.escape(f"{result}#{j}") + r"(?![\w.$-])")
+            lines[i + 1 :] = [use.sub(p + part, later) for later in lines[i + 1 :]]
+        count += 1
+    if count:
+        mlir.write_text("\n".join(lines))
+    return count
+
+
+def _online_attention(p: str, operands: list[str], qs, ks, vs, acc_s, max_s, sum_s) -> list[str]:
+    """The MLIR of one ``fuse_online_attentions`` replacement (value names prefixed ``p``): ``Q
+    [.., M, C]``, ``K [.., a, b, C]``, ``V [.., a, b, N]`` -> ``{p}acc [.., a, M, N]``, ``{p}max``
+    and ``{p}sum [.., a, M, 1]``."""
+    batch, a, m, n = len(qs) - 2, ks[-3], qs[-2], vs[-1]
+    acc, row, col = [*qs[:-2], a, m, n], [*qs[:-2], a, m], [*qs[:-2], a, m, 1]
+    if ks[:batch] != qs[:batch] or vs[:-1] != ks[:-1] or ks[-1] != qs[-1] or [acc_s, max_s, sum_s] != [acc, col, col]:
+        raise ExportError(f"an {ONLINE_ATTENTION[1]} node has shapes {qs}, {ks}, {vs} -> {acc_s}, {max_s}, {sum_s}")
+
+    def ty(shape) -> str:
+        return "tensor<" + "x".join(map(str, shape)) + "xf32>"
+
+    def vt(shape) -> str:
+        return "!torch.vtensor<[" + ",".join(map(str, shape)) + "],f32>"
+
+    bd = [f"d{j}" for j in range(batch)]
+    dims = ", ".join([*bd, "a", "m", "n", "k1", "k2"])
+
+    def amap(*idx) -> str:
+        return f"affine_map<({dims}) -> ({', '.join(idx)})>"
+
+    maps = [amap(*bd, "m", "k1"), amap(*bd, "a", "k2", "k1"), amap(*bd, "a", "k2", "n"), amap(), amap(*bd, "a", "m", "n"), amap(*bd, "a", "m"), amap(*bd, "a", "m")]
+    expand = "[" + ", ".join([f"[{j}]" for j in range(len(row) - 1)] + [f"[{len(row) - 1}, {len(row)}]"]) + "]"
+    rows = [f"{p}{x} = torch_c.to_builtin_tensor {o} : {vt(s)} -> {ty(s)}" for x, o, s in zip("qkv", operands, (qs, ks, vs))]
+    rows += [
+        f"{p}scale = arith.constant 1.000000e+00 : f32",
+        f"{p}zero = arith.constant 0.000000e+00 : f32",
+        f"{p}lowest = arith.constant -3.40282347E+38 : f32",
+        f"{p}acc_empty = tensor.empty() : {ty(acc)}",
+        f"{p}row_empty = tensor.empty() : {ty(row)}",
+        f"{p}acc0 = linalg.fill ins({p}zero : f32) outs({p}acc_empty : {ty(acc)}) -> {ty(acc)}",
+        f"{p}max0 = linalg.fill ins({p}lowest : f32) outs({p}row_empty : {ty(row)}) -> {ty(row)}",
+        f"{p}sum0 = linalg.fill ins({p}zero : f32) outs({p}row_empty : {ty(row)}) -> {ty(row)}",
+        f"{p}r:3 = iree_linalg_ext.online_attention <indexing_maps = [{', '.join(maps)}]>"
+        f" ins({p}q, {p}k, {p}v, {p}scale : {ty(qs)}, {ty(ks)}, {ty(vs)}, f32)"
+        f" outs({p}acc0, {p}max0, {p}sum0 : {ty(acc)}, {ty(row)}, {ty(row)}) {{",
+        "^bb0(%score: f32):",
+        "  iree_linalg_ext.yield %score : f32",
+        f"}} -> {ty(acc)}, {ty(row)}, {ty(row)}",
+        f"{p}acc = torch_c.from_builtin_tensor {p}r#0 : {ty(acc)} -> {vt(acc)}",
+    ]
+    for j, part in ((1, "max"), (2, "sum")):
+        rows += [
+            f"{p}{part}_col = tensor.expand_shape {p}r#{j} {expand} output_shape [{', '.join(map(str, col))}] : {ty(row)} into {ty(col)}",
+            f"{p}{part} = torch_c.from_builtin_tensor {p}{part}_col : {ty(col)} -> {vt(col)}",
+        ]
+    return rows
 
 
 def _executables(lines: list[str]) -> dict[str, tuple[int, int]]:
