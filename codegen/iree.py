@@ -398,6 +398,10 @@ def fuse_online_attentions(mlir: Path) -> int:
     """Replace each ``graph_forms.online_attentions`` node of the imported ``mlir`` (in place) by
     IREE's ``iree_linalg_ext.online_attention`` over its blocks (the blocks are a batch dim; a
     batch's queries are read by all its blocks). Returns how many were replaced."""
+    marker = f'"onnx.{ONLINE_ATTENTION[1]}"'
+    with mlir.open() as text:  # streamed: most modules have none, and their weights make the text large
+        if not any(marker in line for line in text):
+            return 0
     lines, count = mlir.read_text().split("\n"), 0
     for i, line in enumerate(lines):
         match = _ONLINE_ATTENTION.match(line)

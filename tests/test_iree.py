@@ -1035,19 +1035,13 @@ def test_long_instance_norms_are_split_and_two_pass_in_iree(tmp_path):
         assert np.abs(got[1].reshape(1, 8, -1) - exact(feeds["z"])).max() < 2e-5
 
 
-def test_attention_is_split_without_transposing_its_probabilities(tmp_path):
-    """``split_long_reductions`` on a whole attention (BEVFusion's cross-attention: 8 heads, 200
-    queries, 32400 BEV cells): the scores come out as [8, 180, 200, 180] parts, the value product
-    is summed over the parts and divided by the softmax's sum once; no Softmax, no Div and no
-    Transpose over the 8 x 200 x 32400 probabilities. onnxruntime and IREE give the float64
-    attention within 1e-5 and closer than onnxruntime's unsplit original."""
-    from codegen.graph_forms import split_long_reductions
-
+def _attention(tmp_path, batch: list, m: int, k: int, c: int, n: int):
+    """``Relu(MatMul(Softmax(MatMul(q [.., m, c], kt [.., c, k])), v [.., k, n]))`` saved as an ONNX
+    file: its path, random ``(q, kt, v)`` and the float64 result."""
     rng = np.random.default_rng(1)
-    h, m, c, n = 8, 200, 16, 32400
-    q = rng.standard_normal((h, m, c)).astype(np.float32)
-    kt = rng.standard_normal((h, c, n)).astype(np.float32)
-    v = rng.standard_normal((h, n, c)).astype(np.float32)
+    q = rng.standard_normal((*batch, m, c)).astype(np.float32)
+    kt = rng.standard_normal((*batch, c, k)).astype(np.float32)
+    v = rng.standard_normal((*batch, k, n)).astype(np.float32)
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["q", "kt"], ["scores"]),
@@ -1057,10 +1051,26 @@ def test_attention_is_split_without_transposing_its_probabilities(tmp_path):
         ],
         "main_graph",
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(x.shape)) for name, x in (("q", q), ("kt", kt), ("v", v))],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [h, m, c])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [*batch, m, n])],
     )
     path = tmp_path / "m.onnx"
     _save(graph, path)
+    scores = q.astype(np.float64) @ kt.astype(np.float64)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    exact = np.maximum((weights / weights.sum(-1, keepdims=True)) @ v.astype(np.float64), 0)
+    return path, (q, kt, v), exact
+
+
+def test_attention_is_split_without_transposing_its_probabilities(tmp_path):
+    """``split_long_reductions`` on a whole attention (BEVFusion's cross-attention: 8 heads, 200
+    queries, 32400 BEV cells): the scores come out as [8, 180, 200, 180] parts, the value product
+    is summed over the parts and divided by the softmax's sum once; no Softmax, no Div and no
+    Transpose over the 8 x 200 x 32400 probabilities. onnxruntime and IREE give the float64
+    attention within 1e-5 and closer than onnxruntime's unsplit original."""
+    from codegen.graph_forms import split_long_reductions
+
+    h, m, c, n = 8, 200, 16, 32400
+    path, (q, kt, v), exact = _attention(tmp_path, [h], m, n, c, c)
     split = onnx.load(str(path))
     assert split_long_reductions(split) == ["attention y over 32400 as parts of 180"]
     onnx.checker.check_model(split)
@@ -1069,9 +1079,6 @@ def test_attention_is_split_without_transposing_its_probabilities(tmp_path):
     shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in onnx.shape_inference.infer_shapes(split).graph.value_info}
     transposed = next(node.output[0] for node in split.graph.node if node.op_type == "Transpose")
     assert shapes[transposed] == [h, 180, c, 180]  # the keys, not the probabilities
-    scores = q.astype(np.float64) @ kt.astype(np.float64)
-    weights = np.exp(scores - scores.max(-1, keepdims=True))
-    exact = np.maximum((weights / weights.sum(-1, keepdims=True)) @ v.astype(np.float64), 0)
     feeds = {"q": q, "kt": kt, "v": v}
     original = ort.InferenceSession(str(path)).run(None, feeds)[0]
     rewritten = ort.InferenceSession(split.SerializeToString()).run(None, feeds)[0]
@@ -1100,23 +1107,7 @@ def test_long_attentions_are_fused_per_block_in_iree(tmp_path, batch, m, k, c, n
     attention within 1e-5 and closer than onnxruntime's unsplit original."""
     from codegen.graph_forms import ONLINE_ATTENTION, online_attentions
 
-    rng = np.random.default_rng(1)
-    q = rng.standard_normal((*batch, m, c)).astype(np.float32)
-    kt = rng.standard_normal((*batch, c, k)).astype(np.float32)
-    v = rng.standard_normal((*batch, k, n)).astype(np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["q", "kt"], ["scores"]),
-            helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
-            helper.make_node("MatMul", ["p", "v"], ["y"]),
-            helper.make_node("Relu", ["y"], ["out"]),
-        ],
-        "main_graph",
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(x.shape)) for name, x in (("q", q), ("kt", kt), ("v", v))],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [*batch, m, n])],
-    )
-    path = tmp_path / "m.onnx"
-    _save(graph, path)
+    path, (q, kt, v), exact = _attention(tmp_path, batch, m, k, c, n)
     fused = onnx.load(str(path))
     assert online_attentions(fused) == [f"attention y over {k} keys as one fused attention per block of {block} (IREE's online_attention)"]
     ops = [node.op_type for node in fused.graph.node]
@@ -1125,9 +1116,6 @@ def test_long_attentions_are_fused_per_block_in_iree(tmp_path, batch, m, k, c, n
     info = compile_onnx(path, tmp_path / "m.vmfb")
     assert "1 OnlineAttention node(s) as iree_linalg_ext.online_attention" in info.rewrites
     got = iree_runtime(tmp_path / "m.vmfb", ["q", "kt", "v"], static={}).run((q, kt, v))[0]
-    scores = q.astype(np.float64) @ kt.astype(np.float64)
-    weights = np.exp(scores - scores.max(-1, keepdims=True))
-    exact = np.maximum((weights / weights.sum(-1, keepdims=True)) @ v.astype(np.float64), 0)
     original = ort.InferenceSession(str(path)).run(None, {"q": q, "kt": kt, "v": v})[0]
     assert np.abs(got - exact).max() < min(1e-5, np.abs(original - exact).max())
 

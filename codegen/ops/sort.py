@@ -24,8 +24,13 @@ from torch import Tensor
 
 from .forms import iree_exporting
 
-#: Bits of a key per pass: 16 bins, a [16, n] running count per pass.
-RADIX_BITS = 4
+#: Bits of a key per pass: 4 bins, a [4, n] running count per pass.  IREE 3.13 runs each row of a
+#: pass's ``CumSum`` as a sequential loop (~2.4 ns a value), so a sort's scan work is passes x bins
+#: x n: 2-bit digits scan half of what 4-bit ones do (14 x 4 against 7 x 16 rows for 27-bit keys)
+#: at twice the passes' gathers and scatters.  One thread, IREE host, keys below 41 x 1440 x 1440
+#: (BEVFusion's voxel grid): 30,000 keys 11.8 -> 8.5 ms, 120,000 52.3 -> 37.7, 250,000 136 -> 88
+#: (3-bit digits: 94; 1-bit: 112).
+RADIX_BITS = 2
 
 def radix_sort(keys: Tensor, bound: int) -> tuple[Tensor, Tensor]:
     """``(values, perm)`` of the int64 ``keys`` [n] (all in ``[0, bound)``) in ascending order,

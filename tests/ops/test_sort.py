@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from codegen.ops.forms import iree_forms
-from codegen.ops.sort import radix_sort, sort_keys, top_k_keys
+from codegen.ops.sort import RADIX_BITS, radix_sort, sort_keys, top_k_keys
 
 
 @pytest.mark.parametrize("n, bound", [(1, 1), (9, 2), (1000, 50), (60_000, 2 * 43 * 1602 * 1410), (5000, 2**40)])
@@ -27,8 +27,9 @@ def test_radix_sort_orders_keys_at_or_above_the_bound():
     padded the keys with ``bound - 1`` let its padding back into the first n for such keys:
     docs/iree.md, thirtieth session)."""
     g = torch.Generator().manual_seed(5)
-    keys = torch.cat([torch.randint(0, 1000, (37,), generator=g), torch.tensor([1000, 4095, 1500, 4095])])
-    values, perm = radix_sort(keys, 1000)  # three 4-bit passes: keys below 4096 sort exactly
+    top = 1 << (RADIX_BITS * math.ceil(math.log2(1000) / RADIX_BITS))  # 1024 with 2-bit digits
+    keys = torch.cat([torch.randint(0, 1000, (37,), generator=g), torch.tensor([1000, top - 1, (1000 + top) // 2, top - 1])])
+    values, perm = radix_sort(keys, 1000)  # the passes' digits cover all keys below top
     expected = torch.sort(keys, stable=True)
     assert torch.equal(values, expected.values) and torch.equal(perm, expected.indices)
 
