@@ -1433,3 +1433,17 @@ def test_padding_leaves_the_outputs_unchanged(tmp_path, config, dataset):
     padded = session.run(None, pad_inputs(inputs, static, rule))
     for a, b in zip(plain, padded):
         np.testing.assert_array_equal(a, b)
+
+
+def test_an_online_attention_node_in_an_unknown_import_form_is_an_error(tmp_path):
+    """``fuse_online_attentions`` leaves modules without the node untouched and names a node it
+    cannot match (instead of iree-compile's "failed to legalize operation" later)."""
+    from codegen.iree import fuse_online_attentions
+
+    plain = tmp_path / "plain.mlir"
+    plain.write_text('%0 = torch.operator "onnx.Relu"(%arg0) : (!torch.vtensor<[4],f32>) -> !torch.vtensor<[4],f32>\n')
+    assert fuse_online_attentions(plain) == 0
+    odd = tmp_path / "odd.mlir"
+    odd.write_text('%0 = torch.operator "onnx.OnlineAttention"(%arg0) : (!torch.vtensor<[4],f32>) -> !torch.vtensor<[4],f32>\n')
+    with pytest.raises(ExportError, match="OnlineAttention"):
+        fuse_online_attentions(odd)
