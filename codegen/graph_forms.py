@@ -18,8 +18,8 @@ against the eager model.
   ``flatten_row_scatters`` (a row-wise max / add ScatterElements on 1-D views: faster per element);
 - ``drop_empty_concat_inputs``, ``list_constants_as_initializers`` and
   ``row_max_scatters_as_scatter_nd``: constructs IREE's ONNX importer rejects, and
-  ``online_attentions``: attentions over many keys as IREE's fused attention per block of keys,
-  ``split_long_reductions``: long f32 sums IREE adds in order, as sums of sums, and
+  ``split_long_reductions``: long f32 sums IREE adds in order, as sums of sums (and attentions
+  over many keys as IREE's fused attention per block of keys), and
   ``strided_pointwise_convs_as_slices``: strided 1x1 Convs IREE runs as slow generic reductions,
   ``grouped_deconvs_as_convs``: grouped ConvTransposes IREE rejects,
   ``row_max_pools_as_reductions``: one-row MaxPools IREE runs as data-tiled convolutions,
@@ -870,7 +870,7 @@ def _row_length(norm, shape: list[int], n: int, producers: dict, shapes: dict) -
     return _sqrt_divisor(n)
 
 
-def split_long_reductions(model, limit: int = LONG_REDUCTION) -> list[str]:
+def split_long_reductions(model, limit: int = LONG_REDUCTION, fused_attentions: bool = False) -> list[str]:
     """A Softmax over a static last axis of ``n >= limit``, a MatMul whose static ``K >= limit`` and
     an InstanceNormalization over ``n >= limit`` values (GroupNorm's export) as sums of sums:
     ``n = a * b`` with ``b`` the divisor nearest sqrt(n) (for InstanceNormalization the image's
@@ -898,7 +898,22 @@ def split_long_reductions(model, limit: int = LONG_REDUCTION) -> list[str]:
     computed as ``[.., a, M, b]`` from ``Kt`` as ``[.., a, C, b]`` (a small transpose), the
     exponentials multiply ``V`` as ``[.., a, b, N]`` unnormalised, and the ``[.., M, N]`` sum is
     divided by the softmax's sum, so the ``M x K`` probabilities are neither normalised nor
-    transposed (BEVFusion's cross-attention: 8 x 200 x 32400 floats, 207 MB)."""
+    transposed (BEVFusion's cross-attention: 8 x 200 x 32400 floats, 207 MB).
+
+    ``fused_attentions`` (what ``codegen.iree.iree_onnx`` asks for): such an attention is instead
+    one fused attention per block of ``b`` keys (``_attention_block``) and the blocks'
+    combination (``_fused_attention``). The custom node ``ONLINE_ATTENTION`` takes ``Q``, the keys
+    as ``[.., a, b, C]`` and the values as ``[.., a, b, N]``, and returns per block (``[.., a, M,
+    N]``, ``[.., a, M, 1]`` twice): the unnormalised weighted sum ``acc = sum exp2(s' - max) v``,
+    the block's ``max`` of ``s' = s * log2(e)`` and ``sum = sum exp2(s' - max)`` (IREE's attention
+    works in base 2). ``codegen.iree.fuse_online_attentions`` turns it into
+    ``iree_linalg_ext.online_attention``: the scores stay in the dispatch's tiles. The blocks then
+    combine with ``w = exp((max - max over blocks) * ln 2)``: ``sum(w acc) / sum(w sum)``.
+    BEVFusion's cross-attention (8 heads x 200 queries x 32400 BEV cells, 16 channels), one
+    thread: the split form (five passes over 207 MB) took 450 ms, the fused form 103 (the fused
+    dispatch 99); one fused attention over all 32400 keys 91 ms but 3.7e-3 from float64 on the
+    model's own inputs (IREE accumulates all keys in order), against 2.8e-5 with blocks of 144
+    (onnxruntime's unsplit chain: 2.3e-4). IREE only: onnxruntime has no such op."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -910,8 +925,8 @@ def split_long_reductions(model, limit: int = LONG_REDUCTION) -> list[str]:
     producers = {out: n for n in graph.node for out in n.output}
     nodes, done = [], []
 
-    def const(name: str, values) -> str:
-        graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
+    def const(name: str, values, dtype=np.int64) -> str:
+        graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
         return name
 
     attention = _attentions(graph, shapes, limit)  # the chains' final MatMul -> (scores, softmax)
@@ -923,9 +938,13 @@ def split_long_reductions(model, limit: int = LONG_REDUCTION) -> list[str]:
             continue  # emitted with the chain's last MatMul
         if node.output[0] in attention:
             scores, softmax = attention[node.output[0]]
-            nodes += _split_attention(scores, node, shapes, p, const)
             n = shapes[softmax.input[0]][-1]
-            done.append(f"attention {label} over {n} as parts of {_sqrt_divisor(n)}")
+            if fused_attentions:
+                nodes += _fused_attention(graph, scores, node, shapes, f"{label}_form_online_", const)
+                done.append(f"attention {label} over {n} keys as one fused attention per block of {_attention_block(n)} (IREE's online_attention)")
+            else:
+                nodes += _split_attention(scores, node, shapes, p, const)
+                done.append(f"attention {label} over {n} as parts of {_sqrt_divisor(n)}")
             continue
         if node.op_type == "Softmax":
             shape = _static_shape(shapes, node.input[0])
@@ -998,6 +1017,8 @@ def split_long_reductions(model, limit: int = LONG_REDUCTION) -> list[str]:
                 done.append(f"MatMul {label} K={k} as {a} partial products of {b}")
                 continue
         nodes.append(node)
+    if fused_attentions and attention and not any(o.domain == ONLINE_ATTENTION[0] for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(ONLINE_ATTENTION[0], 1))
     if done:
         _set_nodes(model, nodes, prune=False)
     return done
@@ -1058,93 +1079,49 @@ def _split_attention(scores, final, shapes: dict, p: str, const) -> list:
     ]
 
 
-#: the custom op ``online_attentions`` emits; ``codegen.iree.fuse_online_attentions`` replaces it
+#: the custom op of ``split_long_reductions``' fused attentions; ``codegen.iree.fuse_online_attentions`` replaces it
 #: in the imported MLIR by IREE's ``iree_linalg_ext.online_attention`` (iree-import-onnx drops the
 #: domain: the op imports as ``torch.operator "onnx.OnlineAttention"``)
 ONLINE_ATTENTION = ("mmdet3d_export", "OnlineAttention")
 
 
 def _attention_block(k: int) -> int | None:
-    """Keys per block of ``online_attentions``: the divisor of ``k`` nearest sqrt(k) that is a
+    """Keys per block of ``split_long_reductions``' fused attentions: the divisor of ``k`` nearest sqrt(k) that is a
     multiple of 16 (IREE's attention tiles the keys by 16: 32400 keys in blocks of 144 ran in 93.7
     ms, in blocks of 180 in 117 ms, one thread), else ``_sqrt_divisor``."""
     blocks = [b for b in range(16, k + 1, 16) if k % b == 0 and b * b <= 4 * k and 4 * b * b >= k]
     return min(blocks, key=lambda b: abs(b * b - k)) if blocks else _sqrt_divisor(k)
 
 
-def online_attentions(model, limit: int = LONG_REDUCTION) -> list[str]:
-    """Each ``MatMul(Softmax(MatMul(Q [.., M, C], Kt [.., C, K])), V [.., K, N])`` over ``K >=
-    limit`` keys (``_attentions``) as one fused attention per block of ``b`` keys
-    (``_attention_block``) and the blocks' combination.
+def _fused_attention(graph, scores, final, shapes: dict, p: str, const) -> list:
+    """The nodes of ``split_long_reductions``' fused attention form (names prefixed ``p``): the
+    custom node ``ONLINE_ATTENTION`` per block of keys and the blocks' combination; declares the
+    custom node's outputs in ``graph.value_info`` (shape inference knows nothing of it)."""
+    from onnx import TensorProto, helper
 
-    The custom node ``ONLINE_ATTENTION`` takes ``Q``, the keys as ``[.., a, b, C]`` and the values
-    as ``[.., a, b, N]``, and returns per block (``[.., a, M, N]``, ``[.., a, M, 1]`` twice): the
-    unnormalised weighted sum ``acc = sum exp2(s' - max) v``, the block's ``max`` of ``s' = s *
-    log2(e)`` and ``sum = sum exp2(s' - max)`` (IREE's attention works in base 2).
-    ``codegen.iree.fuse_online_attentions`` turns it into ``iree_linalg_ext.online_attention``:
-    the scores stay in the dispatch's tiles. The blocks then combine with ``w = exp((max -
-    max over blocks) * ln 2)``: ``sum(w acc) / sum(w sum)``.
-
-    BEVFusion's cross-attention (8 heads x 200 queries x 32400 BEV cells, 16 channels), one thread:
-    the split form of ``split_long_reductions`` (scores, max, exponentials, two sums, the value
-    product: five passes over 207 MB) took 450 ms, this form 103 (the fused dispatch 99); one
-    fused attention over all 32400 keys 91 ms but 3.7e-3 from float64 on the model's own inputs
-    (IREE accumulates all keys in order), against 2.8e-5 with blocks of 144 (onnxruntime's unsplit
-    chain: 2.3e-4). IREE exports only (onnxruntime has no such op); applied before
-    ``split_long_reductions``."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    model.CopyFrom(onnx.shape_inference.infer_shapes(model, data_prop=True))
-    graph = model.graph
-    shapes = _shapes(graph)
-    shapes.update({init.name: list(init.dims) for init in graph.initializer})
-    attention = _attentions(graph, shapes, limit)
-    if not attention:
-        return []
-    inside = {n.output[0] for chain in attention.values() for n in chain}
+    q, kt, v = (shapes[name] for name in (scores.input[0], scores.input[1], final.input[1]))
+    k, n = kt[-1], v[-1]
+    b = _attention_block(k)
+    a, rank = k // b, len(kt) + 1
+    batch = list(range(rank - 3))
+    for part, width in (("acc", n), ("max", 1), ("sum", 1)):
+        graph.value_info.append(helper.make_tensor_value_info(p + part, TensorProto.FLOAT, [*q[:-2], a, q[-2], width]))
     make = helper.make_node
-    nodes, done = [], []
-
-    def const(name: str, values, dtype=np.int64) -> str:
-        graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
-        return name
-
-    for node in graph.node:
-        if node.output[0] in inside:
-            continue  # replaced with the chain's last MatMul
-        if node.output[0] not in attention:
-            nodes.append(node)
-            continue
-        scores, _ = attention[node.output[0]]
-        q, kt, v = (shapes[name] for name in (scores.input[0], scores.input[1], node.input[1]))
-        label, k, n = _label(node), kt[-1], v[-1]
-        p = f"{label}_form_online_"
-        b = _attention_block(k)
-        a, rank = k // b, len(kt) + 1
-        batch = list(range(rank - 3))
-        for part, width in (("acc", n), ("max", 1), ("sum", 1)):
-            graph.value_info.append(helper.make_tensor_value_info(p + part, TensorProto.FLOAT, [*q[:-2], a, q[-2], width]))
-        nodes += [
-            make("Reshape", [scores.input[1], const(p + "kt_shape", [*kt[:-1], a, b])], [p + "kt"], name=p + "kt"),
-            make("Transpose", [p + "kt"], [p + "k"], perm=[*batch, rank - 2, rank - 1, rank - 3], name=p + "k"),  # [.., a, b, C]
-            make("Reshape", [node.input[1], const(p + "v_shape", [*v[:-2], a, b, n])], [p + "v"], name=p + "v"),
-            make(ONLINE_ATTENTION[1], [scores.input[0], p + "k", p + "v"], [p + "acc", p + "max", p + "sum"], name=p + "fused", domain=ONLINE_ATTENTION[0]),
-            make("ReduceMax", [p + "max", const(p + "blocks", [-3])], [p + "top"], keepdims=1, name=p + "top"),
-            make("Sub", [p + "max", p + "top"], [p + "below"], name=p + "below"),
-            make("Mul", [p + "below", const(p + "ln2", np.float32(math.log(2)), np.float32)], [p + "exponent"], name=p + "exponent"),
-            make("Exp", [p + "exponent"], [p + "w"], name=p + "w"),
-            make("Mul", [p + "acc", p + "w"], [p + "acc_w"], name=p + "acc_w"),
-            make("ReduceSum", [p + "acc_w", p + "blocks"], [p + "num"], keepdims=0, name=p + "num"),
-            make("Mul", [p + "sum", p + "w"], [p + "sum_w"], name=p + "sum_w"),
-            make("ReduceSum", [p + "sum_w", p + "blocks"], [p + "den"], keepdims=0, name=p + "den"),
-            make("Div", [p + "num", p + "den"], list(node.output), name=p + "div"),
-        ]
-        done.append(f"attention {label} over {k} keys as one fused attention per block of {b} (IREE's online_attention)")
-    if not any(o.domain == ONLINE_ATTENTION[0] for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(ONLINE_ATTENTION[0], 1))
-    _set_nodes(model, nodes)
-    return done
+    return [
+        make("Reshape", [scores.input[1], const(p + "kt_shape", [*kt[:-1], a, b])], [p + "kt"], name=p + "kt"),
+        make("Transpose", [p + "kt"], [p + "k"], perm=[*batch, rank - 2, rank - 1, rank - 3], name=p + "k"),  # [.., a, b, C]
+        make("Reshape", [final.input[1], const(p + "v_shape", [*v[:-2], a, b, n])], [p + "v"], name=p + "v"),
+        make(ONLINE_ATTENTION[1], [scores.input[0], p + "k", p + "v"], [p + "acc", p + "max", p + "sum"], name=p + "fused", domain=ONLINE_ATTENTION[0]),
+        make("ReduceMax", [p + "max", const(p + "blocks", [-3])], [p + "top"], keepdims=1, name=p + "top"),
+        make("Sub", [p + "max", p + "top"], [p + "below"], name=p + "below"),
+        make("Mul", [p + "below", const(p + "ln2", np.float32(math.log(2)), np.float32)], [p + "exponent"], name=p + "exponent"),
+        make("Exp", [p + "exponent"], [p + "w"], name=p + "w"),
+        make("Mul", [p + "acc", p + "w"], [p + "acc_w"], name=p + "acc_w"),
+        make("ReduceSum", [p + "acc_w", p + "blocks"], [p + "num"], keepdims=0, name=p + "num"),
+        make("Mul", [p + "sum", p + "w"], [p + "sum_w"], name=p + "sum_w"),
+        make("ReduceSum", [p + "sum_w", p + "blocks"], [p + "den"], keepdims=0, name=p + "den"),
+        make("Div", [p + "num", p + "den"], list(final.output), name=p + "div"),
+    ]
 
 
 #: ops a MatMul's first operand may pass through from its Gathers and still count as gathered rows

@@ -42,7 +42,6 @@ from .graph_forms import (
     gathered_row_matmuls,
     grouped_deconvs_as_convs,
     list_constants_as_initializers,
-    online_attentions,
     row_max_pools_as_reductions,
     row_max_scatters_as_scatter_nd,
     shifted_output_convs,
@@ -224,8 +223,8 @@ def iree_onnx(
     # cpu_forms infers the shapes (the clean-ups need none)
     rewrites = cpu_forms(model) + cleanup
     rewrites += row_max_scatters_as_scatter_nd(model)  # needs the shapes cpu_forms inferred
-    rewrites += online_attentions(model)  # fused by fuse_online_attentions after the import
-    rewrites += split_long_reductions(model)  # IREE sums a long f32 reduction in order
+    # IREE sums a long f32 reduction in order; its attentions are fused by fuse_online_attentions after the import
+    rewrites += split_long_reductions(model, fused_attentions=True)
     rewrites += strided_pointwise_convs_as_slices(model)
     rewrites += grouped_deconvs_as_convs(model)
     rewrites += row_max_pools_as_reductions(model)
@@ -386,7 +385,7 @@ def _peel_dynamic_row_matmuls(mlir: Path, flags: list[str], tmp: Path) -> tuple[
     return configured, count
 
 
-# ``graph_forms.online_attentions``' custom node as iree-import-onnx writes it
+# the custom node of ``graph_forms.split_long_reductions``' fused attentions as iree-import-onnx writes it
 _VTENSOR = r"!torch\.vtensor<\[([\d,]+)\],f32>"
 _ONLINE_ATTENTION = re.compile(
     r'^(\s*)(%[\w.$-]+):3 = torch\.operator "onnx\.' + ONLINE_ATTENTION[1] + r'"\((%\S+), (%\S+), (%\S+)\) : '
@@ -395,9 +394,10 @@ _ONLINE_ATTENTION = re.compile(
 
 
 def fuse_online_attentions(mlir: Path) -> int:
-    """Replace each ``graph_forms.online_attentions`` node of the imported ``mlir`` (in place) by
-    IREE's ``iree_linalg_ext.online_attention`` over its blocks (the blocks are a batch dim; a
-    batch's queries are read by all its blocks). Returns how many were replaced."""
+    """Replace each fused-attention node of the imported ``mlir`` (``graph_forms.split_long_reductions``
+    with ``fused_attentions``), in place, by IREE's ``iree_linalg_ext.online_attention`` over its
+    blocks (the blocks are a batch dim; a batch's queries are read by all its blocks). Returns how
+    many were replaced."""
     marker = f'"onnx.{ONLINE_ATTENTION[1]}"'
     with mlir.open() as text:  # streamed: most modules have none, and their weights make the text large
         if not any(marker in line for line in text):

@@ -359,8 +359,9 @@ def test_bevfusion_lidar_onnx(tmp_path):
 def test_bevfusion_lidar_compiles_in_iree_and_matches(tmp_path):
     """The TransFusion decoder's cross-attention over 32400 BEV cells validates in IREE since its
     long sums are split: IREE's fused attention per block of 144 cells
-    (``graph_forms.online_attentions``; one fused attention over all cells: 3.7e-3 off, and in
-    order, unsplit: ``dim`` 1.9e-4 off); its sparse convolutions' matmuls are not data-tiled
+    (``graph_forms.split_long_reductions``' fused attentions; one fused attention over all cells:
+    3.7e-3 off, and in order, unsplit: ``dim`` 1.9e-4 off); its sparse convolutions' matmuls are
+    not data-tiled
     (``codegen.iree.GATHERED_ROWS_MIN_K``) unless the convolutions go through im2col (a CPU
     without AVX-512)."""
     from codegen.iree import IM2COL_CONVS, MATMUL_DATA_TILING

@@ -1086,7 +1086,7 @@ def test_attention_is_split_without_transposing_its_probabilities(tmp_path):
     # 1.1e-5 (AVX-512 hosts) to 2.3e-5 (AVX2: MLAS's other kernels); the two differ by as much
     assert np.abs(rewritten - exact).max() < min(1e-5, np.abs(original - exact).max())
 
-    # IREE exports fuse whole attentions (online_attentions, the next test); the split form compiles too
+    # IREE exports fuse whole attentions (fused_attentions, the next test); the split form compiles too
     onnx.save(split, str(tmp_path / "split.onnx"))
     compile_onnx(tmp_path / "split.onnx", tmp_path / "m.vmfb")
     got = iree_runtime(tmp_path / "m.vmfb", ["q", "kt", "v"], static={}).run((q, kt, v))[0]
@@ -1100,16 +1100,16 @@ def test_attention_is_split_without_transposing_its_probabilities(tmp_path):
     ids=["bevfusion", "two_batch_dims"],
 )
 def test_long_attentions_are_fused_per_block_in_iree(tmp_path, batch, m, k, c, n, block):
-    """``online_attentions`` (IREE's copy): an attention over ``k >= 4096`` keys (BEVFusion's
-    cross-attention: 8 heads, 200 queries, 32400 BEV cells) becomes one ``OnlineAttention`` node
-    over blocks of ``block`` keys, which ``fuse_online_attentions`` turns into IREE's
-    ``iree_linalg_ext.online_attention``, and the blocks' combination. IREE gives the float64
-    attention within 1e-5 and closer than onnxruntime's unsplit original."""
-    from codegen.graph_forms import ONLINE_ATTENTION, online_attentions
+    """``split_long_reductions`` with ``fused_attentions`` (IREE's copy): an attention over ``k >=
+    4096`` keys (BEVFusion's cross-attention: 8 heads, 200 queries, 32400 BEV cells) becomes one
+    ``OnlineAttention`` node over blocks of ``block`` keys, which ``fuse_online_attentions`` turns
+    into IREE's ``iree_linalg_ext.online_attention``, and the blocks' combination. IREE gives the
+    float64 attention within 1e-5 and closer than onnxruntime's unsplit original."""
+    from codegen.graph_forms import ONLINE_ATTENTION, split_long_reductions
 
     path, (q, kt, v), exact = _attention(tmp_path, batch, m, k, c, n)
     fused = onnx.load(str(path))
-    assert online_attentions(fused) == [f"attention y over {k} keys as one fused attention per block of {block} (IREE's online_attention)"]
+    assert split_long_reductions(fused, fused_attentions=True) == [f"attention y over {k} keys as one fused attention per block of {block} (IREE's online_attention)"]
     ops = [node.op_type for node in fused.graph.node]
     assert ops.count(ONLINE_ATTENTION[1]) == 1 and "Softmax" not in ops and ops.count("MatMul") == 0
 
