@@ -22,6 +22,8 @@ against the eager model.
   over many keys as IREE's fused attention per block of keys), and
   ``strided_pointwise_convs_as_slices``: strided 1x1 Convs IREE runs as slow generic reductions,
   ``grouped_deconvs_as_convs``: grouped ConvTransposes IREE rejects,
+  ``pointwise_convs_as_matmuls``: 1x1 convolutions as channels-first MatMuls where IREE does not
+  data-tile matmuls,
   ``row_max_pools_as_reductions``: one-row MaxPools IREE runs as data-tiled convolutions,
   ``channels_last_concats``: channel Concats of channels-last branches taken channels-last,
   ``cancel_transpose_pairs``: Transposes that undo each other dropped,
@@ -1129,15 +1131,16 @@ def _fused_attention(graph, scores, final, shapes: dict, p: str, const) -> list:
 _GATHERED_ROW_PATH = {"Identity", "Reshape", "Transpose", "Mul", "Add"}
 
 
-def gathered_row_matmuls(onnx_path, min_k: int) -> tuple[int, int]:
-    """MatMuls of the ONNX file over gathered rows with a static ``K >= min_k`` (the shapes its
-    value_info records: ``codegen.iree.iree_onnx`` infers them), as ``(dynamic, sampled)``
+def gathered_row_matmuls(onnx_model, min_k: int) -> tuple[int, int]:
+    """MatMuls of an ONNX model (a ModelProto or a file) over gathered rows with a static ``K >=
+    min_k`` (the shapes its value_info records: ``codegen.iree.iree_onnx`` infers them), as ``(dynamic, sampled)``
     counts: a first operand with a dynamic row count (the sparse convolutions' gathered rows), or
     one built from row Gathers through reshapes, sums and products only (``_GATHERED_ROW_PATH``:
     the deformable convolutions' samples, ``ops.deform_conv``)."""
     import onnx
 
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    model = onnx_model if isinstance(onnx_model, onnx.ModelProto) else onnx.load(str(onnx_model), load_external_data=False)
+    graph = model.graph
     shapes = _shapes(graph)
     producer = {out: node for node in graph.node for out in node.output}
 
@@ -1272,6 +1275,62 @@ def strided_pointwise_convs_as_slices(model) -> list[str]:
                 del a.ints[:]
                 a.ints.extend([1, 1])
         done.append(f"Conv {label} (1x1, strides {strides}) as Slice + Conv")
+    return done
+
+
+#: ``pointwise_convs_as_matmuls`` leaves 1x1 convolutions over this many input floats or more alone
+#: (SMOKE's 64 x 30720 gained, BEVFusion's 128 x 32400 lost)
+POINTWISE_MATMUL_MAX = 1 << 21
+
+
+def pointwise_convs_as_matmuls(model) -> list[str]:
+    """A stride-1 1x1 ``Conv`` without padding (``_plain_conv``) on a ``[1, c, h, w]`` input ->
+    ``Reshape(MatMul(W [cout, c], Reshape(x, [c, h * w])) + b, [1, cout, h, w])``: the same
+    products, channels-first on both sides.
+
+    For IREE when it does not data-tile matmuls (graphs with gathered-row products,
+    ``codegen.iree.GATHERED_ROWS_MIN_K``): it lowered SMOKE's 1x1 convolutions (the DLA roots over
+    their concatenated inputs, the head's) to channel-major ``matmul_like`` dispatches at ~20
+    GFLOP/s on one Xeon thread, where the named matmul of this form runs at ~90: their products
+    went 177 -> 49 ms a frame, the whole call 1678 -> 1509 ms of dispatches (same outputs). Not
+    for inputs of ``POINTWISE_MATMUL_MAX`` floats or more: BEVFusion's 128 x 32400 (an input IREE
+    keeps channels-last) ran 25.4 -> 60.5 ms channels-first. Applied to the IREE copy only
+    (``codegen.iree.iree_onnx``)."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    shapes = _shapes(graph)
+    done, nodes = [], []
+    for node in graph.node:
+        conv = _plain_conv(node, inits, shapes)
+        if not (
+            conv and conv.kernel == (1, 1) and conv.strides == (1, 1) and not any(conv.pads) and conv.input[0] == 1
+            and math.prod(conv.input) < POINTWISE_MATMUL_MAX
+        ):
+            nodes.append(node)
+            continue
+        _, c, h, w = conv.input
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        p = f"{_label(node)}_form_pointwise"
+        consts = {"_w": weight.reshape(conv.cout, c), "_in_shape": np.array([c, h * w], np.int64),
+                  "_b_shape": np.array([conv.cout, 1], np.int64), "_out_shape": np.array([1, conv.cout, h, w], np.int64)}  # fmt: skip
+        graph.initializer.extend(numpy_helper.from_array(v, p + k) for k, v in consts.items())
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        product = p + ("_product" if bias else "_sum")
+        nodes += [
+            helper.make_node("Reshape", [node.input[0], p + "_in_shape"], [p + "_x"], name=p + "_x"),
+            helper.make_node("MatMul", [p + "_w", p + "_x"], [product], name=product),
+        ]
+        if bias:  # a constant or computed [cout] bias, as a column
+            nodes += [
+                helper.make_node("Reshape", [bias, p + "_b_shape"], [p + "_b"], name=p + "_b"),
+                helper.make_node("Add", [product, p + "_b"], [p + "_sum"], name=p + "_sum"),
+            ]
+        nodes.append(helper.make_node("Reshape", [p + "_sum", p + "_out_shape"], list(node.output), name=p + "_out"))
+        done.append(f"Conv {_label(node)} (1x1, {c} -> {conv.cout} channels) as MatMul(W, x) channels-first")
+    if done:
+        _set_nodes(model, nodes)  # the replaced weights
     return done
 
 
@@ -1529,6 +1588,30 @@ WINOGRAD_POINTS = (0.0, 1.0, -1.0, 0.5, -2.0)
 WINOGRAD_MIN_CHANNELS = 16
 
 
+def _rows_vectorise(rows: int) -> bool:
+    """Whether IREE 3.13 vectorises a matmul (not data-tiled) over ``rows`` static rows well: its
+    CPU configuration takes as row tile the largest divisor of ``rows`` up to 8 and as workgroup
+    tile a divisor up to 64 (of 8 where it can), and runs well when the row tile is 5 or more and
+    divides the workgroup tile. Winograd products ``[rows, c] x [c, cout]``, one Xeon thread, 36
+    of them: 529 rows (23 x 23 tiles; row tile 1) 88.5 ms at 256 channels, 552 (23 x 24; 8) 24.9
+    ms; at 128 channels 2025 rows (5, workgroup 45) 27.0 ms, 2160 (8) 27.1, 2070 (6, workgroup
+    46) 41.9, 2116 (4) 50.8. Fewer than 8 rows are one tile."""
+    if rows % 8 == 0 or rows < 8:
+        return True
+    row_tile = max(d for d in range(1, 9) if rows % d == 0)
+    workgroup = max(d for d in range(1, 65) if rows % d == 0)
+    return row_tile >= 5 and workgroup % row_tile == 0
+
+
+def _product_grid(n: int, th: int, tw: int) -> tuple[int, int]:
+    """The output tile grid of a Winograd convolution whose products IREE does not data-tile:
+    ``th x tw`` or, where its ``n * th * tw`` rows vectorise badly (``_rows_vectorise``), the
+    smallest grid at least as large whose rows do (8 more tile columns always reach a multiple of
+    8); the padding tiles compute zeros that the output Slice drops."""
+    grids = [(th + i, tw + j) for i in range(8) for j in range(8) if _rows_vectorise(n * (th + i) * (tw + j))]
+    return min(grids, key=lambda g: (g[0] * g[1], g[0]))
+
+
 def winograd_matrices(m: int, r: int, points) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Toom-Cook matrices ``(BT [a, a], G [a, r], AT [m, a])``, ``a = m + r - 1``, of the 1-D
     correlation ``y[i] = sum_k g[k] d[i + k]`` (``i < m``, ``d`` of length ``a``) at ``a - 1``
@@ -1554,7 +1637,7 @@ def winograd_matrices(m: int, r: int, points) -> tuple[np.ndarray, np.ndarray, n
     return scale[:, None] * np.linalg.inv(evaluation(a)).T, evaluation(r) / scale[:, None], evaluation(m).T
 
 
-def winograd_convs(model) -> list[str]:
+def winograd_convs(model, tiled_products: bool = True) -> list[str]:
     """A stride-1 3x3 ``Conv`` (``_plain_conv``, at least 16 input and output channels, output at
     least 4 x 4) -> Winograd F(4x4, 3x3), channels-last: the padded input as 6 x 6 tiles
     overlapping by 2 (``BT d BT^T``: a Reshape into 4 x 4 blocks and two linear passes of Slices
@@ -1590,7 +1673,13 @@ def winograd_convs(model) -> list[str]:
     ``[36, 2200, 128] x [36, 128, 128]`` in 55-63 ms against 36 x 1.07 ms split (one Zen 3 thread);
     PointPillars 616-628 -> 547-548 ms on one thread, 335-339 -> 298-317 ms on two (best of 8-12
     calls). It costs compile time (PointPillars' iree-compile 13.5 -> 27 s). Applied to the IREE
-    copy only (``codegen.iree.iree_onnx``)."""
+    copy only (``codegen.iree.iree_onnx``).
+
+    ``tiled_products=False``: IREE will not data-tile these products (the graph's gathered-row
+    matmuls drop matmul data tiling, ``codegen.iree.GATHERED_ROWS_MIN_K``), so the tile grid grows
+    where its row count would vectorise badly (``_product_grid``): BEVFusion's 90 x 90 BEV maps,
+    23 x 23 tiles -> 23 x 24: their products 436.6 -> 132.0 ms a frame on one Xeon thread, the
+    model 3063 -> 2753 ms (two threads 1713 -> 1563 ms), the same outputs."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -1627,6 +1716,10 @@ def winograd_convs(model) -> list[str]:
         if step_ > 1:  # the stride-1 output it subsamples
             ho, wo = h + top + bottom - 2, w + left + right - 2
         th, tw = -(-ho // m), -(-wo // m)  # output tiles
+        grid = ""
+        if not tiled_products and (larger := _product_grid(n, th, tw)) != (th, tw):
+            grid = f" on {larger[0]} x {larger[1]} tiles (not {th} x {tw})"
+            th, tw = larger
         p = f"{_label(node)}_form_winograd"
         count = iter(range(1 << 30))
 
@@ -1683,7 +1776,7 @@ def winograd_convs(model) -> list[str]:
         out = step("Slice", [step("Reshape", [out, const([n, m * th, m * tw, cout])]), const([0, 0]), const([ho, wo]), const([1, 2]),
                              const([step_, step_])])
         step("Transpose", [out], node.output[0], perm=[0, 3, 1, 2])
-        done.append(f"Conv {_label(node)} (3x3{', stride 2' if step_ > 1 else ''}, {c} -> {cout} channels) as Winograd F(4x4, 3x3)")
+        done.append(f"Conv {_label(node)} (3x3{', stride 2' if step_ > 1 else ''}, {c} -> {cout} channels) as Winograd F(4x4, 3x3){grid}")
     if done:
         _set_nodes(model, nodes)  # the replaced weights
     return done

@@ -42,6 +42,7 @@ from .graph_forms import (
     gathered_row_matmuls,
     grouped_deconvs_as_convs,
     list_constants_as_initializers,
+    pointwise_convs_as_matmuls,
     row_max_pools_as_reductions,
     row_max_scatters_as_scatter_nd,
     shifted_output_convs,
@@ -99,6 +100,13 @@ IM2COL_CONVS = "--iree-global-opt-use-im2col-for-convs"
 # which need matmul data tiling (PointPillars 820 -> 630 ms without / with), and data tiling
 # selects op kinds, not dispatches: there every matmul keeps it, gathered rows included.)
 GATHERED_ROWS_MIN_K = 256
+
+
+def _matmuls_data_tiled(gathered: tuple[int, int], im2col: bool) -> bool:
+    """Whether flags that data-tile matmuls keep doing so for a graph with ``gathered`` =
+    ``graph_forms.gathered_row_matmuls(.., GATHERED_ROWS_MIN_K)``: not with gathered-row products,
+    unless convolutions go through im2col (see ``GATHERED_ROWS_MIN_K``)."""
+    return im2col or not any(gathered)
 
 # The sparse convolutions' products (not data-tiled, above) vectorise their dynamic row count with
 # masks by default: every FMA of an 8 x 16 tile masked and merged, ~55-60 GFLOP/s on a Zen 4 core.
@@ -227,10 +235,14 @@ def iree_onnx(
     rewrites += split_long_reductions(model, fused_attentions=True)
     rewrites += strided_pointwise_convs_as_slices(model)
     rewrites += grouped_deconvs_as_convs(model)
+    # flags that data-tile (``winograd``) but not this graph's matmuls (as compile_onnx decides)
+    untiled_matmuls = winograd and not _matmuls_data_tiled(gathered_row_matmuls(model, GATHERED_ROWS_MIN_K), im2col)
+    if untiled_matmuls:
+        rewrites += pointwise_convs_as_matmuls(model)
     rewrites += row_max_pools_as_reductions(model)
     rewrites += channels_last_concats(model)  # before the Winograd form reads the Concat channels-last
-    if winograd:
-        rewrites += winograd_convs(model)  # stride-1 3x3 convs with enough channels (and stride-2 ones on their inputs)
+    if winograd:  # stride-1 3x3 convs with enough channels (and stride-2 ones on their inputs)
+        rewrites += winograd_convs(model, tiled_products=not untiled_matmuls)
     if im2col:
         rewrites += shifted_output_convs(model)  # the other stride-1 convs
     rewrites += cancel_transpose_pairs(model)  # what the forms above left back to back
@@ -326,7 +338,7 @@ def compile_onnx(
         dynamic_rows = sampled_rows = 0
         if MATMUL_DATA_TILING in flags or VECTOR_PEELING in flags:
             dynamic_rows, sampled_rows = gathered_row_matmuls(rewritten, GATHERED_ROWS_MIN_K)
-        if MATMUL_DATA_TILING in flags and dynamic_rows + sampled_rows and IM2COL_CONVS not in flags:
+        if MATMUL_DATA_TILING in flags and not _matmuls_data_tiled((dynamic_rows, sampled_rows), IM2COL_CONVS in flags):
             flags.remove(MATMUL_DATA_TILING)  # see GATHERED_ROWS_MIN_K
         # data-tiled matmuls run IREE's mmt4d kernels, which are not vectorised with masks
         peel = VECTOR_PEELING in flags and dynamic_rows > 0 and MATMUL_DATA_TILING not in flags

@@ -894,6 +894,67 @@ def test_wide_3x3_convs_become_winograd_with_data_tiling(tmp_path, batch):
     _iree_copy_and_vmfb_match(tmp_path, feeds, expected, atol=2e-5)
 
 
+def test_winograd_products_that_are_not_data_tiled_get_rows_iree_vectorises():
+    """IREE takes the largest divisor of a matmul's static row count up to 8 as its row tile:
+    BEVFusion's 90 x 90 maps (23 x 23 Winograd tiles, 529 rows: tile 1) ran their products 3.5x
+    slower than on 23 x 24 tiles. Rows that are a multiple of 8 or whose row tile of 5 or more
+    divides the workgroup tile (a divisor up to 64) are kept; others grow to the smallest such grid."""
+    from codegen.graph_forms import _product_grid, _rows_vectorise
+
+    assert [r for r in (529, 552, 2025, 2160, 2070, 2116, 550, 2200, 837, 625) if _rows_vectorise(r)] == [552, 2025, 2160, 550, 2200, 625]
+    assert _product_grid(1, 23, 23) == (23, 24) and _product_grid(2, 23, 23) == (23, 24)  # 1104 rows
+    assert _product_grid(1, 45, 45) == (45, 45) and _product_grid(1, 31, 27) == (32, 27)  # 2025; 837 -> 864
+    assert _product_grid(1, 1, 1) == (1, 1)  # 1 row: below a vector, one tile
+
+
+def test_convs_of_graphs_whose_matmuls_are_not_data_tiled(tmp_path):
+    """A graph with a gathered-row product (a dynamic row count, K >= GATHERED_ROWS_MIN_K) keeps
+    its matmuls out of data tiling on an AVX-512 host, so its Winograd convolution with 23 x 23
+    output tiles (90 x 90, 529 rows) runs on 23 x 24 and its stride-1 1x1 convolutions (with and
+    without a bias) become channels-first MatMuls (``pointwise_convs_as_matmuls``; IREE's copy
+    says so), unless convolutions go through im2col (matmuls data-tiled: neither). The same
+    values in onnxruntime and IREE."""
+    from codegen.iree import GATHERED_ROWS_MIN_K
+
+    rng = np.random.default_rng(3)
+    inits = {"w": (rng.standard_normal((16, 16, 3, 3)) / 12).astype(np.float32), "b": rng.standard_normal(16).astype(np.float32),
+             "p": (rng.standard_normal((24, 16, 1, 1)) / 4).astype(np.float32), "q": (rng.standard_normal((8, 24, 1, 1)) / 5).astype(np.float32),
+             "pb": rng.standard_normal(24).astype(np.float32), "m": (rng.standard_normal((GATHERED_ROWS_MIN_K, 8)) / 16).astype(np.float32)}  # fmt: skip
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="bev"),
+            helper.make_node("Conv", ["y", "p", "pb"], ["u"], kernel_shape=[1, 1], name="pointwise"),
+            helper.make_node("Relu", ["u"], ["r"]),
+            helper.make_node("Conv", ["r", "q"], ["v"], name="unbiased"),
+            helper.make_node("MatMul", ["rows", "m"], ["z"], name="gathered"),
+        ],
+        "main_graph",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 90, 90]),
+         helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["n", GATHERED_ROWS_MIN_K])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "yvz"],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )  # fmt: skip
+    _save(graph, tmp_path / "model.onnx")
+    grown = [
+        "Conv pointwise (1x1, 16 -> 24 channels) as MatMul(W, x) channels-first",
+        "Conv unbiased (1x1, 24 -> 8 channels) as MatMul(W, x) channels-first",
+        "Conv bev (3x3, 16 -> 16 channels) as Winograd F(4x4, 3x3) on 23 x 24 tiles (not 23 x 23)",
+    ]
+    plain = ["Conv bev (3x3, 16 -> 16 channels) as Winograd F(4x4, 3x3)"]
+    forms = lambda rewrites: [r for r in rewrites if "Winograd" in r or "MatMul(W, x)" in r]  # noqa: E731
+    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", winograd=True)
+    assert forms(rewrites) == grown
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
+    assert ops.count("Conv") == 0 and ops.count("MatMul") == 36 + 2 + 1
+    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "im2col.onnx", im2col=True, winograd=True)
+    assert forms(rewrites) == plain
+    feeds = {"x": rng.standard_normal((1, 16, 90, 90)).astype(np.float32), "rows": rng.standard_normal((37, GATHERED_ROWS_MIN_K)).astype(np.float32)}
+    expected = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
+    info = compile_onnx(tmp_path / "model.onnx", tmp_path / "model.vmfb", "host")
+    assert forms(info.rewrites) == (grown if host_isa() == "avx512" else plain)
+    _iree_copy_and_vmfb_match(tmp_path, feeds, expected, atol=2e-5)
+
+
 # ------------------------------------------------------------------ static shapes
 
 
@@ -1396,6 +1457,10 @@ def test_smoke_compiles_in_iree_and_matches_eager(tmp_path):
 
     assert (MATMUL_DATA_TILING in meta["iree"]["flags"]) == (IM2COL_CONVS in meta["iree"]["flags"])
     assert not any("peeled loops" in r for r in meta["iree"]["graph_rewrites"])
+    # so its 1x1 convolutions are channels-first MatMuls there (all but the two widest inputs, the
+    # head's 256 x 96 x 320: POINTWISE_MATMUL_MAX)
+    pointwise = sum("MatMul(W, x) channels-first" in r for r in meta["iree"]["graph_rewrites"])
+    assert pointwise == (0 if IM2COL_CONVS in meta["iree"]["flags"] else 15)
 
 
 @pytest.mark.slow
