@@ -108,6 +108,7 @@ def _matmuls_data_tiled(gathered: tuple[int, int], im2col: bool) -> bool:
     unless convolutions go through im2col (see ``GATHERED_ROWS_MIN_K``)."""
     return im2col or not any(gathered)
 
+
 # The sparse convolutions' products (not data-tiled, above) vectorise their dynamic row count with
 # masks by default: every FMA of an 8 x 16 tile masked and merged, ~55-60 GFLOP/s on a Zen 4 core.
 # Peeled, full 8 x 32 tiles run unmasked and a remainder loop takes the rest: 90-106 GFLOP/s
