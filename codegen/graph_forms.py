@@ -1313,10 +1313,12 @@ def pointwise_convs_as_matmuls(model) -> list[str]:
         _, c, h, w = conv.input
         weight = numpy_helper.to_array(inits[node.input[1]])
         p = f"{_label(node)}_form_pointwise"
-        consts = {"_w": weight.reshape(conv.cout, c), "_in_shape": np.array([c, h * w], np.int64),
-                  "_b_shape": np.array([conv.cout, 1], np.int64), "_out_shape": np.array([1, conv.cout, h, w], np.int64)}  # fmt: skip
-        graph.initializer.extend(numpy_helper.from_array(v, p + k) for k, v in consts.items())
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        consts = {"_w": weight.reshape(conv.cout, c), "_in_shape": np.array([c, h * w], np.int64),
+                  "_out_shape": np.array([1, conv.cout, h, w], np.int64)}  # fmt: skip
+        if bias:
+            consts["_b_shape"] = np.array([conv.cout, 1], np.int64)
+        graph.initializer.extend(numpy_helper.from_array(v, p + k) for k, v in consts.items())
         product = p + ("_product" if bias else "_sum")
         nodes += [
             helper.make_node("Reshape", [node.input[0], p + "_in_shape"], [p + "_x"], name=p + "_x"),

@@ -206,15 +206,24 @@ class Compiled:
         }
 
 
+@dataclass
+class IreeForm:
+    """What ``iree_onnx`` wrote: the rewrites applied, the graph's name (the vmfb's function) and
+    ``graph_forms.gathered_row_matmuls(.., GATHERED_ROWS_MIN_K)`` of the written graph."""
+
+    rewrites: list[str]
+    function: str
+    gathered: tuple[int, int]
+
+
 def iree_onnx(
     onnx_path: Path,
     out_path: Path,
     static: dict[str, int] | None = None,
     im2col: bool = False,
     winograd: bool = False,
-) -> tuple[list[str], str]:
-    """Write the IREE form of ``onnx_path`` to ``out_path``; return the rewrites applied and
-    the graph's name (the vmfb's function). ``winograd``: the flags data-tile (``DATA_TILING``),
+) -> IreeForm:
+    """Write the IREE form of ``onnx_path`` to ``out_path`` (see ``IreeForm``). ``winograd``: the flags data-tile (``DATA_TILING``),
     so stride-1 3x3 convolutions are written as ``winograd_convs`` (their products are
     matmuls). ``im2col``: the flags send convolutions through im2col (``IM2COL_CONVS``), so the
     other stride-1 ones are written as ``shifted_output_convs``."""
@@ -237,7 +246,9 @@ def iree_onnx(
     rewrites += strided_pointwise_convs_as_slices(model)
     rewrites += grouped_deconvs_as_convs(model)
     # flags that data-tile (``winograd``) but not this graph's matmuls (as compile_onnx decides)
-    untiled_matmuls = winograd and not _matmuls_data_tiled(gathered_row_matmuls(model, GATHERED_ROWS_MIN_K), im2col)
+    # (the forms below add no gathered-row products, so this count is also the written graph's)
+    gathered = gathered_row_matmuls(model, GATHERED_ROWS_MIN_K)
+    untiled_matmuls = winograd and not _matmuls_data_tiled(gathered, im2col)
     if untiled_matmuls:
         rewrites += pointwise_convs_as_matmuls(model)
     rewrites += row_max_pools_as_reductions(model)
@@ -249,7 +260,7 @@ def iree_onnx(
     rewrites += cancel_transpose_pairs(model)  # what the forms above left back to back
     onnx.checker.check_model(model)
     onnx.save(model, str(out_path))
-    return rewrites, model.graph.name
+    return IreeForm(rewrites, model.graph.name, gathered)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,13 +344,10 @@ def compile_onnx(
         rewritten, mlir = Path(tmp) / "model.onnx", Path(tmp) / "model.mlir"
         start = time.perf_counter()
         sizes = {dim: spec["size"] for dim, spec in info.static.items()}
-        info.rewrites, info.function = iree_onnx(
-            onnx_path, rewritten, sizes, im2col=IM2COL_CONVS in flags, winograd=DATA_TILING in flags
-        )
-        dynamic_rows = sampled_rows = 0
-        if MATMUL_DATA_TILING in flags or VECTOR_PEELING in flags:
-            dynamic_rows, sampled_rows = gathered_row_matmuls(rewritten, GATHERED_ROWS_MIN_K)
-        if MATMUL_DATA_TILING in flags and not _matmuls_data_tiled((dynamic_rows, sampled_rows), IM2COL_CONVS in flags):
+        form = iree_onnx(onnx_path, rewritten, sizes, im2col=IM2COL_CONVS in flags, winograd=DATA_TILING in flags)
+        info.rewrites, info.function = form.rewrites, form.function
+        dynamic_rows = form.gathered[0]
+        if MATMUL_DATA_TILING in flags and not _matmuls_data_tiled(form.gathered, IM2COL_CONVS in flags):
             flags.remove(MATMUL_DATA_TILING)  # see GATHERED_ROWS_MIN_K
         # data-tiled matmuls run IREE's mmt4d kernels, which are not vectorised with masks
         peel = VECTOR_PEELING in flags and dynamic_rows > 0 and MATMUL_DATA_TILING not in flags

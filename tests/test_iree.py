@@ -63,7 +63,7 @@ def _forms(tmp_path, graph, winograd: bool = False) -> tuple[list[str], list[str
     the ``host`` preset's data tiling asks) into iree.onnx: what was rewritten and the rewritten
     graph's op types."""
     _save(graph, tmp_path / "model.onnx")
-    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", winograd=winograd)
+    rewrites = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", winograd=winograd).rewrites
     return rewrites, [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
 
 
@@ -127,7 +127,8 @@ def _secondfpn_like(path, seed=0):
 def test_graph_forms_compute_the_same_function(tmp_path):
     """The rewritten graph (what IREE compiles) equals the exported one in onnxruntime."""
     feeds = _secondfpn_like(tmp_path / "model.onnx")
-    rewrites, function = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx")
+    form = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx")
+    rewrites, function = form.rewrites, form.function
     assert function == "main_graph"
     assert len(rewrites) == 4, rewrites  # three deconvolutions and the concatenated head
     rewritten = onnx.load(str(tmp_path / "iree.onnx"))
@@ -324,7 +325,7 @@ def _vfe_like(path, seed=1, last=False):
 
 def test_vfe_concat_matmul_form_is_the_same_function(tmp_path):
     feeds = _vfe_like(tmp_path / "model.onnx")
-    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx")
+    rewrites = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx").rewrites
     assert rewrites == ["MatMul y of Concat cat (6+6 channels) as 2 summed MatMuls (1 on the unrepeated input)"]
     ops = [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
     assert "Tile" not in ops and "Concat" not in ops
@@ -335,7 +336,7 @@ def test_vfe_concat_matmul_form_is_the_same_function(tmp_path):
     # the last layer: the per-voxel MatMul the split made is a term the max moves past (the
     # forms' shapes are inferred again before the hoist)
     feeds = _vfe_like(tmp_path / "model.onnx", last=True)
-    rewrites, ops = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx")[0], [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
+    rewrites, ops = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx").rewrites, [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
     assert rewrites[1:] == ["ReduceMax max moved before its ReLU and 1 Add"]
     assert ops[-3:] == ["ReduceMax", "Add", "Relu"]
     before = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)[0]
@@ -538,7 +539,7 @@ def test_empty_gathers_leave_concats(tmp_path):
         [numpy_helper.from_array(np.array([-1, 1], np.int64), "two")],
     )
     _save(graph, tmp_path / "model.onnx")
-    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx")
+    rewrites = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx").rewrites
     # the Concat left with one constant input is then folded (fold_constants)
     assert rewrites == ["1 constant shape ops as initializers", "1 empty Gather(..., []) inputs dropped from Concats"]
     ops = [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
@@ -561,7 +562,7 @@ def test_list_constants_become_initializers(tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.INT64, None)],
     )
     _save(graph, tmp_path / "model.onnx")
-    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx")
+    rewrites = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx").rewrites
     assert rewrites == ["1 list-valued Constants as initializers"]
     rewritten = onnx.load(str(tmp_path / "iree.onnx"))
     assert [n.op_type for n in rewritten.graph.node] == ["Unsqueeze"]
@@ -792,9 +793,9 @@ def test_stride1_convs_become_shifted_sums_of_one_matmul_under_im2col(tmp_path):
         [numpy_helper.from_array(v, k) for k, v in inits.items()],
     )
     _save(graph, tmp_path / "model.onnx")
-    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "plain.onnx")
+    rewrites = iree_onnx(tmp_path / "model.onnx", tmp_path / "plain.onnx").rewrites
     assert not [r for r in rewrites if "shifted sums" in r]
-    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", im2col=True)
+    rewrites = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", im2col=True).rewrites
     assert [r for r in rewrites if "shifted sums" in r] == [
         "Conv same (3x3, 8 -> 8 channels) as one MatMul over its taps + shifted sums",
         "Conv uneven (3x2, 8 -> 6 channels) as one MatMul over its taps + shifted sums",
@@ -862,14 +863,14 @@ def test_wide_3x3_convs_become_winograd_with_data_tiling(tmp_path, batch):
         + [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in (("s0", [0, 0]), ("s1", [5, 5]), ("s2", [2, 3]))],
     )
     _save(graph, tmp_path / "model.onnx")
-    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "plain.onnx")
+    rewrites = iree_onnx(tmp_path / "model.onnx", tmp_path / "plain.onnx").rewrites
     assert not [r for r in rewrites if "Winograd" in r or "shifted sums" in r]
-    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "direct.onnx", winograd=True)
+    rewrites = iree_onnx(tmp_path / "model.onnx", tmp_path / "direct.onnx", winograd=True).rewrites
     winograd = [r for r in rewrites if "Winograd" in r]
     assert len(winograd) == 5 and not [r for r in rewrites if "shifted sums" in r]
     ops = [n.op_type for n in onnx.load(str(tmp_path / "direct.onnx")).graph.node]
     assert ops.count("Conv") == 5 and ops.count("MatMul") == 5 * 36
-    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", im2col=True, winograd=True)
+    rewrites = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", im2col=True, winograd=True).rewrites
     assert [r for r in rewrites if "Winograd" in r or "shifted sums" in r] == [
         "Conv same (3x3, 32 -> 32 channels) as Winograd F(4x4, 3x3)",
         "Conv uneven (3x3, 32 -> 32 channels) as Winograd F(4x4, 3x3)",
@@ -942,11 +943,11 @@ def test_convs_of_graphs_whose_matmuls_are_not_data_tiled(tmp_path):
     ]
     plain = ["Conv bev (3x3, 16 -> 16 channels) as Winograd F(4x4, 3x3)"]
     forms = lambda rewrites: [r for r in rewrites if "Winograd" in r or "MatMul(W, x)" in r]  # noqa: E731
-    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", winograd=True)
+    rewrites = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", winograd=True).rewrites
     assert forms(rewrites) == grown
     ops = [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
     assert ops.count("Conv") == 0 and ops.count("MatMul") == 36 + 2 + 1
-    rewrites, _ = iree_onnx(tmp_path / "model.onnx", tmp_path / "im2col.onnx", im2col=True, winograd=True)
+    rewrites = iree_onnx(tmp_path / "model.onnx", tmp_path / "im2col.onnx", im2col=True, winograd=True).rewrites
     assert forms(rewrites) == plain
     feeds = {"x": rng.standard_normal((1, 16, 90, 90)).astype(np.float32), "rows": rng.standard_normal((37, GATHERED_ROWS_MIN_K)).astype(np.float32)}
     expected = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
