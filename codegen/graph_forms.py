@@ -23,7 +23,8 @@ against the eager model.
   ``strided_pointwise_convs_as_slices``: strided 1x1 Convs IREE runs as slow generic reductions,
   ``grouped_deconvs_as_convs``: grouped ConvTransposes IREE rejects,
   ``pointwise_convs_as_matmuls``: 1x1 convolutions as channels-first MatMuls where IREE does not
-  data-tile matmuls,
+  data-tile matmuls, and there ``chunked_long_matmuls``: static MatMuls with a long K as sums of
+  MatMuls over K chunks,
   ``row_max_pools_as_reductions``: one-row MaxPools IREE runs as data-tiled convolutions,
   ``channels_last_concats``: channel Concats of channels-last branches taken channels-last,
   ``cancel_transpose_pairs``: Transposes that undo each other dropped,
@@ -1333,6 +1334,69 @@ def pointwise_convs_as_matmuls(model) -> list[str]:
         done.append(f"Conv {_label(node)} (1x1, {c} -> {conv.cout} channels) as MatMul(W, x) channels-first")
     if done:
         _set_nodes(model, nodes)  # the replaced weights
+    return done
+
+
+#: ``chunked_long_matmuls``: the longest K a static MatMul keeps, and the fewest rows it takes
+MATMUL_K_CHUNK = 1152
+CHUNKED_MATMUL_MIN_ROWS = 256
+
+
+def chunked_long_matmuls(model, limit: int = MATMUL_K_CHUNK) -> list[str]:
+    """A ``MatMul(A, B)`` with a static ``A [.., M, K]`` (at least ``CHUNKED_MATMUL_MIN_ROWS`` rows)
+    and a constant 2-D ``B [K, N]`` (an initializer, or computed from constants only: the
+    deformable convolutions' ``Gather`` of their regrouped weight) with ``K > limit`` -> the sum,
+    added in order, of the ``MatMul`` s of ``A``'s and ``B``'s ``Slice`` s over the fewest equal
+    K chunks of at most ``limit``: the same products, each output a sum of chunk sums.
+
+    For IREE when it does not data-tile matmuls (``codegen.iree.GATHERED_ROWS_MIN_K``): IREE 3.13
+    gives a plain matmul 40 x 64 output tiles a workgroup over the whole K, and beyond ~1152 their
+    rows of ``A`` and columns of ``B`` no longer stay in the core's cache. On the AVX-512 Xeon, one
+    thread: PGD's DCN products ``[5800, 2304] x [2304, 256]`` ran at 41-44 GFLOP/s (166 ms; data-tiled
+    168 ms) and as 2, 3 or 4 chunks at 92-99 GFLOP/s (74, 71, 69 ms; 6 chunks 89 ms). Long
+    reductions (``LONG_REDUCTION``) are already split by ``split_long_reductions``, and dynamic row
+    counts (the sparse convolutions', configured apart: ``codegen.iree.VECTOR_PEELING``) are left
+    alone. Applied to the IREE copy only (``codegen.iree.iree_onnx``)."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    shapes = _shapes(graph)
+    shapes.update({t.name: list(t.dims) for t in graph.initializer})
+    constant = {t.name for t in graph.initializer}
+    for node in graph.node:  # in graph order: a node of constants only computes a constant
+        if node.op_type == "Constant" or (node.input and all(not i or i in constant for i in node.input)):
+            constant.update(node.output)
+    done, nodes = [], []
+    for node in graph.node:
+        a, b = node.input[:2] if node.op_type == "MatMul" else (None, None)
+        dims, weight = shapes.get(a), shapes.get(b)
+        if (
+            not dims or len(dims) < 2 or None in dims or b not in constant or not weight or len(weight) != 2
+            or dims[-1] != weight[0] or dims[-1] <= limit or math.prod(dims[:-1]) < CHUNKED_MATMUL_MIN_ROWS
+        ):
+            nodes.append(node)
+            continue
+        k = dims[-1]
+        chunks = -(-k // limit)
+        bounds = [k * i // chunks for i in range(chunks + 1)]
+        p = f"{_label(node)}_form_chunks"
+        consts = {"_a_axis": [len(dims) - 1], "_b_axis": [0]}
+        for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+            consts.update({f"_lo{i}": [lo], f"_hi{i}": [hi]})
+        graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), p + n) for n, v in consts.items())
+        total = None
+        for i in range(chunks):
+            part = lambda x, axis: helper.make_node("Slice", [x, f"{p}_lo{i}", f"{p}_hi{i}", p + axis], [f"{p}{axis[:2]}{i}"], name=f"{p}{axis[:2]}{i}")  # noqa: E731
+            product = f"{p}_product{i}"
+            nodes += [part(a, "_a_axis"), part(b, "_b_axis"), helper.make_node("MatMul", [f"{p}_a{i}", f"{p}_b{i}"], [product], name=product)]
+            if total is not None:
+                out = node.output[0] if i == chunks - 1 else f"{p}_sum{i}"
+                nodes.append(helper.make_node("Add", [total, product], [out], name=f"{p}_sum{i}"))
+                product = out
+            total = product
+        done.append(f"MatMul {_label(node)} (K = {k}) as {chunks} MatMuls over K chunks of {bounds[1]}")
+    if done:
+        _set_nodes(model, nodes)
     return done
 
 

@@ -37,6 +37,7 @@ from .graph_forms import (
     ONLINE_ATTENTION,
     cancel_transpose_pairs,
     channels_last_concats,
+    chunked_long_matmuls,
     cpu_forms,
     drop_empty_concat_inputs,
     gathered_row_matmuls,
@@ -251,6 +252,7 @@ def iree_onnx(
     untiled_matmuls = winograd and not _matmuls_data_tiled(gathered, im2col)
     if untiled_matmuls:
         rewrites += pointwise_convs_as_matmuls(model)
+        rewrites += chunked_long_matmuls(model)
     rewrites += row_max_pools_as_reductions(model)
     rewrites += channels_last_concats(model)  # before the Winograd form reads the Concat channels-last
     if winograd:  # stride-1 3x3 convs with enough channels (and stride-2 ones on their inputs)

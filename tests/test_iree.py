@@ -912,15 +912,20 @@ def test_convs_of_graphs_whose_matmuls_are_not_data_tiled(tmp_path):
     """A graph with a gathered-row product (a dynamic row count, K >= GATHERED_ROWS_MIN_K) keeps
     its matmuls out of data tiling on an AVX-512 host, so its Winograd convolution with 23 x 23
     output tiles (90 x 90, 529 rows) runs on 23 x 24 and its stride-1 1x1 convolutions (with and
-    without a bias) become channels-first MatMuls (``pointwise_convs_as_matmuls``; IREE's copy
-    says so), unless convolutions go through im2col (matmuls data-tiled: neither). The same
+    without a bias) become channels-first MatMuls (``pointwise_convs_as_matmuls``) and its static
+    product with K = 1280 two MatMuls over K chunks of 640 (``chunked_long_matmuls``; IREE's copy
+    says so), unless convolutions go through im2col (matmuls data-tiled: none of these). The same
     values in onnxruntime and IREE."""
+    from codegen.graph_forms import MATMUL_K_CHUNK
     from codegen.iree import GATHERED_ROWS_MIN_K
+
+    long_k = MATMUL_K_CHUNK + 128
 
     rng = np.random.default_rng(3)
     inits = {"w": (rng.standard_normal((16, 16, 3, 3)) / 12).astype(np.float32), "b": rng.standard_normal(16).astype(np.float32),
              "p": (rng.standard_normal((24, 16, 1, 1)) / 4).astype(np.float32), "q": (rng.standard_normal((8, 24, 1, 1)) / 5).astype(np.float32),
-             "pb": rng.standard_normal(24).astype(np.float32), "m": (rng.standard_normal((GATHERED_ROWS_MIN_K, 8)) / 16).astype(np.float32)}  # fmt: skip
+             "pb": rng.standard_normal(24).astype(np.float32), "m": (rng.standard_normal((GATHERED_ROWS_MIN_K, 8)) / 16).astype(np.float32),
+             "l": (rng.standard_normal((long_k, 8)) / 36).astype(np.float32)}  # fmt: skip
     graph = helper.make_graph(
         [
             helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="bev"),
@@ -928,28 +933,32 @@ def test_convs_of_graphs_whose_matmuls_are_not_data_tiled(tmp_path):
             helper.make_node("Relu", ["u"], ["r"]),
             helper.make_node("Conv", ["r", "q"], ["v"], name="unbiased"),
             helper.make_node("MatMul", ["rows", "m"], ["z"], name="gathered"),
+            helper.make_node("MatMul", ["cols", "l"], ["t"], name="long"),
         ],
         "main_graph",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 90, 90]),
-         helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["n", GATHERED_ROWS_MIN_K])],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "yvz"],
+         helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["n", GATHERED_ROWS_MIN_K]),
+         helper.make_tensor_value_info("cols", TensorProto.FLOAT, [300, long_k])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "yvzt"],
         [numpy_helper.from_array(v, k) for k, v in inits.items()],
     )  # fmt: skip
     _save(graph, tmp_path / "model.onnx")
     grown = [
         "Conv pointwise (1x1, 16 -> 24 channels) as MatMul(W, x) channels-first",
         "Conv unbiased (1x1, 24 -> 8 channels) as MatMul(W, x) channels-first",
+        f"MatMul long (K = {long_k}) as 2 MatMuls over K chunks of {long_k // 2}",
         "Conv bev (3x3, 16 -> 16 channels) as Winograd F(4x4, 3x3) on 23 x 24 tiles (not 23 x 23)",
     ]
     plain = ["Conv bev (3x3, 16 -> 16 channels) as Winograd F(4x4, 3x3)"]
-    forms = lambda rewrites: [r for r in rewrites if "Winograd" in r or "MatMul(W, x)" in r]  # noqa: E731
+    forms = lambda rewrites: [r for r in rewrites if "Winograd" in r or "MatMul(W, x)" in r or "K chunks" in r]  # noqa: E731
     rewrites = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", winograd=True).rewrites
     assert forms(rewrites) == grown
     ops = [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
-    assert ops.count("Conv") == 0 and ops.count("MatMul") == 36 + 2 + 1
+    assert ops.count("Conv") == 0 and ops.count("MatMul") == 36 + 2 + 1 + 2
     rewrites = iree_onnx(tmp_path / "model.onnx", tmp_path / "im2col.onnx", im2col=True, winograd=True).rewrites
     assert forms(rewrites) == plain
-    feeds = {"x": rng.standard_normal((1, 16, 90, 90)).astype(np.float32), "rows": rng.standard_normal((37, GATHERED_ROWS_MIN_K)).astype(np.float32)}
+    feeds = {"x": rng.standard_normal((1, 16, 90, 90)).astype(np.float32), "rows": rng.standard_normal((37, GATHERED_ROWS_MIN_K)).astype(np.float32),
+             "cols": rng.standard_normal((300, long_k)).astype(np.float32)}  # fmt: skip
     expected = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
     info = compile_onnx(tmp_path / "model.onnx", tmp_path / "model.vmfb", "host")
     assert forms(info.rewrites) == (grown if host_isa() == "avx512" else plain)
@@ -1462,6 +1471,10 @@ def test_smoke_compiles_in_iree_and_matches_eager(tmp_path):
     # head's 256 x 96 x 320: POINTWISE_MATMUL_MAX)
     pointwise = sum("MatMul(W, x) channels-first" in r for r in meta["iree"]["graph_rewrites"])
     assert pointwise == (0 if IM2COL_CONVS in meta["iree"]["flags"] else 15)
+    # and the products of its four 256-channel DCNs (K = 2304) are two MatMuls over K chunks of 1152 (chunked_long_matmuls)
+    chunked = [r for r in meta["iree"]["graph_rewrites"] if "K chunks" in r]
+    assert len(chunked) == (0 if IM2COL_CONVS in meta["iree"]["flags"] else 4)
+    assert all(r.endswith("(K = 2304) as 2 MatMuls over K chunks of 1152") for r in chunked)
 
 
 @pytest.mark.slow
