@@ -210,7 +210,8 @@ class Compiled:
 @dataclass
 class IreeForm:
     """What ``iree_onnx`` wrote: the rewrites applied, the graph's name (the vmfb's function) and
-    ``graph_forms.gathered_row_matmuls(.., GATHERED_ROWS_MIN_K)`` of the written graph."""
+    ``graph_forms.gathered_row_matmuls(.., GATHERED_ROWS_MIN_K)`` of the graph the untiled-matmul
+    forms were chosen on (``compile_onnx`` sets the matmul flags on the same count)."""
 
     rewrites: list[str]
     function: str
@@ -247,7 +248,8 @@ def iree_onnx(
     rewrites += strided_pointwise_convs_as_slices(model)
     rewrites += grouped_deconvs_as_convs(model)
     # flags that data-tile (``winograd``) but not this graph's matmuls (as compile_onnx decides)
-    # (the forms below add no gathered-row products, so this count is also the written graph's)
+    # (counted before the forms below: chunked_long_matmuls slices gathered rows, which the count
+    # would no longer follow; compile_onnx decides the matmul flags on this same count)
     gathered = gathered_row_matmuls(model, GATHERED_ROWS_MIN_K)
     untiled_matmuls = winograd and not _matmuls_data_tiled(gathered, im2col)
     if untiled_matmuls:
