@@ -1386,15 +1386,19 @@ def chunked_long_matmuls(model, limit: int = MATMUL_K_CHUNK) -> list[str]:
         graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), p + n) for n, v in consts.items())
         total = None
         for i in range(chunks):
-            part = lambda x, axis: helper.make_node("Slice", [x, f"{p}_lo{i}", f"{p}_hi{i}", p + axis], [f"{p}{axis[:2]}{i}"], name=f"{p}{axis[:2]}{i}")  # noqa: E731
             product = f"{p}_product{i}"
-            nodes += [part(a, "_a_axis"), part(b, "_b_axis"), helper.make_node("MatMul", [f"{p}_a{i}", f"{p}_b{i}"], [product], name=product)]
+            nodes += [
+                helper.make_node("Slice", [x, f"{p}_lo{i}", f"{p}_hi{i}", f"{p}_{x_}_axis"], [f"{p}_{x_}{i}"], name=f"{p}_{x_}{i}")
+                for x, x_ in ((a, "a"), (b, "b"))
+            ]
+            nodes.append(helper.make_node("MatMul", [f"{p}_a{i}", f"{p}_b{i}"], [product], name=product))
             if total is not None:
                 out = node.output[0] if i == chunks - 1 else f"{p}_sum{i}"
                 nodes.append(helper.make_node("Add", [total, product], [out], name=f"{p}_sum{i}"))
                 product = out
             total = product
-        done.append(f"MatMul {_label(node)} (K = {k}) as {chunks} MatMuls over K chunks of {bounds[1]}")
+        sizes = sorted({hi - lo for lo, hi in zip(bounds, bounds[1:])})
+        done.append(f"MatMul {_label(node)} (K = {k}) as {chunks} MatMuls over K chunks of {'-'.join(map(str, sizes))}")
     if done:
         _set_nodes(model, nodes)
     return done
