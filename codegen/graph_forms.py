@@ -22,7 +22,7 @@ against the eager model.
   over many keys as IREE's fused attention per block of keys), and
   ``strided_pointwise_convs_as_slices``: strided 1x1 Convs IREE runs as slow generic reductions,
   ``grouped_deconvs_as_convs``: grouped ConvTransposes IREE rejects,
-  ``pointwise_convs_as_matmuls``: 1x1 convolutions as channels-first MatMuls where IREE does not
+  ``pointwise_convs_as_matmuls``: 1x1 convolutions as channels-last MatMuls where IREE does not
   data-tile matmuls, and there ``chunked_long_matmuls``: static MatMuls with a long K as sums of
   MatMuls over K chunks,
   ``row_max_pools_as_reductions``: one-row MaxPools IREE runs as data-tiled convolutions,
@@ -1286,17 +1286,21 @@ POINTWISE_MATMUL_MAX = 1 << 21
 
 def pointwise_convs_as_matmuls(model) -> list[str]:
     """A stride-1 1x1 ``Conv`` without padding (``_plain_conv``) on a ``[1, c, h, w]`` input ->
-    ``Reshape(MatMul(W [cout, c], Reshape(x, [c, h * w])) + b, [1, cout, h, w])``: the same
-    products, channels-first on both sides.
+    ``Reshape(Transpose(MatMul(Transpose(Reshape(x, [c, h * w])), W [c, cout]) + b), [1, cout, h,
+    w])``: the same products, channels-last (rows are pixels), between Transposes IREE folds into
+    the neighbouring channels-last dispatches.
 
     For IREE when it does not data-tile matmuls (graphs with gathered-row products,
     ``codegen.iree.GATHERED_ROWS_MIN_K``): it lowered SMOKE's 1x1 convolutions (the DLA roots over
     their concatenated inputs, the head's) to channel-major ``matmul_like`` dispatches at ~20
-    GFLOP/s on one Xeon thread, where the named matmul of this form runs at ~90: their products
-    went 177 -> 49 ms a frame, the whole call 1678 -> 1509 ms of dispatches (same outputs). Not
-    for inputs of ``POINTWISE_MATMUL_MAX`` floats or more: BEVFusion's 128 x 32400 (an input IREE
-    keeps channels-last) ran 25.4 -> 60.5 ms channels-first. Applied to the IREE copy only
-    (``codegen.iree.iree_onnx``)."""
+    GFLOP/s on one Xeon thread, where a named matmul runs at ~90: their products went 177 -> 49 ms
+    a frame, the whole call 1678 -> 1509 ms of dispatches (same outputs). Channels-first
+    (``MatMul(W [cout, c], x [c, h * w])``, the form until 2026-12-07) PGD's 22 ``256 -> 1024``
+    convolutions after its DCNs wrote their results transposed for the channels-last residual
+    sums: 79 ms each (38 GFLOP/s); channels-last 43 ms, the frame 11.7 -> 10.5 s on one thread,
+    5949 -> 5635 ms on two (SMOKE unchanged: 895 / 896 ms). Not for inputs of
+    ``POINTWISE_MATMUL_MAX`` floats or more: BEVFusion's 128 x 32400 ran 25.4 -> 60.5 ms
+    channels-first. Applied to the IREE copy only (``codegen.iree.iree_onnx``)."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -1315,50 +1319,67 @@ def pointwise_convs_as_matmuls(model) -> list[str]:
         weight = numpy_helper.to_array(inits[node.input[1]])
         p = f"{_label(node)}_form_pointwise"
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        consts = {"_w": weight.reshape(conv.cout, c), "_in_shape": np.array([c, h * w], np.int64),
+        consts = {"_w": np.ascontiguousarray(weight.reshape(conv.cout, c).T), "_in_shape": np.array([c, h * w], np.int64),
                   "_out_shape": np.array([1, conv.cout, h, w], np.int64)}  # fmt: skip
-        if bias:
-            consts["_b_shape"] = np.array([conv.cout, 1], np.int64)
         graph.initializer.extend(numpy_helper.from_array(v, p + k) for k, v in consts.items())
         product = p + ("_product" if bias else "_sum")
         nodes += [
             helper.make_node("Reshape", [node.input[0], p + "_in_shape"], [p + "_x"], name=p + "_x"),
-            helper.make_node("MatMul", [p + "_w", p + "_x"], [product], name=product),
+            helper.make_node("Transpose", [p + "_x"], [p + "_rows"], perm=[1, 0], name=p + "_rows"),
+            helper.make_node("MatMul", [p + "_rows", p + "_w"], [product], name=product),
         ]
-        if bias:  # a constant or computed [cout] bias, as a column
-            nodes += [
-                helper.make_node("Reshape", [bias, p + "_b_shape"], [p + "_b"], name=p + "_b"),
-                helper.make_node("Add", [product, p + "_b"], [p + "_sum"], name=p + "_sum"),
-            ]
-        nodes.append(helper.make_node("Reshape", [p + "_sum", p + "_out_shape"], list(node.output), name=p + "_out"))
-        done.append(f"Conv {_label(node)} (1x1, {c} -> {conv.cout} channels) as MatMul(W, x) channels-first")
+        if bias:  # a constant or computed [cout] bias, along the rows
+            nodes.append(helper.make_node("Add", [product, bias], [p + "_sum"], name=p + "_sum"))
+        nodes += [
+            helper.make_node("Transpose", [p + "_sum"], [p + "_channels"], perm=[1, 0], name=p + "_channels"),
+            helper.make_node("Reshape", [p + "_channels", p + "_out_shape"], list(node.output), name=p + "_out"),
+        ]
+        done.append(f"Conv {_label(node)} (1x1, {c} -> {conv.cout} channels) as MatMul(x, W) channels-last")
     if done:
         _set_nodes(model, nodes)  # the replaced weights
     return done
 
 
-#: ``chunked_long_matmuls``: the longest K a static MatMul keeps, and the fewest rows it takes
+#: ``chunked_long_matmuls``: the longest K a static MatMul keeps; K x N a chunk keeps at most where
+#: N is a power of two (B's rows a power-of-two stride apart); the fewest rows it takes; the row
+#: multiple its chunks are padded to (IREE's 8-row vector tiles)
 MATMUL_K_CHUNK = 1152
+MATMUL_CHUNK_FLOATS = 1152 * 256
 CHUNKED_MATMUL_MIN_ROWS = 256
+CHUNKED_MATMUL_ROW_MULTIPLE = 8
 
 
 def chunked_long_matmuls(model, limit: int = MATMUL_K_CHUNK) -> list[str]:
     """A ``MatMul(A, B)`` with a static ``A [.., M, K]`` (at least ``CHUNKED_MATMUL_MIN_ROWS`` rows)
     and a constant 2-D ``B [K, N]`` (an initializer, or computed from constants only: the
-    deformable convolutions' ``Gather`` of their regrouped weight) with ``K > limit`` -> the sum,
-    added in order, of the ``MatMul`` s of ``A``'s and ``B``'s ``Slice`` s over the fewest equal
-    K chunks of at most ``limit``: the same products, each output a sum of chunk sums.
+    deformable convolutions' ``Gather`` of their regrouped weight) -> the sum, added in order, of
+    the ``MatMul`` s of ``A``'s and ``B``'s ``Slice`` s over the fewest equal K chunks of at most
+    ``limit`` and, where ``N`` is a power of two, ``MATMUL_CHUNK_FLOATS / N`` (where ``K`` is
+    longer): the same products, each output a sum of chunk sums. A 2-D ``A`` whose rows are not a
+    multiple of ``CHUNKED_MATMUL_ROW_MULTIPLE`` is padded with zero rows first, and the sum's extra
+    rows sliced off.
 
     For IREE when it does not data-tile matmuls (``codegen.iree.GATHERED_ROWS_MIN_K``): IREE 3.13
-    gives a plain matmul 40 x 64 output tiles a workgroup over the whole K, and beyond ~1152 their
-    rows of ``A`` and columns of ``B`` no longer stay in the core's cache. On the AVX-512 Xeon, one
-    thread: PGD's DCN products ``[5800, 2304] x [2304, 256]`` ran at 41-44 GFLOP/s (166 ms; data-tiled
-    168 ms) and as 2, 3 or 4 chunks at 92-99 GFLOP/s (74, 71, 69 ms; 6 chunks 89 ms). Long
-    reductions (``LONG_REDUCTION``) are already split by ``split_long_reductions``, and dynamic row
-    counts (the sparse convolutions', configured apart: ``codegen.iree.VECTOR_PEELING``) are left
-    alone. Applied to the IREE copy only (``codegen.iree.iree_onnx``)."""
+    gives a plain matmul 40 x 64 output tiles a workgroup over the whole K, reading a 64-column
+    panel of ``B`` for each 40 rows, and once a panel whose rows are a power-of-two stride apart
+    no longer stays in cache it runs at ~40 GFLOP/s instead of 85-97 (one thread of the AVX-512
+    Xeon, 2 MiB L2): PGD's DCN products ``[5800, 2304] x [2304, 256]`` 166 ms (data-tiled 168 ms),
+    as 2, 3 or 4 chunks 74, 71, 69 ms (6 chunks 89 ms); ``[1456, 1152] x [1152, 512]`` 41-42 ms,
+    ``[1456, 576] x [576, 512]`` 9.7-9.9 ms; ``[1456, 576] x [576, 1024]`` 42-43 ms, ``[1456, 288]
+    x [288, 1024]`` 8.8 ms; ``[1456, 512] x [512, 2048]`` 79 ms, as 4 chunks 41 ms. Other widths
+    keep their speed: ``[1456, 1152] x [1152, 768]`` 94 GFLOP/s, and BEVFusion's Swin shapes lose
+    in chunks (``[11264, 384] x [384, 1152]`` 120 ms, as 2 chunks 137 ms; ``[11264, 384] x [384,
+    1536]`` 216 / 225 ms; ``[1056, 768] x [768, 3072]`` 78 / 82 ms). Row counts that are not a
+    multiple of 8 get narrower vector tiles: ``[1450, 576] x [576, 512]`` 15.8 ms. In PGD (two
+    threads) the stage-4 DCN products (K = 4608, until 2026-12-07 ``split_long_reductions``') and
+    1x1 convolutions to 2048 channels in chunks: 6235 -> 5707 ms with the channels-last
+    ``pointwise_convs_as_matmuls``. Dynamic row counts (the sparse convolutions', configured
+    apart: ``codegen.iree.VECTOR_PEELING``) are left alone. Applied to the IREE copy only
+    (``codegen.iree.iree_onnx``)."""
+    import onnx
     from onnx import helper, numpy_helper
 
+    model.CopyFrom(onnx.shape_inference.infer_shapes(model))  # the forms' own tensors (pointwise_convs_as_matmuls')
     graph = model.graph
     shapes = _shapes(graph)
     shapes.update({t.name: list(t.dims) for t in graph.initializer})
@@ -1372,19 +1393,29 @@ def chunked_long_matmuls(model, limit: int = MATMUL_K_CHUNK) -> list[str]:
         dims, weight = shapes.get(a), shapes.get(b)
         if (
             not dims or len(dims) < 2 or None in dims or b not in constant or not weight or len(weight) != 2
-            or dims[-1] != weight[0] or dims[-1] <= limit or math.prod(dims[:-1]) < CHUNKED_MATMUL_MIN_ROWS
+            or dims[-1] != weight[0] or math.prod(dims[:-1]) < CHUNKED_MATMUL_MIN_ROWS
         ):
             nodes.append(node)
             continue
-        k = dims[-1]
-        chunks = -(-k // limit)
+        k, n = weight
+        chunk = min(limit, max(1, MATMUL_CHUNK_FLOATS // n)) if n & (n - 1) == 0 else limit
+        if k <= chunk:
+            nodes.append(node)
+            continue
+        chunks = -(-k // chunk)
         bounds = [k * i // chunks for i in range(chunks + 1)]
         p = f"{_label(node)}_form_chunks"
         consts = {"_a_axis": [len(dims) - 1], "_b_axis": [0]}
         for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
             consts.update({f"_lo{i}": [lo], f"_hi{i}": [hi]})
-        graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), p + n) for n, v in consts.items())
-        total = None
+        rows, pad = dims[0], -dims[0] % CHUNKED_MATMUL_ROW_MULTIPLE if len(dims) == 2 else 0
+        if pad:
+            consts.update({"_pads": [0, 0, pad, 0], "_rows": [rows], "_zero": [0]})
+        graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), p + name) for name, v in consts.items())
+        if pad:
+            nodes.append(helper.make_node("Pad", [a, p + "_pads"], [p + "_padded"], name=p + "_padded"))
+            a = p + "_padded"
+        total, out = None, (p + "_sum" if pad else node.output[0])
         for i in range(chunks):
             product = f"{p}_product{i}"
             nodes += [
@@ -1393,12 +1424,15 @@ def chunked_long_matmuls(model, limit: int = MATMUL_K_CHUNK) -> list[str]:
             ]
             nodes.append(helper.make_node("MatMul", [f"{p}_a{i}", f"{p}_b{i}"], [product], name=product))
             if total is not None:
-                out = node.output[0] if i == chunks - 1 else f"{p}_sum{i}"
-                nodes.append(helper.make_node("Add", [total, product], [out], name=f"{p}_sum{i}"))
-                product = out
+                last = out if i == chunks - 1 else f"{p}_sum{i}"
+                nodes.append(helper.make_node("Add", [total, product], [last], name=f"{p}_sum{i}"))
+                product = last
             total = product
+        if pad:
+            nodes.append(helper.make_node("Slice", [out, p + "_zero", p + "_rows", p + "_zero"], list(node.output), name=p + "_rows"))
         sizes = sorted({hi - lo for lo, hi in zip(bounds, bounds[1:])})
-        done.append(f"MatMul {_label(node)} (K = {k}) as {chunks} MatMuls over K chunks of {'-'.join(map(str, sizes))}")
+        padded = f", {rows} rows padded to {rows + pad}" if pad else ""
+        done.append(f"MatMul {_label(node)} (K = {k}, N = {n}) as {chunks} MatMuls over K chunks of {'-'.join(map(str, sizes))}{padded}")
     if done:
         _set_nodes(model, nodes)
     return done

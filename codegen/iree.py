@@ -243,8 +243,6 @@ def iree_onnx(
     # cpu_forms infers the shapes (the clean-ups need none)
     rewrites = cpu_forms(model) + cleanup
     rewrites += row_max_scatters_as_scatter_nd(model)  # needs the shapes cpu_forms inferred
-    # IREE sums a long f32 reduction in order; its attentions are fused by fuse_online_attentions after the import
-    rewrites += split_long_reductions(model, fused_attentions=True)
     rewrites += strided_pointwise_convs_as_slices(model)
     rewrites += grouped_deconvs_as_convs(model)
     # flags that data-tile (``winograd``) but not this graph's matmuls (as compile_onnx decides)
@@ -254,7 +252,9 @@ def iree_onnx(
     untiled_matmuls = winograd and not _matmuls_data_tiled(gathered, im2col)
     if untiled_matmuls:
         rewrites += pointwise_convs_as_matmuls(model)
-        rewrites += chunked_long_matmuls(model)
+        rewrites += chunked_long_matmuls(model)  # before split_long_reductions: K >= LONG_REDUCTION too
+    # IREE sums a long f32 reduction in order; its attentions are fused by fuse_online_attentions after the import
+    rewrites += split_long_reductions(model, fused_attentions=True)
     rewrites += row_max_pools_as_reductions(model)
     rewrites += channels_last_concats(model)  # before the Winograd form reads the Concat channels-last
     if winograd:  # stride-1 3x3 convs with enough channels (and stride-2 ones on their inputs)

@@ -912,20 +912,25 @@ def test_convs_of_graphs_whose_matmuls_are_not_data_tiled(tmp_path):
     """A graph with a gathered-row product (a dynamic row count, K >= GATHERED_ROWS_MIN_K) keeps
     its matmuls out of data tiling on an AVX-512 host, so its Winograd convolution with 23 x 23
     output tiles (90 x 90, 529 rows) runs on 23 x 24 and its stride-1 1x1 convolutions (with and
-    without a bias) become channels-first MatMuls (``pointwise_convs_as_matmuls``) and its static
-    product with K = 1280 two MatMuls over K chunks of 640 (``chunked_long_matmuls``; IREE's copy
-    says so), unless convolutions go through im2col (matmuls data-tiled: none of these). The same
-    values in onnxruntime and IREE."""
-    from codegen.graph_forms import MATMUL_K_CHUNK
+    without a bias) become channels-last MatMuls (``pointwise_convs_as_matmuls``) and its static
+    products with K = 1280 (300 rows, padded to 304) and 4224 (beyond LONG_REDUCTION) two and four
+    MatMuls over K chunks of 640 and 1056, and the one with K = 512 and N = 1024 (B beyond
+    MATMUL_CHUNK_FLOATS) two over chunks of 256 (``chunked_long_matmuls``; IREE's copy says so),
+    unless convolutions go through im2col (matmuls data-tiled: none of these; the K = 4224 product
+    is then split in two levels by ``split_long_reductions``). The same values in onnxruntime and
+    IREE."""
+    from codegen.graph_forms import LONG_REDUCTION, MATMUL_CHUNK_FLOATS, MATMUL_K_CHUNK
     from codegen.iree import GATHERED_ROWS_MIN_K
 
-    long_k = MATMUL_K_CHUNK + 128
+    long_k, longer_k = MATMUL_K_CHUNK + 128, LONG_REDUCTION + 128
+    assert MATMUL_CHUNK_FLOATS // 1024 < 512 < MATMUL_K_CHUNK
 
     rng = np.random.default_rng(3)
     inits = {"w": (rng.standard_normal((16, 16, 3, 3)) / 12).astype(np.float32), "b": rng.standard_normal(16).astype(np.float32),
              "p": (rng.standard_normal((24, 16, 1, 1)) / 4).astype(np.float32), "q": (rng.standard_normal((8, 24, 1, 1)) / 5).astype(np.float32),
              "pb": rng.standard_normal(24).astype(np.float32), "m": (rng.standard_normal((GATHERED_ROWS_MIN_K, 8)) / 16).astype(np.float32),
-             "l": (rng.standard_normal((long_k, 8)) / 36).astype(np.float32)}  # fmt: skip
+             "l": (rng.standard_normal((long_k, 8)) / 36).astype(np.float32), "o": (rng.standard_normal((longer_k, 8)) / 64).astype(np.float32),
+             "bw": (rng.standard_normal((512, 1024)) / 22).astype(np.float32)}  # fmt: skip
     graph = helper.make_graph(
         [
             helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="bev"),
@@ -934,31 +939,38 @@ def test_convs_of_graphs_whose_matmuls_are_not_data_tiled(tmp_path):
             helper.make_node("Conv", ["r", "q"], ["v"], name="unbiased"),
             helper.make_node("MatMul", ["rows", "m"], ["z"], name="gathered"),
             helper.make_node("MatMul", ["cols", "l"], ["t"], name="long"),
+            helper.make_node("MatMul", ["wide", "o"], ["s"], name="longer"),
+            helper.make_node("MatMul", ["broad", "bw"], ["g"], name="broad"),
         ],
         "main_graph",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 90, 90]),
          helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["n", GATHERED_ROWS_MIN_K]),
-         helper.make_tensor_value_info("cols", TensorProto.FLOAT, [300, long_k])],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "yvzt"],
+         helper.make_tensor_value_info("cols", TensorProto.FLOAT, [300, long_k]),
+         helper.make_tensor_value_info("wide", TensorProto.FLOAT, [264, longer_k]),
+         helper.make_tensor_value_info("broad", TensorProto.FLOAT, [256, 512])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "yvztsg"],
         [numpy_helper.from_array(v, k) for k, v in inits.items()],
     )  # fmt: skip
     _save(graph, tmp_path / "model.onnx")
     grown = [
-        "Conv pointwise (1x1, 16 -> 24 channels) as MatMul(W, x) channels-first",
-        "Conv unbiased (1x1, 24 -> 8 channels) as MatMul(W, x) channels-first",
-        f"MatMul long (K = {long_k}) as 2 MatMuls over K chunks of {long_k // 2}",
+        "Conv pointwise (1x1, 16 -> 24 channels) as MatMul(x, W) channels-last",
+        "Conv unbiased (1x1, 24 -> 8 channels) as MatMul(x, W) channels-last",
+        f"MatMul long (K = {long_k}, N = 8) as 2 MatMuls over K chunks of {long_k // 2}, 300 rows padded to 304",
+        f"MatMul longer (K = {longer_k}, N = 8) as 4 MatMuls over K chunks of {longer_k // 4}",
+        "MatMul broad (K = 512, N = 1024) as 2 MatMuls over K chunks of 256",
         "Conv bev (3x3, 16 -> 16 channels) as Winograd F(4x4, 3x3) on 23 x 24 tiles (not 23 x 23)",
     ]
     plain = ["Conv bev (3x3, 16 -> 16 channels) as Winograd F(4x4, 3x3)"]
-    forms = lambda rewrites: [r for r in rewrites if "Winograd" in r or "MatMul(W, x)" in r or "K chunks" in r]  # noqa: E731
+    forms = lambda rewrites: [r for r in rewrites if "Winograd" in r or "MatMul(x, W)" in r or "K chunks" in r]  # noqa: E731
     rewrites = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", winograd=True).rewrites
     assert forms(rewrites) == grown
     ops = [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
-    assert ops.count("Conv") == 0 and ops.count("MatMul") == 36 + 2 + 1 + 2
+    assert ops.count("Conv") == 0 and ops.count("MatMul") == 36 + 2 + 1 + 2 + 4 + 2
     rewrites = iree_onnx(tmp_path / "model.onnx", tmp_path / "im2col.onnx", im2col=True, winograd=True).rewrites
     assert forms(rewrites) == plain
     feeds = {"x": rng.standard_normal((1, 16, 90, 90)).astype(np.float32), "rows": rng.standard_normal((37, GATHERED_ROWS_MIN_K)).astype(np.float32),
-             "cols": rng.standard_normal((300, long_k)).astype(np.float32)}  # fmt: skip
+             "cols": rng.standard_normal((300, long_k)).astype(np.float32), "wide": rng.standard_normal((264, longer_k)).astype(np.float32),
+             "broad": rng.standard_normal((256, 512)).astype(np.float32)}  # fmt: skip
     expected = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
     info = compile_onnx(tmp_path / "model.onnx", tmp_path / "model.vmfb", "host")
     assert forms(info.rewrites) == (grown if host_isa() == "avx512" else plain)
@@ -1467,14 +1479,17 @@ def test_smoke_compiles_in_iree_and_matches_eager(tmp_path):
 
     assert (MATMUL_DATA_TILING in meta["iree"]["flags"]) == (IM2COL_CONVS in meta["iree"]["flags"])
     assert not any("peeled loops" in r for r in meta["iree"]["graph_rewrites"])
-    # so its 1x1 convolutions are channels-first MatMuls there (all but the two widest inputs, the
+    # so its 1x1 convolutions are channels-last MatMuls there (all but the two widest inputs, the
     # head's 256 x 96 x 320: POINTWISE_MATMUL_MAX)
-    pointwise = sum("MatMul(W, x) channels-first" in r for r in meta["iree"]["graph_rewrites"])
+    pointwise = sum("MatMul(x, W) channels-last" in r for r in meta["iree"]["graph_rewrites"])
     assert pointwise == (0 if IM2COL_CONVS in meta["iree"]["flags"] else 15)
-    # and the products of its four 256-channel DCNs (K = 2304) are two MatMuls over K chunks of 1152 (chunked_long_matmuls)
-    chunked = [r for r in meta["iree"]["graph_rewrites"] if "K chunks" in r]
-    assert len(chunked) == (0 if IM2COL_CONVS in meta["iree"]["flags"] else 4)
-    assert all(r.endswith("(K = 2304) as 2 MatMuls over K chunks of 1152") for r in chunked)
+    # and its products with K > 1152 are MatMuls over K chunks (chunked_long_matmuls): its DCNs'
+    # (K = 2304; the 512-channel one's K = 4608 too, not split_long_reductions') and the 1x1
+    # convolution's over the 1280 concatenated channels (N = 512: chunks of at most 576)
+    chunked = sorted(r.split(" (K = ")[1] for r in meta["iree"]["graph_rewrites"] if "K chunks" in r)
+    expected = ["1280, N = 512) as 3 MatMuls over K chunks of 426-427"] + ["2304, N = 128) as 2 MatMuls over K chunks of 1152"] * 2
+    expected += ["2304, N = 256) as 2 MatMuls over K chunks of 1152", "2304, N = 64) as 2 MatMuls over K chunks of 1152", "4608, N = 256) as 4 MatMuls over K chunks of 1152"]
+    assert chunked == ([] if IM2COL_CONVS in meta["iree"]["flags"] else expected)
 
 
 @pytest.mark.slow
