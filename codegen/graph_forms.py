@@ -888,7 +888,9 @@ def split_long_reductions(model, limit: int = LONG_REDUCTION, fused_attentions: 
     BEV cells lost 2.5e-4 of the softmax row sums and 3.9e-3 of its value matmul, so ``dim`` ended
     1.9e-4 from eager (onnxruntime: 1.5e-5). Two levels of ~180 terms: row sums within 1.8e-6,
     the whole model 1.53e-5, and its decoder ran 44-67 s -> 1.0 s in IREE. Same function, another
-    summation order. Applied to the IREE copy only (``codegen.iree.iree_onnx``).
+    summation order. Applied to the IREE copy only (``codegen.iree.iree_onnx``), after
+    ``chunked_long_matmuls``, which takes the MatMuls with static rows and a constant ``B`` first
+    where IREE does not data-tile matmuls (sums of at most 1152 terms there).
 
     - ``InstanceNormalization(x)`` -> the mean and then the mean square of ``x - mean`` (two
       passes), each a sum of sums, then ``x * g + (bias - mean * g)`` with ``g = scale / sqrt(var
