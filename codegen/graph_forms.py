@@ -1286,6 +1286,40 @@ def strided_pointwise_convs_as_slices(model) -> list[str]:
 POINTWISE_MATMUL_MAX = 1 << 21
 
 
+def _rows_read_channels_first(x: str, producers: dict, readers: dict, inits: dict, shapes: dict, p: str):
+    """``x = Relu(BatchNormalization(Reshape(Transpose(Reshape(y, [1, hw, c]), [0, 2, 1]), [1, c,
+    h, w])))``, each step read once and the BatchNorm's parameters constant -> (nodes computing
+    ``Relu(y * s + t)`` as ``[hw, c]`` rows, their output name, the new initializers), else None:
+    a channels-last product (PGD's DCNs') through a BatchNorm and ReLU, which IREE would otherwise
+    transpose for the pointwise product that reads it as rows (``pointwise_convs_as_matmuls``)."""
+    from onnx import helper, numpy_helper
+
+    chain, name = [], x
+    for op in ("Relu", "BatchNormalization", "Reshape", "Transpose", "Reshape"):
+        node = producers.get(name)
+        if node is None or node.op_type != op or len(readers.get(node.output[0], ())) != 1:
+            return None
+        chain.append(node)
+        name = node.input[0]
+    relu, bn, to_4d, transpose, to_3d = chain
+    _, c, h, w = shapes.get(to_4d.output[0]) or (None,) * 4
+    if _perm(transpose) != [0, 2, 1] or shapes.get(to_3d.output[0]) != [1, h * w, c] or not all(i in inits for i in bn.input[1:5]):
+        return None
+    gamma, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:5])
+    eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+    scale = gamma / np.sqrt(var + eps)
+    consts = [numpy_helper.from_array(scale.astype(np.float32), p + "_bn_scale"),
+              numpy_helper.from_array((beta - mean * scale).astype(np.float32), p + "_bn_shift"),
+              numpy_helper.from_array(np.array([-1, scale.size], np.int64), p + "_rows_shape")]  # fmt: skip
+    nodes = [
+        helper.make_node("Reshape", [to_3d.input[0], p + "_rows_shape"], [p + "_rows_y"], name=p + "_rows_y"),
+        helper.make_node("Mul", [p + "_rows_y", p + "_bn_scale"], [p + "_rows_scaled"], name=p + "_rows_scaled"),
+        helper.make_node("Add", [p + "_rows_scaled", p + "_bn_shift"], [p + "_rows_bn"], name=p + "_rows_bn"),
+        helper.make_node("Relu", [p + "_rows_bn"], [p + "_rows"], name=p + "_rows"),
+    ]
+    return nodes, p + "_rows", consts
+
+
 def pointwise_convs_as_matmuls(model) -> list[str]:
     """A stride-1 1x1 ``Conv`` without padding (``_plain_conv``) on a ``[1, c, h, w]`` input ->
     ``Reshape(Transpose(MatMul(Transpose(Reshape(x, [c, h * w])), W [c, cout]) + b), [1, cout, h,
@@ -1308,6 +1342,8 @@ def pointwise_convs_as_matmuls(model) -> list[str]:
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     shapes = _shapes(graph)
+    producers = {out: n for n in graph.node for out in n.output}
+    readers = _readers(graph)
     done, nodes = [], []
     for node in graph.node:
         conv = _plain_conv(node, inits, shapes)
@@ -1325,18 +1361,24 @@ def pointwise_convs_as_matmuls(model) -> list[str]:
                   "_out_shape": np.array([1, conv.cout, h, w], np.int64)}  # fmt: skip
         graph.initializer.extend(numpy_helper.from_array(v, p + k) for k, v in consts.items())
         product = p + ("_product" if bias else "_sum")
-        nodes += [
-            helper.make_node("Reshape", [node.input[0], p + "_in_shape"], [p + "_x"], name=p + "_x"),
-            helper.make_node("Transpose", [p + "_x"], [p + "_rows"], perm=[1, 0], name=p + "_rows"),
-            helper.make_node("MatMul", [p + "_rows", p + "_w"], [product], name=product),
-        ]
+        rows = _rows_read_channels_first(node.input[0], producers, readers, inits, shapes, p)
+        if rows:  # the producer's rows, its BatchNorm and ReLU taken on them
+            nodes += rows[0]
+            graph.initializer.extend(rows[2])
+        else:
+            nodes += [
+                helper.make_node("Reshape", [node.input[0], p + "_in_shape"], [p + "_x"], name=p + "_x"),
+                helper.make_node("Transpose", [p + "_x"], [p + "_rows"], perm=[1, 0], name=p + "_rows"),
+            ]
+        nodes.append(helper.make_node("MatMul", [p + "_rows", p + "_w"], [product], name=product))
         if bias:  # a constant or computed [cout] bias, along the rows
             nodes.append(helper.make_node("Add", [product, bias], [p + "_sum"], name=p + "_sum"))
         nodes += [
             helper.make_node("Transpose", [p + "_sum"], [p + "_channels"], perm=[1, 0], name=p + "_channels"),
             helper.make_node("Reshape", [p + "_channels", p + "_out_shape"], list(node.output), name=p + "_out"),
         ]
-        done.append(f"Conv {_label(node)} (1x1, {c} -> {conv.cout} channels) as MatMul(x, W) channels-last")
+        rows = " (its input's BatchNorm and ReLU on the producer's rows)" if rows else ""
+        done.append(f"Conv {_label(node)} (1x1, {c} -> {conv.cout} channels) as MatMul(x, W) channels-last{rows}")
     if done:
         _set_nodes(model, nodes)  # the replaced weights
     return done

@@ -917,8 +917,9 @@ def test_convs_of_graphs_whose_matmuls_are_not_data_tiled(tmp_path):
     MatMuls over K chunks of 640 and 1056, and the one with K = 512 and N = 1024 (B beyond
     MATMUL_CHUNK_FLOATS) two over chunks of 256 (``chunked_long_matmuls``; IREE's copy says so),
     unless convolutions go through im2col (matmuls data-tiled: none of these; the K = 4224 product
-    is then split in two levels by ``split_long_reductions``). The same values in onnxruntime and
-    IREE."""
+    is then split in two levels by ``split_long_reductions``). A 1x1 convolution over rows
+    transposed to channels-first through a BatchNorm and ReLU takes them on the rows. The same
+    values in onnxruntime and IREE."""
     from codegen.graph_forms import LONG_REDUCTION, MATMUL_CHUNK_FLOATS, MATMUL_K_CHUNK
     from codegen.iree import GATHERED_ROWS_MIN_K
 
@@ -930,7 +931,10 @@ def test_convs_of_graphs_whose_matmuls_are_not_data_tiled(tmp_path):
              "p": (rng.standard_normal((24, 16, 1, 1)) / 4).astype(np.float32), "q": (rng.standard_normal((8, 24, 1, 1)) / 5).astype(np.float32),
              "pb": rng.standard_normal(24).astype(np.float32), "m": (rng.standard_normal((GATHERED_ROWS_MIN_K, 8)) / 16).astype(np.float32),
              "l": (rng.standard_normal((long_k, 8)) / 36).astype(np.float32), "o": (rng.standard_normal((longer_k, 8)) / 64).astype(np.float32),
-             "bw": (rng.standard_normal((512, 1024)) / 22).astype(np.float32)}  # fmt: skip
+             "bw": (rng.standard_normal((512, 1024)) / 22).astype(np.float32), "p2": (rng.standard_normal((24, 16, 1, 1)) / 4).astype(np.float32),
+             "bn_g": rng.uniform(0.5, 2, 16).astype(np.float32), "bn_b": rng.standard_normal(16).astype(np.float32),
+             "bn_m": rng.standard_normal(16).astype(np.float32), "bn_v": rng.uniform(0.5, 2, 16).astype(np.float32),
+             "s3": np.array([1, 64, 16], np.int64), "s4": np.array([1, 16, 8, 8], np.int64)}  # fmt: skip
     graph = helper.make_graph(
         [
             helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="bev"),
@@ -941,20 +945,28 @@ def test_convs_of_graphs_whose_matmuls_are_not_data_tiled(tmp_path):
             helper.make_node("MatMul", ["cols", "l"], ["t"], name="long"),
             helper.make_node("MatMul", ["wide", "o"], ["s"], name="longer"),
             helper.make_node("MatMul", ["broad", "bw"], ["g"], name="broad"),
+            helper.make_node("Reshape", ["dcn", "s3"], ["d3"]),
+            helper.make_node("Transpose", ["d3"], ["dt"], perm=[0, 2, 1]),
+            helper.make_node("Reshape", ["dt", "s4"], ["d4"]),
+            helper.make_node("BatchNormalization", ["d4", "bn_g", "bn_b", "bn_m", "bn_v"], ["dn"]),
+            helper.make_node("Relu", ["dn"], ["dr"]),
+            helper.make_node("Conv", ["dr", "p2"], ["e"], name="after_bn"),
         ],
         "main_graph",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 90, 90]),
          helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["n", GATHERED_ROWS_MIN_K]),
          helper.make_tensor_value_info("cols", TensorProto.FLOAT, [300, long_k]),
          helper.make_tensor_value_info("wide", TensorProto.FLOAT, [264, longer_k]),
-         helper.make_tensor_value_info("broad", TensorProto.FLOAT, [256, 512])],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "yvztsg"],
+         helper.make_tensor_value_info("broad", TensorProto.FLOAT, [256, 512]),
+         helper.make_tensor_value_info("dcn", TensorProto.FLOAT, [64, 16])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "yvztsge"],
         [numpy_helper.from_array(v, k) for k, v in inits.items()],
     )  # fmt: skip
     _save(graph, tmp_path / "model.onnx")
     grown = [
         "Conv pointwise (1x1, 16 -> 24 channels) as MatMul(x, W) channels-last",
         "Conv unbiased (1x1, 24 -> 8 channels) as MatMul(x, W) channels-last",
+        "Conv after_bn (1x1, 16 -> 24 channels) as MatMul(x, W) channels-last (its input's BatchNorm and ReLU on the producer's rows)",
         f"MatMul long (K = {long_k}, N = 8) as 2 MatMuls over K chunks of {long_k // 2}, 300 rows padded to 304",
         f"MatMul longer (K = {longer_k}, N = 8) as 4 MatMuls over K chunks of {longer_k // 4}",
         "MatMul broad (K = 512, N = 1024) as 2 MatMuls over K chunks of 256",
@@ -965,12 +977,12 @@ def test_convs_of_graphs_whose_matmuls_are_not_data_tiled(tmp_path):
     rewrites = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", winograd=True).rewrites
     assert forms(rewrites) == grown
     ops = [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
-    assert ops.count("Conv") == 0 and ops.count("MatMul") == 36 + 2 + 1 + 2 + 4 + 2
+    assert ops.count("Conv") == 0 and ops.count("MatMul") == 36 + 3 + 1 + 2 + 4 + 2 and "BatchNormalization" not in ops
     rewrites = iree_onnx(tmp_path / "model.onnx", tmp_path / "im2col.onnx", im2col=True, winograd=True).rewrites
     assert forms(rewrites) == plain
     feeds = {"x": rng.standard_normal((1, 16, 90, 90)).astype(np.float32), "rows": rng.standard_normal((37, GATHERED_ROWS_MIN_K)).astype(np.float32),
              "cols": rng.standard_normal((300, long_k)).astype(np.float32), "wide": rng.standard_normal((264, longer_k)).astype(np.float32),
-             "broad": rng.standard_normal((256, 512)).astype(np.float32)}  # fmt: skip
+             "broad": rng.standard_normal((256, 512)).astype(np.float32), "dcn": rng.standard_normal((64, 16)).astype(np.float32)}  # fmt: skip
     expected = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
     info = compile_onnx(tmp_path / "model.onnx", tmp_path / "model.vmfb", "host")
     assert forms(info.rewrites) == (grown if host_isa() == "avx512" else plain)
