@@ -1289,7 +1289,7 @@ POINTWISE_MATMUL_MAX = 1 << 21
 def _rows_read_channels_first(x: str, producers: dict, readers: dict, inits: dict, shapes: dict, p: str):
     """``x = Relu(BatchNormalization(Reshape(Transpose(Reshape(y, [1, hw, c]), [0, 2, 1]), [1, c,
     h, w])))``, each step read once and the BatchNorm's parameters constant -> (nodes computing
-    ``Relu(y * s + t)`` as ``[hw, c]`` rows, their output name, the new initializers), else None:
+    ``Relu(y * s + t)`` as ``[hw, c]`` rows named ``p + "_rows"``, the new initializers), else None:
     a channels-last product (PGD's DCNs') through a BatchNorm and ReLU, which IREE would otherwise
     transpose for the pointwise product that reads it as rows (``pointwise_convs_as_matmuls``)."""
     from onnx import helper, numpy_helper
@@ -1305,11 +1305,9 @@ def _rows_read_channels_first(x: str, producers: dict, readers: dict, inits: dic
     _, c, h, w = shapes.get(to_4d.output[0]) or (None,) * 4
     if _perm(transpose) != [0, 2, 1] or shapes.get(to_3d.output[0]) != [1, h * w, c] or not all(i in inits for i in bn.input[1:5]):
         return None
-    gamma, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:5])
-    eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
-    scale = gamma / np.sqrt(var + eps)
+    scale, shift = _batchnorm_affine(bn, inits)
     consts = [numpy_helper.from_array(scale.astype(np.float32), p + "_bn_scale"),
-              numpy_helper.from_array((beta - mean * scale).astype(np.float32), p + "_bn_shift"),
+              numpy_helper.from_array(shift.astype(np.float32), p + "_bn_shift"),
               numpy_helper.from_array(np.array([-1, scale.size], np.int64), p + "_rows_shape")]  # fmt: skip
     nodes = [
         helper.make_node("Reshape", [to_3d.input[0], p + "_rows_shape"], [p + "_rows_y"], name=p + "_rows_y"),
@@ -1317,7 +1315,7 @@ def _rows_read_channels_first(x: str, producers: dict, readers: dict, inits: dic
         helper.make_node("Add", [p + "_rows_scaled", p + "_bn_shift"], [p + "_rows_bn"], name=p + "_rows_bn"),
         helper.make_node("Relu", [p + "_rows_bn"], [p + "_rows"], name=p + "_rows"),
     ]
-    return nodes, p + "_rows", consts
+    return nodes, consts
 
 
 def pointwise_convs_as_matmuls(model) -> list[str]:
@@ -1361,10 +1359,10 @@ def pointwise_convs_as_matmuls(model) -> list[str]:
                   "_out_shape": np.array([1, conv.cout, h, w], np.int64)}  # fmt: skip
         graph.initializer.extend(numpy_helper.from_array(v, p + k) for k, v in consts.items())
         product = p + ("_product" if bias else "_sum")
-        rows = _rows_read_channels_first(node.input[0], producers, readers, inits, shapes, p)
-        if rows:  # the producer's rows, its BatchNorm and ReLU taken on them
-            nodes += rows[0]
-            graph.initializer.extend(rows[2])
+        on_rows = _rows_read_channels_first(node.input[0], producers, readers, inits, shapes, p)
+        if on_rows:  # the producer's rows, its BatchNorm and ReLU taken on them
+            nodes += on_rows[0]
+            graph.initializer.extend(on_rows[1])
         else:
             nodes += [
                 helper.make_node("Reshape", [node.input[0], p + "_in_shape"], [p + "_x"], name=p + "_x"),
@@ -1377,8 +1375,8 @@ def pointwise_convs_as_matmuls(model) -> list[str]:
             helper.make_node("Transpose", [p + "_sum"], [p + "_channels"], perm=[1, 0], name=p + "_channels"),
             helper.make_node("Reshape", [p + "_channels", p + "_out_shape"], list(node.output), name=p + "_out"),
         ]
-        rows = " (its input's BatchNorm and ReLU on the producer's rows)" if rows else ""
-        done.append(f"Conv {_label(node)} (1x1, {c} -> {conv.cout} channels) as MatMul(x, W) channels-last{rows}")
+        note = " (its input's BatchNorm and ReLU on the producer's rows)" if on_rows else ""
+        done.append(f"Conv {_label(node)} (1x1, {c} -> {conv.cout} channels) as MatMul(x, W) channels-last{note}")
     if done:
         _set_nodes(model, nodes)  # the replaced weights
     return done
