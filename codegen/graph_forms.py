@@ -22,6 +22,8 @@ against the eager model.
   over many keys as IREE's fused attention per block of keys), and
   ``strided_pointwise_convs_as_slices``: strided 1x1 Convs IREE runs as slow generic reductions,
   ``grouped_deconvs_as_convs``: grouped ConvTransposes IREE rejects,
+  ``strided_convs_as_space_to_depth``: strided convolutions over few channels (ResNet's stem) as
+  stride-1 ones over the input rearranged space-to-depth, where IREE data-tiles convolutions,
   ``pointwise_convs_as_matmuls``: 1x1 convolutions as channels-last MatMuls where IREE does not
   data-tile matmuls, and there ``chunked_long_matmuls``: static MatMuls with a long K as sums of
   MatMuls over K chunks,
@@ -1999,6 +2001,76 @@ def shifted_output_convs(model) -> list[str]:
             helper.make_node("Transpose", [f"{p}_sum"], [node.output[0]], name=p, perm=[0, 3, 1, 2]),
         ]
         done.append(f"Conv {_label(node)} ({kh}x{kw}, {c} -> {cout} channels) as one MatMul over its taps + shifted sums")
+    if done:
+        _set_nodes(model, nodes)  # the replaced weights
+    return done
+
+
+#: ``strided_convs_as_space_to_depth``: the most input channels x stride area it takes (IREE's
+#: data-tiled convolutions pad the input channels to tiles of 16 on AVX-512)
+SPACE_TO_DEPTH_MAX_CHANNELS = 16
+
+
+def strided_convs_as_space_to_depth(model) -> list[str]:
+    """A ``Conv`` with equal strides ``s > 1``, a kernel wider than ``s`` and few input channels
+    (``c * s * s <= SPACE_TO_DEPTH_MAX_CHANNELS``) on a static ``[1, c, h, w]`` input
+    (``_plain_conv``) -> its padded input rearranged space-to-depth, ``[1, s * s * c, h' / s, w' /
+    s]`` (channel ``(p * s + q) * c + ci`` holds pixel ``(s * y + p, s * x + q)`` of channel
+    ``ci``), and a stride-1 ``Conv`` with a ``ceil(k / s)``-tap kernel over it: the weight padded
+    with zero taps to a multiple of ``s`` and regrouped the same way. The same products, plus the
+    zero taps' (``s * ceil(k / s)`` against ``k`` a side).
+
+    For IREE where convolutions are data-tiled (``codegen.iree.CONV_DATA_TILING``): their tiles
+    pad the input channels to 16, so PGD's 7x7 stem over 3 channels multiplied 16 x 49 taps a
+    pixel where ``3 x 49`` are needed, at ~20 GFLOP/s of useful work; as 12 channels with a 4x4
+    kernel, 16 x 16. Convolutions whose padded input would need cropping (``h + pads`` beyond
+    ``s * (ho + ceil(k / s) - 1)``) are left alone. Applied to the IREE copy only
+    (``codegen.iree.iree_onnx``)."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    shapes = _shapes(graph)
+    done, nodes = [], []
+    for node in graph.node:
+        conv = _plain_conv(node, inits, shapes)
+        s = conv.strides[0] if conv else 0
+        if not (
+            conv and s > 1 and conv.strides == (s, s) and min(conv.kernel) > s and conv.input[0] == 1
+            and conv.c * s * s <= SPACE_TO_DEPTH_MAX_CHANNELS
+        ):
+            nodes.append(node)
+            continue
+        (top, left, bottom, right), (_, c, h, w) = conv.pads, conv.input
+        taps = tuple(-(-k // s) for k in conv.kernel)  # the new kernel, a side
+        rows, cols = (s * (o + t - 1) for o, t in zip(conv.out_hw, taps))  # the padded input the new conv reads
+        if rows < h + top + bottom or cols < w + left + right:
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        padded = np.zeros((conv.cout, c, s * taps[0], s * taps[1]), weight.dtype)
+        padded[:, :, : conv.kernel[0], : conv.kernel[1]] = weight
+        regrouped = padded.reshape(conv.cout, c, taps[0], s, taps[1], s).transpose(0, 3, 5, 1, 2, 4)
+        p = f"{_label(node)}_form_s2d"
+        consts = {
+            "_pads": np.array([0, 0, top, left, 0, 0, rows - h - top, cols - w - left], np.int64),
+            "_split_shape": np.array([c, rows // s, s, cols // s, s], np.int64),
+            "_shape": np.array([1, s * s * c, rows // s, cols // s], np.int64),
+            "_w": np.ascontiguousarray(regrouped.reshape(conv.cout, s * s * c, *taps)),
+        }
+        graph.initializer.extend(numpy_helper.from_array(v, p + k) for k, v in consts.items())
+        bias = list(node.input[2:3])
+        nodes += [
+            helper.make_node("Pad", [node.input[0], p + "_pads"], [p + "_padded"], name=p + "_padded"),
+            helper.make_node("Reshape", [p + "_padded", p + "_split_shape"], [p + "_split"], name=p + "_split"),
+            helper.make_node("Transpose", [p + "_split"], [p + "_phases"], perm=[2, 4, 0, 1, 3], name=p + "_phases"),
+            helper.make_node("Reshape", [p + "_phases", p + "_shape"], [p + "_x"], name=p + "_x"),
+            helper.make_node("Conv", [p + "_x", p + "_w", *bias], list(node.output), name=p, kernel_shape=list(taps)),
+        ]
+        done.append(
+            f"Conv {_label(node)} ({conv.kernel[0]}x{conv.kernel[1]}, stride {s}, {c} channels) as a "
+            f"{taps[0]}x{taps[1]} Conv over its input space-to-depth ({s * s * c} channels)"
+        )
     if done:
         _set_nodes(model, nodes)  # the replaced weights
     return done

@@ -48,6 +48,7 @@ from .graph_forms import (
     row_max_scatters_as_scatter_nd,
     shifted_output_convs,
     split_long_reductions,
+    strided_convs_as_space_to_depth,
     strided_pointwise_convs_as_slices,
     winograd_convs,
 )
@@ -224,11 +225,14 @@ def iree_onnx(
     static: dict[str, int] | None = None,
     im2col: bool = False,
     winograd: bool = False,
+    conv_tiling: bool = False,
 ) -> IreeForm:
     """Write the IREE form of ``onnx_path`` to ``out_path`` (see ``IreeForm``). ``winograd``: the flags data-tile (``DATA_TILING``),
     so stride-1 3x3 convolutions are written as ``winograd_convs`` (their products are
     matmuls). ``im2col``: the flags send convolutions through im2col (``IM2COL_CONVS``), so the
-    other stride-1 ones are written as ``shifted_output_convs``."""
+    other stride-1 ones are written as ``shifted_output_convs``. ``conv_tiling``: the flags
+    data-tile convolutions (``CONV_DATA_TILING``), so strided ones over few channels are written as
+    ``strided_convs_as_space_to_depth``."""
     import onnx
 
     model = onnx.load(str(onnx_path))
@@ -245,6 +249,8 @@ def iree_onnx(
     rewrites += row_max_scatters_as_scatter_nd(model)  # needs the shapes cpu_forms inferred
     rewrites += strided_pointwise_convs_as_slices(model)
     rewrites += grouped_deconvs_as_convs(model)
+    if conv_tiling:
+        rewrites += strided_convs_as_space_to_depth(model)
     # flags that data-tile (``winograd``) but not this graph's matmuls (as compile_onnx decides)
     # (counted before the forms below: chunked_long_matmuls slices gathered rows, which the count
     # would no longer follow; compile_onnx decides the matmul flags on this same count)
@@ -348,7 +354,8 @@ def compile_onnx(
         rewritten, mlir = Path(tmp) / "model.onnx", Path(tmp) / "model.mlir"
         start = time.perf_counter()
         sizes = {dim: spec["size"] for dim, spec in info.static.items()}
-        form = iree_onnx(onnx_path, rewritten, sizes, im2col=IM2COL_CONVS in flags, winograd=DATA_TILING in flags)
+        form = iree_onnx(onnx_path, rewritten, sizes, im2col=IM2COL_CONVS in flags, winograd=DATA_TILING in flags,
+                         conv_tiling=CONV_DATA_TILING in flags)
         info.rewrites, info.function = form.rewrites, form.function
         dynamic_rows = form.gathered[0]
         if MATMUL_DATA_TILING in flags and not _matmuls_data_tiled(form.gathered, IM2COL_CONVS in flags):

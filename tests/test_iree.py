@@ -58,12 +58,12 @@ def _save(graph, path) -> None:
     onnx.save(model, str(path))
 
 
-def _forms(tmp_path, graph, winograd: bool = False) -> tuple[list[str], list[str]]:
-    """``graph`` saved as model.onnx and put through the forms (``iree_onnx``; ``winograd`` as
-    the ``host`` preset's data tiling asks) into iree.onnx: what was rewritten and the rewritten
-    graph's op types."""
+def _forms(tmp_path, graph, winograd: bool = False, conv_tiling: bool = False) -> tuple[list[str], list[str]]:
+    """``graph`` saved as model.onnx and put through the forms (``iree_onnx``; ``winograd`` and
+    ``conv_tiling`` as the ``host`` preset's data tiling asks) into iree.onnx: what was rewritten
+    and the rewritten graph's op types."""
     _save(graph, tmp_path / "model.onnx")
-    rewrites = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", winograd=winograd).rewrites
+    rewrites = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", winograd=winograd, conv_tiling=conv_tiling).rewrites
     return rewrites, [n.op_type for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node]
 
 
@@ -627,6 +627,54 @@ def test_strided_pointwise_convs_become_slices(tmp_path):
     feeds = {"x": rng.standard_normal((1, 16, 13, 11)).astype(np.float32)}
     expected = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
     assert expected[0].shape == (1, 8, 5, 8)
+    compile_onnx(tmp_path / "model.onnx", tmp_path / "model.vmfb")
+    _iree_copy_and_vmfb_match(tmp_path, feeds, expected, atol=1e-4)
+
+
+def test_strided_convs_over_few_channels_become_space_to_depth(tmp_path):
+    """``strided_convs_as_space_to_depth`` (IREE's copy, where convolutions are data-tiled): a 7x7
+    stride-2 stem over 3 channels (ResNet's, odd sizes), a 5x5 one over 4 channels with uneven
+    pads and a 3x3 one become stride-1 Convs over the input space-to-depth; one over 5 channels
+    (20 after the rearrangement), a stride-1 7x7 one and a 4x4 one whose padded input would be
+    cropped stay. The same values in onnxruntime and, compiled, in IREE."""
+    rng = np.random.default_rng(11)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = {"w1": f32(8, 3, 7, 7), "b1": f32(8), "w2": f32(6, 4, 5, 5), "w3": f32(4, 3, 3, 3),
+             "w4": f32(4, 5, 7, 7), "w5": f32(4, 3, 7, 7), "w6": f32(4, 4, 4, 4)}  # fmt: skip
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[7, 7], strides=[2, 2], pads=[3, 3, 3, 3], name="stem"),
+            helper.make_node("Relu", ["c1"], ["a"]),
+            helper.make_node("Conv", ["y", "w2"], ["b"], kernel_shape=[5, 5], strides=[2, 2], pads=[1, 2, 2, 1], name="five"),
+            helper.make_node("Conv", ["x", "w3"], ["c"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], name="three"),
+            helper.make_node("Conv", ["z", "w4"], ["d"], kernel_shape=[7, 7], strides=[2, 2], pads=[3, 3, 3, 3]),
+            helper.make_node("Conv", ["x", "w5"], ["e"], kernel_shape=[7, 7], pads=[3, 3, 3, 3]),
+            helper.make_node("Conv", ["v", "w6"], ["f"], kernel_shape=[4, 4], strides=[2, 2]),
+        ],
+        "main_graph",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 37, 50]),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 24, 19]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 5, 16, 16]),
+            helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, 4, 9, 9]),
+        ],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "abcdef"],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    rewrites, ops = _forms(tmp_path, graph, conv_tiling=True)
+    assert rewrites == [
+        "Conv stem (7x7, stride 2, 3 channels) as a 4x4 Conv over its input space-to-depth (12 channels)",
+        "Conv five (5x5, stride 2, 4 channels) as a 3x3 Conv over its input space-to-depth (16 channels)",
+        "Conv three (3x3, stride 2, 3 channels) as a 2x2 Conv over its input space-to-depth (12 channels)",
+    ]
+    assert ops.count("Conv") == 6 and ops.count("Pad") == 3
+    convs = {n.output[0]: n for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node if n.op_type == "Conv"}
+    assert [a.ints for a in convs["c1"].attribute if a.name == "kernel_shape"] == [[4, 4]]
+    assert iree_onnx(tmp_path / "model.onnx", tmp_path / "plain.onnx").rewrites == []  # not without conv data tiling
+    names = {"x": (1, 3, 37, 50), "y": (1, 4, 24, 19), "z": (1, 5, 16, 16), "v": (1, 4, 9, 9)}
+    feeds = {n: f32(*shape) for n, shape in names.items()}
+    expected = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
+    assert [e.shape[2:] for e in expected] == [(19, 25), (12, 9), (19, 25), (8, 8), (37, 50), (3, 3)]
     compile_onnx(tmp_path / "model.onnx", tmp_path / "model.vmfb")
     _iree_copy_and_vmfb_match(tmp_path, feeds, expected, atol=1e-4)
 
