@@ -1739,16 +1739,20 @@ WINOGRAD_MIN_CHANNELS = 16
 def _rows_vectorise(rows: int) -> bool:
     """Whether IREE 3.13 vectorises a matmul (not data-tiled) over ``rows`` static rows well: its
     CPU configuration takes as row tile the largest divisor of ``rows`` up to 8 and as workgroup
-    tile a divisor up to 64 (of 8 where it can), and runs well when the row tile is 5 or more and
-    divides the workgroup tile. Winograd products ``[rows, c] x [c, cout]``, one Xeon thread, 36
-    of them: 529 rows (23 x 23 tiles; row tile 1) 88.5 ms at 256 channels, 552 (23 x 24; 8) 24.9
-    ms; at 128 channels 2025 rows (5, workgroup 45) 27.0 ms, 2160 (8) 27.1, 2070 (6, workgroup
-    46) 41.9, 2116 (4) 50.8. Fewer than 8 rows are one tile."""
+    tile a divisor up to 64 (of 8 where it can), and runs well when the row tile is 5 or more,
+    divides the workgroup tile, and the workgroup tile is at least 32 rows. Winograd products
+    ``[rows, c] x [c, cout]``, one Xeon thread, 36 of them: 529 rows (23 x 23 tiles; row tile 1)
+    88.5 ms at 256 channels, 552 (23 x 24; 8) 24.9 ms; at 128 channels 2025 rows (5, workgroup
+    45) 27.0 ms, 2160 (8) 27.1, 2070 (6, workgroup 46) 41.9, 2116 (4) 50.8. At 256 channels
+    (thirty-seventh session), workgroups of 35-55 rows ran at 97-119 GFLOP/s (105, 135, 175, 225,
+    275, 875, 1125, 2345 rows), of 5-30 rows at 50-59 (335, 402, 469; 325-625 with 25; 1876 with
+    28, 2010 with 30): PGD's 15 x 25 tiles (375 rows) 35.1 ms, 16 x 25 (400) 16.1 ms. Fewer than
+    8 rows are one tile."""
     if rows % 8 == 0 or rows < 8:
         return True
     row_tile = max(d for d in range(1, 9) if rows % d == 0)
     workgroup = max(d for d in range(1, 65) if rows % d == 0)
-    return row_tile >= 5 and workgroup % row_tile == 0
+    return row_tile >= 5 and workgroup % row_tile == 0 and workgroup >= 32
 
 
 def _product_grid(n: int, th: int, tw: int) -> tuple[int, int]:
