@@ -1288,18 +1288,19 @@ def strided_pointwise_convs_as_slices(model) -> list[str]:
 POINTWISE_MATMUL_MAX = 1 << 21
 
 
-def _rows_read_channels_first(x: str, producers: dict, readers: dict, inits: dict, shapes: dict, p: str):
+def _rows_read_channels_first(x: str, producers: dict, readers: dict[str, int], inits: dict, shapes: dict, p: str):
     """``x = Relu(BatchNormalization(Reshape(Transpose(Reshape(y, [1, hw, c]), [0, 2, 1]), [1, c,
-    h, w])))``, each step read once and the BatchNorm's parameters constant -> (nodes computing
-    ``Relu(y * s + t)`` as ``[hw, c]`` rows named ``p + "_rows"``, the new initializers), else None:
-    a channels-last product (PGD's DCNs') through a BatchNorm and ReLU, which IREE would otherwise
-    transpose for the pointwise product that reads it as rows (``pointwise_convs_as_matmuls``)."""
+    h, w])))``, each step read once (``_reader_counts``: not a graph output) and the BatchNorm's
+    parameters constant -> (nodes computing ``Relu(y * s + t)`` as ``[hw, c]`` rows named ``p +
+    "_rows"``, the new initializers), else None: a channels-last product (PGD's DCNs') through a
+    BatchNorm and ReLU, which IREE would otherwise transpose for the pointwise product that reads
+    it as rows (``pointwise_convs_as_matmuls``)."""
     from onnx import helper, numpy_helper
 
     chain, name = [], x
     for op in ("Relu", "BatchNormalization", "Reshape", "Transpose", "Reshape"):
         node = producers.get(name)
-        if node is None or node.op_type != op or len(readers.get(node.output[0], ())) != 1:
+        if node is None or node.op_type != op or readers.get(node.output[0], 0) != 1:
             return None
         chain.append(node)
         name = node.input[0]
@@ -1343,7 +1344,7 @@ def pointwise_convs_as_matmuls(model) -> list[str]:
     inits = {t.name: t for t in graph.initializer}
     shapes = _shapes(graph)
     producers = {out: n for n in graph.node for out in n.output}
-    readers = _readers(graph)
+    readers = _reader_counts(graph)  # a graph output counts as a reader: its chain stays whole
     done, nodes = [], []
     for node in graph.node:
         conv = _plain_conv(node, inits, shapes)
