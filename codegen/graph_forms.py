@@ -1793,8 +1793,8 @@ def winograd_matrices(m: int, r: int, points) -> tuple[np.ndarray, np.ndarray, n
 def winograd_convs(model, tiled_products: bool = True) -> list[str]:
     """A stride-1 3x3 ``Conv`` (``_plain_conv``, at least 16 input and output channels, output at
     least 4 x 4) -> Winograd F(4x4, 3x3), channels-last: the padded input as 6 x 6 tiles
-    overlapping by 2 (``BT d BT^T``: a Reshape into 4 x 4 blocks and two linear passes of Slices
-    times constant vectors, summed), 36 ``MatMul`` s ``[tiles, c] x [c, cout]`` on a ``Split`` of
+    overlapping by 2 (``BT d BT^T``: two linear passes of Slices times constant vectors, summed; the
+    first over every 4th padded row, the second over its result's 4-column blocks), 36 ``MatMul`` s ``[tiles, c] x [c, cout]`` on a ``Split`` of
     the tiles (against the weights transformed once here, ``G g G^T``, in float64), ``Concat`` ed,
     and the output tiles' ``AT m AT`` (two such passes; the second also interleaves the tiles and
     adds the bias). 2.25 products per output pixel and channel pair instead of 9; the same function
@@ -1894,21 +1894,30 @@ def winograd_convs(model, tiled_products: bool = True) -> list[str]:
             scaled = [step("Mul", [x, const(v.reshape(shape), np.float32)]) for x, v in terms if v.any()]
             return step("Sum", [*scaled, *extra])
 
-        # input tiles: [n, th+1, m, tw+1, m, c] blocks; tile row j is block row j (j < m) or the next block's row j - m
+        # input tiles from the padded input, m * (th + 1) rows of m * (tw + 1) columns: tile row t's input row j
+        # is padded row m * t + j. Each pass writes its ``a`` results beside the channels, so it reads its input
+        # once (see the docstring). The first reads input row j of every tile as one strided Slice of the rows,
+        # whose only unit axis is the one it broadcasts over (no batch axis for one image): IREE 3.13 copies a
+        # Slice it must reshape before the pass reads it (the block and batch axes of the earlier form: six
+        # copy dispatches a conv). Two threads, interleaved: SECOND 662.6 -> 641.2 ms, PointPillars 260.4 ->
+        # 244.6 ms, PGD 4427 -> 4378 ms (its copies ran in one workgroup); a chain of three 128-channel convs
+        # alone 139.4 -> 144.7 ms (its column pass slower, the same code)
         padded = step("Pad", [step("Transpose", [node.input[0]], perm=[0, 2, 3, 1]),
                               const([0, top, left, 0, 0, m * (th + 1) - h - top, m * (tw + 1) - w - left, 0])])
-        blocks = step("Reshape", [padded, const([n, th + 1, m, tw + 1, m, c])])
-        # each pass writes its ``a`` results beside the channels, so it reads its input once (see the docstring)
-        lo, hi = part(blocks, 1, 0, th), part(blocks, 1, 1, th + 1)
+        batch = [n] if n > 1 else []
+        padded = step("Reshape", [padded, const([*batch, m * (th + 1), m * (tw + 1), 1, c])])
         rows = combine(
-            [(step("Reshape", [part(lo if j < m else hi, 2, j % m, j % m + 1), const([n, th, tw + 1, m, 1, c])]), bt[:, j]) for j in range(a)],
-            (1, 1, 1, 1, a, 1),
-        )  # [n, th, tw+1, m, a (tile row), c]
-        lo, hi = part(rows, 2, 0, tw), part(rows, 2, 1, tw + 1)
-        tiles = combine([(part(lo if j < m else hi, 3, j % m, j % m + 1), bt[:, j]) for j in range(a)], (1, 1, 1, a, 1, 1))
-        # [n, th, tw, a (tile column), a (tile row), c] -> 36 MatMuls [tiles, c] x [c, cout], one per tile
+            [(step("Slice", [padded, const([j]), const([j + m * (th - 1) + 1]), const([len(batch)]), const([m])]), bt[:, j]) for j in range(a)],
+            (*[1] * len(batch), 1, 1, a, 1),
+        )  # [(n,) th, columns, a (tile row), c]
+        b = len(batch)
+        rows = step("Reshape", [rows, const([*batch, th, tw + 1, m, a, c])])
+        lo, hi = part(rows, b + 1, 0, tw), part(rows, b + 1, 1, tw + 1)
+        tiles = combine([(part(lo if j < m else hi, b + 2, j % m, j % m + 1), bt[:, j]) for j in range(a)], (*[1] * b, 1, 1, a, 1, 1))
+        # [(n,) th, tw, a (tile column), a (tile row), c] -> 36 MatMuls [tiles, c] x [c, cout], one per tile
         # point, on a Split of [a, a, tiles, c]; their Concat is [a, a, tiles, cout]
-        lhs = step("Reshape", [step("Transpose", [tiles], perm=[4, 3, 0, 1, 2, 5]), const([a * a * n * th * tw, c])])
+        lhs = step("Transpose", [tiles], perm=[b + 3, b + 2, *range(b + 2), b + 4])
+        lhs = step("Reshape", [lhs, const([a * a * n * th * tw, c])])
         parts = [f"{p}_lhs{i}" for i in range(a * a)]
         nodes.append(helper.make_node("Split", [lhs, const([n * th * tw] * (a * a))], parts, name=f"{p}_split", axis=0))  # sizes: opset 13+
         kernel = np.einsum("ai,kcij,bj->abck", g, weight, g).reshape(a * a, c, cout)
