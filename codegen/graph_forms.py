@@ -1794,8 +1794,9 @@ def winograd_convs(model, tiled_products: bool = True) -> list[str]:
     """A stride-1 3x3 ``Conv`` (``_plain_conv``, at least 16 input and output channels, output at
     least 4 x 4) -> Winograd F(4x4, 3x3), channels-last: the padded input as 6 x 6 tiles
     overlapping by 2 (``BT d BT^T``: two linear passes of Slices times constant vectors, summed; the
-    first over every 4th padded row, the second over its result's 4-column blocks), 36 ``MatMul`` s ``[tiles, c] x [c, cout]`` on a ``Split`` of
-    the tiles (against the weights transformed once here, ``G g G^T``, in float64), ``Concat`` ed,
+    first over every 4th padded row, the second over its result's 4-column blocks), 36 ``MatMul`` s
+    ``[tiles, c] x [c, cout]`` on a ``Split`` of the tiles (against the weights transformed once
+    here, ``G g G^T``, in float64), ``Concat`` ed,
     and the output tiles' ``AT m AT`` (two such passes; the second also interleaves the tiles and
     adds the bias). 2.25 products per output pixel and channel pair instead of 9; the same function
     up to fp32 rounding (``WINOGRAD_POINTS``). A stride-2 3x3 ``Conv`` that reads the same padded
@@ -1905,12 +1906,12 @@ def winograd_convs(model, tiled_products: bool = True) -> list[str]:
         padded = step("Pad", [step("Transpose", [node.input[0]], perm=[0, 2, 3, 1]),
                               const([0, top, left, 0, 0, m * (th + 1) - h - top, m * (tw + 1) - w - left, 0])])
         batch = [n] if n > 1 else []
+        b = len(batch)
         padded = step("Reshape", [padded, const([*batch, m * (th + 1), m * (tw + 1), 1, c])])
         rows = combine(
-            [(step("Slice", [padded, const([j]), const([j + m * (th - 1) + 1]), const([len(batch)]), const([m])]), bt[:, j]) for j in range(a)],
-            (*[1] * len(batch), 1, 1, a, 1),
+            [(step("Slice", [padded, const([j]), const([j + m * (th - 1) + 1]), const([b]), const([m])]), bt[:, j]) for j in range(a)],
+            (*[1] * b, 1, 1, a, 1),
         )  # [(n,) th, columns, a (tile row), c]
-        b = len(batch)
         rows = step("Reshape", [rows, const([*batch, th, tw + 1, m, a, c])])
         lo, hi = part(rows, b + 1, 0, tw), part(rows, b + 1, 1, tw + 1)
         tiles = combine([(part(lo if j < m else hi, b + 2, j % m, j % m + 1), bt[:, j]) for j in range(a)], (*[1] * b, 1, 1, a, 1, 1))
