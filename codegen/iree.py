@@ -122,6 +122,20 @@ def _matmuls_data_tiled(gathered: tuple[int, int], im2col: bool) -> bool:
 # configuration (``_peel_dynamic_row_matmuls``): CenterPoint voxel 2586 -> 2187 ms one thread.
 VECTOR_PEELING = "--iree-llvmcpu-vector-pproc-strategy=peel"
 
+# IREE 3.13 configures a static f32 matmul that is not data-tiled (graphs with gathered-row
+# products, GATHERED_ROWS_MIN_K) on AVX-512 with 8 x 16 vector tiles (8 of the 32 zmm registers
+# accumulate), K steps of 16 and 64-column workgroup tiles: 80-105 GFLOP/s on one Xeon core, where
+# onnxruntime's MLAS runs the same products at ~135. With 32-column vector tiles (8 x 32 where
+# IREE took 8 rows), K steps of 8 and workgroup tiles of the widest of 256, 128, 64 columns that
+# divides N (``_widen_matmul_tiles``; one thread, micro: [5800, 256] x [256, 1024] 38.1 -> 26.9
+# ms, [5800, 1024] x [1024, 256] 25.2 -> 20.5 ms) PGD's DCN products ([5800, 1152] x [1152, 256] chunks) took 34.5 -> 22.3 ms and its
+# 256 -> 1024 convolutions 35.8 -> 24.8 ms; the same outputs to the bit (the same K order per
+# output). Only products that read B as [K, N]: with B as [N, K] (a 1x1 Conv's own weight layout,
+# ``matmul_like`` dispatches) the wider tiles lost (33.8 -> 43.5 ms). Whole models, interleaved on
+# the same host: PGD 8906 -> 8088 ms one thread, 4775 -> 4373 ms two; SECOND 1346 -> 1231 ms,
+# 681 -> 626 ms (docs/iree.md, thirty-ninth session).
+WIDE_MATMUL_TILES = {"vector_columns": 32, "k_step": 8, "workgroup_columns": (256, 128, 64)}
+
 # preset -> extra iree-compile flags. Every preset is validated against eager on each export.
 PRESETS: dict[str, tuple[str, ...]] = {
     # IREE's defaults for a generic x86-64 CPU: runs on any x86-64 machine, slow
@@ -369,9 +383,21 @@ def compile_onnx(
             info.rewrites.append(f"{fused} OnlineAttention node(s) as iree_linalg_ext.online_attention")
         info.import_s = round(time.perf_counter() - start, 3)
         start = time.perf_counter()
-        if peel:
-            configured, peeled = _peel_dynamic_row_matmuls(mlir, flags, Path(tmp))
-            info.rewrites.append(f"{peeled} dynamic-row matmul dispatches vectorised with peeled loops ({VECTOR_PEELING})")
+        # matmuls not data-tiled where convolutions are (host on AVX-512, GATHERED_ROWS_MIN_K): WIDE_MATMUL_TILES
+        widen = CONV_DATA_TILING in flags and MATMUL_DATA_TILING not in flags
+        if peel or widen:  # the dispatches' configurations are chosen here
+            if peel:
+                configured, peeled = _peel_dynamic_row_matmuls(mlir, flags, Path(tmp))
+                info.rewrites.append(f"{peeled} dynamic-row matmul dispatches vectorised with peeled loops ({VECTOR_PEELING})")
+            else:
+                configured = Path(tmp) / "configured.mlir"
+                _run([_tool("iree-compile"), *flags, str(mlir), f"--compile-to={CONFIGURED}", "-o", str(configured)], "iree-compile")
+            if widen and (widened := _widen_matmul_tiles(configured)):
+                tiles = WIDE_MATMUL_TILES
+                info.rewrites.append(
+                    f"{widened} static matmul(s) not data-tiled with {tiles['vector_columns']}-column vector tiles and K steps "
+                    f"of {tiles['k_step']} (WIDE_MATMUL_TILES)"
+                )
             _run([_tool("iree-compile"), str(configured), *flags, f"--compile-from={CONFIGURED}", "-o", str(vmfb_path)], "iree-compile")
         else:
             _run([_tool("iree-compile"), str(mlir), *flags, "-o", str(vmfb_path)], "iree-compile")
@@ -415,6 +441,47 @@ def _peel_dynamic_row_matmuls(mlir: Path, flags: list[str], tmp: Path) -> tuple[
         last = end + 1
     configured.write_text("\n".join(lines + texts[False][last:]))
     return configured, count
+
+
+# IREE's configuration of a static matmul that is not data-tiled, on a 64-byte vector target
+_NARROW_MATMUL_CONFIG = re.compile(
+    r"lowering_config<distribution = \[(\d+), 64, 0\], vector_common_parallel = \[(\d+), 16, 0\], vector_reduction = \[0, 0, 16\]>"
+)
+# ... of a product that reads B as [K, N]: a named matmul, or a generic with its indexing maps
+_ROWS_TIMES_COLUMNS = re.compile(
+    r"= linalg\.matmul \{lowering_config|= linalg\.generic \{indexing_maps = \[affine_map<\(d0, d1, d2\) -> \(d0, d2\)>, "
+    r"affine_map<\(d0, d1, d2\) -> \(d2, d1\)>, affine_map<\(d0, d1, d2\) -> \(d0, d1\)>\], "
+    r'iterator_types = \["parallel", "parallel", "reduction"\]\}'
+)
+_MATMUL_COLUMNS = re.compile(r"outs\(%[\w.#]+ : tensor<(?:\?|\d+)x(\d+)xf32>\)")
+
+
+def _widen_matmul_tiles(configured: Path) -> int:
+    """Rewrite, in place, IREE's configuration of the static matmuls of ``configured`` (the
+    ``CONFIGURED`` phase's module) that read B as [K, N], have N a multiple of 32 and run on a
+    64-byte vector target: ``WIDE_MATMUL_TILES``. Returns how many were rewritten. Tile sizes only:
+    each output still sums its K products in order."""
+    tiles, count, wide = WIDE_MATMUL_TILES, 0, False
+    out = configured.with_suffix(".wide.mlir")
+    with configured.open() as src, out.open("w") as dst:
+        for line in src:
+            if "hal.executable.variant" in line:
+                wide = "native_vector_size = 64 :" in line
+            elif wide and "lowering_config<distribution" in line and _ROWS_TIMES_COLUMNS.search(line):
+                config, columns = _NARROW_MATMUL_CONFIG.search(line), _MATMUL_COLUMNS.search(line)
+                n = int(columns.group(1)) if columns else 0
+                if config and n % tiles["vector_columns"] == 0:
+                    rows, vector_rows = config.group(1, 2)
+                    workgroup = next(c for c in tiles["workgroup_columns"] if n % c == 0 or c == 64)
+                    line = line.replace(
+                        config.group(0),
+                        f"lowering_config<distribution = [{rows}, {workgroup}, 0], vector_common_parallel = "
+                        f"[{vector_rows}, {tiles['vector_columns']}, 0], vector_reduction = [0, 0, {tiles['k_step']}]>",
+                    )
+                    count += 1
+            dst.write(line)
+    out.replace(configured)
+    return count
 
 
 # the custom node of ``graph_forms.split_long_reductions``' fused attentions as iree-import-onnx writes it

@@ -1326,6 +1326,50 @@ def test_matmuls_of_gathered_rows_are_not_data_tiled(tmp_path, k, tiled):
         np.testing.assert_allclose(z, grid @ w2, rtol=1e-5, atol=1e-4)
 
 
+def test_static_matmuls_that_are_not_data_tiled_take_wide_vector_tiles(tmp_path):
+    """Where matmuls are not data-tiled (a gathered-row product in the graph) on AVX-512, a static
+    matmul whose N is a multiple of 32 runs 32-column vector tiles with K steps of 8
+    (``WIDE_MATMUL_TILES``) instead of IREE's 8 x 16 and 16; N = 48 keeps IREE's. The vmfb
+    computes the same products; with data-tiled matmuls (no AVX-512) nothing is rewritten."""
+    from codegen.iree import MATMUL_DATA_TILING
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((432, 16)).astype(np.float32)
+    w2 = rng.standard_normal((256, 256)).astype(np.float32)
+    w3 = rng.standard_normal((256, 48)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["rows", "w"], ["y"]),
+            helper.make_node("MatMul", ["grid", "w2"], ["z"]),
+            helper.make_node("MatMul", ["grid", "w3"], ["u"]),
+        ],
+        "main_graph",
+        [
+            helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["n", 432]),
+            helper.make_tensor_value_info("grid", TensorProto.FLOAT, [400, 256]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [400, 256]),
+            helper.make_tensor_value_info("u", TensorProto.FLOAT, [400, 48]),
+        ],
+        [numpy_helper.from_array(a, name) for a, name in ((w, "w"), (w2, "w2"), (w3, "w3"))],
+    )
+    _save(graph, tmp_path / "m.onnx")
+    info = compile_onnx(tmp_path / "m.onnx", tmp_path / "m.vmfb")
+    widened = [r for r in info.rewrites if "WIDE_MATMUL_TILES" in r]
+    if MATMUL_DATA_TILING in info.flags:
+        assert widened == []
+    else:
+        assert widened == ["1 static matmul(s) not data-tiled with 32-column vector tiles and K steps of 8 (WIDE_MATMUL_TILES)"]
+    runtime = iree_runtime(tmp_path / "m.vmfb", ["rows", "grid"], static={})
+    rows, grid = rng.standard_normal((37, 432)).astype(np.float32), rng.standard_normal((400, 256)).astype(np.float32)
+    y, z, u = runtime.run((rows, grid))
+    np.testing.assert_allclose(y, rows @ w, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(z, grid @ w2, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(u, grid @ w3, rtol=1e-5, atol=1e-4)
+
+
 def test_freed_buffers_stay_in_the_process_for_the_next_call():
     """``retain_freed_memory`` (called by ``iree_runtime``): a freed 64 MB block of the C heap is
     reused without page faults, as IREE's transient buffers then are on every call (in a
