@@ -125,15 +125,15 @@ VECTOR_PEELING = "--iree-llvmcpu-vector-pproc-strategy=peel"
 # IREE 3.13 configures a static f32 matmul that is not data-tiled (graphs with gathered-row
 # products, GATHERED_ROWS_MIN_K) on AVX-512 with 8 x 16 vector tiles (8 of the 32 zmm registers
 # accumulate), K steps of 16 and 64-column workgroup tiles: 80-105 GFLOP/s on one Xeon core, where
-# onnxruntime's MLAS runs the same products at ~135. With 32-column vector tiles (8 x 32 where
-# IREE took 8 rows), K steps of 8 and workgroup tiles of the widest of 256, 128, 64 columns that
-# divides N (``_widen_matmul_tiles``; one thread, micro: [5800, 256] x [256, 1024] 38.1 -> 26.9
-# ms, [5800, 1024] x [1024, 256] 25.2 -> 20.5 ms) PGD's DCN products ([5800, 1152] x [1152, 256] chunks) took 34.5 -> 22.3 ms and its
-# 256 -> 1024 convolutions 35.8 -> 24.8 ms; the same outputs to the bit (the same K order per
-# output). Only products that read B as [K, N]: with B as [N, K] (a 1x1 Conv's own weight layout,
-# ``matmul_like`` dispatches) the wider tiles lost (33.8 -> 43.5 ms). Whole models, interleaved on
-# the same host: PGD 8906 -> 8088 ms one thread, 4775 -> 4373 ms two; SECOND 1346 -> 1231 ms,
-# 681 -> 626 ms (docs/iree.md, thirty-ninth session).
+# onnxruntime's MLAS runs the same products at ~135. With 32-column vector tiles (8 x 32 where IREE
+# took 8 rows), K steps of 8 and workgroup tiles of the widest of 256, 128, 64 columns that divides
+# N (``_widen_matmul_tiles``; one thread, micro: [5800, 256] x [256, 1024] 38.1 -> 26.9 ms, [5800,
+# 1024] x [1024, 256] 25.2 -> 20.5 ms) PGD's DCN products ([5800, 1152] x [1152, 256] chunks) took
+# 34.5 -> 22.3 ms and its 256 -> 1024 convolutions 35.8 -> 24.8 ms; the same outputs to the bit
+# (the same K order per output). Only products that read B as [K, N]: with B as [N, K] (a 1x1
+# Conv's own weight layout, ``matmul_like`` dispatches) the wider tiles lost (33.8 -> 43.5 ms).
+# Whole models, interleaved on the same host: PGD 9837 -> 8205 ms one thread, 5107 -> 4339 ms two;
+# SECOND 1346 -> 1231 ms, 681 -> 626 ms (docs/iree.md, thirty-ninth session).
 WIDE_MATMUL_TILES = {"vector_columns": 32, "k_step": 8, "workgroup_columns": (256, 128, 64)}
 
 # preset -> extra iree-compile flags. Every preset is validated against eager on each export.
@@ -472,7 +472,7 @@ def _widen_matmul_tiles(configured: Path) -> int:
                 n = int(columns.group(1)) if columns else 0
                 if config and n % tiles["vector_columns"] == 0:
                     rows, vector_rows = config.group(1, 2)
-                    workgroup = next(c for c in tiles["workgroup_columns"] if n % c == 0 or c == 64)
+                    workgroup = next((c for c in tiles["workgroup_columns"] if n % c == 0), 64)
                     line = line.replace(
                         config.group(0),
                         f"lowering_config<distribution = [{rows}, {workgroup}, 0], vector_common_parallel = "
