@@ -469,8 +469,8 @@ def _widen_matmul_tiles(configured: Path) -> int:
                 wide = "native_vector_size = 64 :" in line
             elif wide and "lowering_config<distribution" in line and _ROWS_TIMES_COLUMNS.search(line):
                 config, columns = _NARROW_MATMUL_CONFIG.search(line), _MATMUL_COLUMNS.search(line)
-                n = int(columns.group(1)) if columns else 0
-                if config and n % tiles["vector_columns"] == 0:
+                n = int(columns.group(1)) if columns else None  # N unread: IREE's configuration stays
+                if config and n and n % tiles["vector_columns"] == 0:
                     rows, vector_rows = config.group(1, 2)
                     workgroup = next((c for c in tiles["workgroup_columns"] if n % c == 0), 64)
                     line = line.replace(
