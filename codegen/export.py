@@ -20,7 +20,7 @@ from .configs import resolve_config
 from .errors import ExportError, ValidationFailed, first_line
 from .boxes import BOX_OUTPUTS
 from .generate import Generated, analyse_inputs, analyse_outputs, predict_context
-from .graph_forms import cpu_forms
+from .graph_forms import cpu_forms, onnxruntime_forms
 from .metadata import IREE_ONNX, build_metadata, parse_formats
 from .ops import native
 from .ops.points import export_forms
@@ -94,9 +94,14 @@ def exact_noop_rules() -> Iterator[None]:
         rewriter._DEFAULT_REWRITE_RULES = saved
 
 
-def export_onnx(module: ModuleType, program, path: Path) -> tuple[list[str], int]:
-    """Write ``model.onnx``; return the CPU graph forms applied to it (``codegen.graph_forms``) and
-    its default-domain opset: ``ONNX_OPSET``, or more where native nodes need it (DeformConv: 19)."""
+def export_onnx(
+    module: ModuleType, program, path: Path, iree_copy: Path | None = None, onnxruntime: bool = True
+) -> tuple[list[str], list[str], int]:
+    """Write the program's ONNX graph to ``path``; return the CPU graph forms applied to it
+    (``codegen.graph_forms``: the runtime-neutral ones, then onnxruntime's own, which only
+    ``onnxruntime`` graphs get) and its default-domain opset: ``ONNX_OPSET``, or more where native
+    nodes need it (DeformConv: 19). ``iree_copy``: also write the graph there as it is before
+    onnxruntime's forms (IREE's copy of the same program)."""
     import onnx
 
     # onnxscript's graph optimiser takes minutes on the large graphs of sparse-conv models
@@ -141,8 +146,14 @@ def export_onnx(module: ModuleType, program, path: Path) -> tuple[list[str], int
     if forms:
         onnx.checker.check_model(model)
     forms += [f"native {op} nodes (codegen.ops.native)" for op in natives]
+    if iree_copy is not None:
+        onnx.save(model, str(iree_copy))
+    # deconvolutions as onnxruntime's NCHWc 1x1 Convs (IREE keeps their MatMul form)
+    own = onnxruntime_forms(model) if onnxruntime else []
+    if own:
+        onnx.checker.check_model(model)
     onnx.save(model, str(path))
-    return forms, max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    return forms, own, max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def graph_size(program) -> int:
@@ -305,21 +316,24 @@ def run_export(
                 reloaded = torch.export.load(str(out / "model.pt2")).module()
                 runtimes.append(Runtime("pt2", lambda a, m=reloaded: m(*a)))
             if "onnx" in formats:
-                onnx_forms, opset = export_onnx(module, program, out / "model.onnx")
+                neutral_forms, own_forms, opset = export_onnx(
+                    module, program, out / "model.onnx", iree_copy=out / IREE_ONNX if "iree" in formats else None
+                )
+                onnx_forms = neutral_forms + own_forms
                 steps.detail(f"onnx: {len(onnx_forms)} graph forms (metadata.json onnx_graph_forms)")
                 runtimes.append(onnx_runtime(out / "model.onnx", module.INPUT_NAMES))
             if "iree" in formats:
                 # IREE's own forms (codegen.ops.points.export_forms): loops unrolled (IREE 3.13
                 # miscompiles Scan), no data-dependent sizes, radix sorts; a second ONNX export,
                 # kept beside the vmfb as IREE_ONNX, unless the forms change nothing in this model
+                # (then IREE_ONNX is model.onnx before onnxruntime's own forms, written by export_onnx)
                 with export_forms(iree=True):
                     iree_program = export_program(module, wrapper, args[0])
                 if "onnx" in formats and same_program(program, iree_program):
-                    shutil.copyfile(out / "model.onnx", out / IREE_ONNX)
-                    iree_forms, iree_opset = onnx_forms, opset
+                    iree_forms, iree_opset = neutral_forms, opset
                 else:
                     steps.detail(f"iree graph: {graph_size(iree_program)} nodes")
-                    iree_forms, iree_opset = export_onnx(module, iree_program, out / IREE_ONNX)
+                    iree_forms, _, iree_opset = export_onnx(module, iree_program, out / IREE_ONNX, onnxruntime=False)
                 compiled = compile_iree(out, module, iree, static, padding)
                 compiled.onnx_forms = iree_forms
                 runtimes.append(iree_runtime(out / "model.vmfb", module.INPUT_NAMES, static, padding))

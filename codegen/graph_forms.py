@@ -16,6 +16,9 @@ against the eager model.
   ``hoist_max_over_bias_relu`` (a per-voxel max taken before the ReLU and shifts, not after),
   ``select_scatters_as_concats`` (``x[..., c] = u`` as a Concat instead of a ScatterElements),
   ``flatten_row_scatters`` (a row-wise max / add ScatterElements on 1-D views: faster per element);
+- ``onnxruntime_forms`` (``model.onnx`` only, after the forms above; IREE's copy is saved before):
+  ``deconvs_as_pointwise_convs`` (the deconvolution MatMuls as 1x1 Convs + DepthToSpace, the heads
+  taken before their shuffle as grouped 1x1 Convs: onnxruntime's NCHWc kernels);
 - ``drop_empty_concat_inputs``, ``list_constants_as_initializers`` and
   ``row_max_scatters_as_scatter_nd``: constructs IREE's ONNX importer rejects, and
   ``split_long_reductions``: long f32 sums IREE adds in order, as sums of sums (and attentions
@@ -249,6 +252,165 @@ def split_concat_heads(model, unshuffled: dict[str, Unshuffled]) -> list[str]:
         )
     nodes = [n for node in graph.node for n in replaced.get(id(node), [node])]
     _set_nodes(model, nodes)
+    return done
+
+
+def deconvs_as_pointwise_convs(model) -> list[str]:
+    """onnxruntime's form of ``rewrite_deconvs`` (and of ``split_concat_heads``' parts taken
+    before the pixel shuffle): each deconvolution MatMul becomes a 1x1 Conv whose output
+    channels are ordered (kh, kw, co), and its pixel shuffle a ``DepthToSpace`` (DCR).
+
+    onnxruntime runs the channels-last MatMul (after a Transpose of its NCHW input) at 70-150
+    GFLOP/s on one AVX-512 core, its NCHWc 1x1 Conv with the bias and a ReLU fused at its 3x3
+    convolutions' ~175. A head taken before the shuffle (ReLU, 2-D MatMul with the head's 1x1
+    weights, shuffle) becomes ReLU (fused into the Conv), a grouped 1x1 Conv with one group per
+    kernel position (each group's output channels padded to a multiple of 16: onnxruntime runs a
+    grouped Conv in its NCHWc kernels only then), a Slice of the padding and a ``DepthToSpace``.
+    A shuffled result read only by a ReLU takes the ReLU before the shuffle (fused into the Conv).
+    Only the exact node chains ``rewrite_deconvs`` / ``split_concat_heads`` emit are rewritten; the
+    sums per output are the same products (only their order may differ). IREE keeps the MatMul
+    form (its data-tiled matmuls; ``codegen.iree.iree_onnx`` starts from the graph before this).
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    readers = _readers(graph)
+    outputs = {o.name for o in graph.output}
+
+    def attr(node, name, default=None):
+        for a in node.attribute:
+            if a.name == name:
+                return helper.get_attribute_value(a)
+        return default
+
+    def only_reader(name: str, op: str):
+        users = readers.get(name, [])
+        if len(users) == 1 and users[0].op_type == op and name not in outputs:
+            return users[0]
+        return None
+
+    def const(name: str):
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    def shuffle_chain(name: str, n, h, w, k, c):
+        """The three nodes of ``_shuffle_to_nchw`` reading ``name`` (6-D), or None."""
+        t1 = only_reader(name, "Transpose")
+        r = t1 is not None and list(attr(t1, "perm")) == [0, 1, 3, 2, 4, 5] and only_reader(t1.output[0], "Reshape")
+        shape = const(r.input[1]) if r else None
+        t2 = r and shape is not None and shape.tolist() == [n, h * k, w * k, c] and only_reader(r.output[0], "Transpose")
+        if not t2 or list(attr(t2, "perm")) != [0, 3, 1, 2]:
+            return None
+        return [t1, r, t2]
+
+    removed: set[int] = set()
+    placed: dict[int, list] = {}  # id(node) -> the nodes emitted in its place
+    done = []
+    for mm in graph.node:
+        tr = producer.get(mm.input[0]) if mm.op_type == "MatMul" else None
+        w2 = const(mm.input[1]) if tr is not None else None
+        if tr is None or tr.op_type != "Transpose" or list(attr(tr, "perm")) != [0, 2, 3, 1] or w2 is None or w2.ndim != 2:
+            continue
+        r6 = only_reader(mm.output[0], "Reshape")
+        shape6 = const(r6.input[1]) if r6 is not None else None
+        if shape6 is None or shape6.size != 6 or len(readers.get(tr.output[0], [])) != 1:
+            continue
+        n, h, w, kh, kw, co = (int(v) for v in shape6)
+        ci = w2.shape[0]
+        if kh != kw or w2.shape[1] != kh * kw * co or min(n, h, w, co) <= 0:
+            continue
+        chain, head = [tr, mm, r6], r6.output[0]
+        bias = None
+        add = only_reader(head, "Add")
+        if add is not None and add.input[0] == head and const(add.input[1]) is not None and const(add.input[1]).size == co:
+            bias = const(add.input[1]).reshape(co)
+            chain.append(add)
+            head = add.output[0]
+        k, p = kh, f"{_label(mm)}_ort"
+        users = readers.get(head, [])
+        plans = []
+        for user in users:
+            if user.op_type == "Transpose":
+                nodes = shuffle_chain(head, n, h, w, k, co)
+                if nodes is None:
+                    break
+                relu = only_reader(nodes[-1].output[0], "Relu")
+                plans.append(("shuffle", nodes + ([relu] if relu is not None else [])))
+            elif user.op_type == "Relu":
+                rows = only_reader(user.output[0], "Reshape")
+                hm = rows is not None and const(rows.input[1]) is not None and const(rows.input[1]).tolist() == [-1, co] and only_reader(rows.output[0], "MatMul")
+                wh = const(hm.input[1]) if hm else None
+                hr6 = wh is not None and wh.ndim == 2 and wh.shape[0] == co and only_reader(hm.output[0], "Reshape")
+                nh = wh.shape[1] if hr6 else 0
+                s6 = const(hr6.input[1]) if hr6 else None
+                if s6 is None or s6.tolist() != [n, h, w, k, k, nh]:
+                    break
+                nodes = shuffle_chain(hr6.output[0], n, h, w, k, nh)
+                if nodes is None:
+                    break
+                plans.append(("head", [user, rows, hm, hr6] + nodes))
+            else:
+                break
+        if not users or len(plans) != len(users):
+            continue
+        # the conv: output channel (a, b, c) = a * k * co + b * co + c, DCR's order
+        wc = w2.reshape(ci, k, k, co).transpose(1, 2, 3, 0).reshape(k * k * co, ci, 1, 1)
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(wc), f"{p}_w"))
+        conv_in = [tr.input[0], f"{p}_w"]
+        if bias is not None:
+            graph.initializer.append(numpy_helper.from_array(np.tile(bias, k * k), f"{p}_b"))
+            conv_in.append(f"{p}_b")
+        new = [helper.make_node("Conv", conv_in, [f"{p}_conv"], kernel_shape=[1, 1], name=f"{p}_conv")]
+        relu_in = None  # the one ReLU of the conv's result, if a plan needs it
+        for j, (kind, nodes) in enumerate(plans):
+            if kind == "head" or nodes[-1].op_type == "Relu":
+                if relu_in is None:
+                    new.append(helper.make_node("Relu", [f"{p}_conv"], [f"{p}_relu"], name=f"{p}_relu"))
+                    relu_in = f"{p}_relu"
+            if kind == "shuffle":
+                src, out = (relu_in if nodes[-1].op_type == "Relu" else f"{p}_conv"), nodes[-1].output[0]
+            else:
+                wh = const(nodes[2].input[1])  # [co, nh]
+                nh = wh.shape[1]
+                nhp = nh if k == 1 else -(-nh // 16) * 16
+                whp = np.zeros((k * k, nhp, co), wh.dtype)
+                whp[:, :nh] = wh.T
+                graph.initializer.append(numpy_helper.from_array(whp.reshape(k * k * nhp, co, 1, 1), f"{p}_hw{j}"))
+                new.append(
+                    helper.make_node("Conv", [relu_in, f"{p}_hw{j}"], [f"{p}_h{j}"], kernel_shape=[1, 1], group=k * k, name=f"{p}_h{j}")
+                )
+                src, out = f"{p}_h{j}", nodes[-1].output[0]
+                if nhp != nh:
+                    for name, value in (
+                        (f"{p}_h5{j}", [n, k * k, nhp, h, w]),
+                        (f"{p}_h4{j}", [n, k * k * nh, h, w]),
+                        (f"{p}_from{j}", [0]),
+                        (f"{p}_to{j}", [nh]),
+                        (f"{p}_axis{j}", [2]),
+                    ):
+                        graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), name))
+                    new += [
+                        helper.make_node("Reshape", [src, f"{p}_h5{j}"], [f"{p}_g{j}"], name=f"{p}_g{j}"),
+                        helper.make_node("Slice", [f"{p}_g{j}", f"{p}_from{j}", f"{p}_to{j}", f"{p}_axis{j}"], [f"{p}_s{j}"], name=f"{p}_s{j}"),
+                        helper.make_node("Reshape", [f"{p}_s{j}", f"{p}_h4{j}"], [f"{p}_u{j}"], name=f"{p}_u{j}"),
+                    ]
+                    src = f"{p}_u{j}"
+            if k > 1:
+                new.append(helper.make_node("DepthToSpace", [src], [out], blocksize=k, mode="DCR", name=f"{p}_d2s{j}"))
+            else:
+                new.append(helper.make_node("Identity", [src], [out], name=f"{p}_id{j}"))
+            removed.update(id(x) for x in nodes)
+        removed.update(id(x) for x in chain)
+        placed[id(mm)] = new
+        done.append(
+            f"deconvolution MatMul {_label(mm)} ({ci}->{co}, {k}x{k}) as a 1x1 Conv + DepthToSpace for onnxruntime"
+            + (f" ({sum(kind == 'head' for kind, _ in plans)} head(s) as grouped 1x1 Convs before the shuffle)" if any(kind == "head" for kind, _ in plans) else "")
+        )
+    if done:
+        nodes = [x for node in graph.node for x in placed.get(id(node), [] if id(node) in removed else [node])]
+        _set_nodes(model, nodes)
+        topological_sort(graph)
     return done
 
 
@@ -2328,6 +2490,12 @@ def cpu_forms(model) -> list[str]:
     if rewrites:
         topological_sort(model.graph)
     return rewrites
+
+
+def onnxruntime_forms(model) -> list[str]:
+    """The forms only ``model.onnx`` (onnxruntime's graph) gets, after ``cpu_forms``; IREE's copy
+    is saved before them."""
+    return deconvs_as_pointwise_convs(model)
 
 
 def _reader_counts(graph) -> dict[str, int]:

@@ -2,7 +2,9 @@
 
 The vmfb is compiled from ``model.iree.onnx`` (``IREE_ONNX``): the wrapper exported again in
 IREE's op forms (``codegen.ops.points.export_forms``: sequential loops unrolled, radix sorts, no
-data-dependent sizes), while ``model.onnx`` keeps the forms onnxruntime runs fastest:
+data-dependent sizes), while ``model.onnx`` keeps the forms onnxruntime runs fastest (and its own
+graph forms, ``graph_forms.onnxruntime_forms``; where both exports are the same program,
+``model.iree.onnx`` is ``model.onnx`` before those):
 
 1. ``iree_onnx``: a copy of the ONNX graph with the constructs IREE's importer rejects rewritten
    (``codegen.graph_forms``; numerically the same model), optionally with the dynamic axis

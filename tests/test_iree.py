@@ -142,6 +142,64 @@ def test_graph_forms_compute_the_same_function(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_onnxruntime_takes_the_deconvolutions_as_pointwise_convs(tmp_path):
+    """model.onnx's own form (``onnxruntime_forms``, after ``cpu_forms``): each deconvolution
+    MatMul is a 1x1 Conv with its output channels in DepthToSpace's DCR order, the heads taken
+    before the shuffle are grouped 1x1 Convs (one group per kernel position, output channels padded
+    to 16 where there is more than one group) + DepthToSpace, and a shuffled result read by a ReLU
+    takes it before the shuffle; no MatMul or 6-D Transpose is left and the function is the same."""
+    from codegen.graph_forms import onnxruntime_forms
+
+    feeds = _secondfpn_like(tmp_path / "model.onnx")
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    neutral = cpu_forms(model)
+    assert sum("as MatMul + pixel shuffle" in r for r in neutral) == 3
+    own = onnxruntime_forms(model)
+    assert [r.split(" (")[1:] for r in own] == [
+        ["8->6, 1x1) as a 1x1 Conv + DepthToSpace for onnxruntime", "1 head(s) as grouped 1x1 Convs before the shuffle)"],
+        ["8->6, 2x2) as a 1x1 Conv + DepthToSpace for onnxruntime", "1 head(s) as grouped 1x1 Convs before the shuffle)"],
+        ["8->6, 4x4) as a 1x1 Conv + DepthToSpace for onnxruntime", "1 head(s) as grouped 1x1 Convs before the shuffle)"],
+    ]
+    onnx.save(model, str(tmp_path / "ort.onnx"))
+    nodes = model.graph.node
+    ops = [n.op_type for n in nodes]
+    assert "MatMul" not in ops and ops.count("DepthToSpace") == 2 and ops.count("ConvTranspose") == 1
+    groups = sorted(helper.get_attribute_value(a) for n in nodes if n.op_type == "Conv" for a in n.attribute if a.name == "group")
+    assert groups == [1, 4, 16]  # the heads of the 1x1, 2x2 and 4x4 deconvolutions
+    assert not any(n.op_type == "Transpose" and len(helper.get_attribute_value(n.attribute[0])) == 6 for n in nodes)
+    before = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
+    after = ort.InferenceSession(str(tmp_path / "ort.onnx")).run(None, feeds)
+    for b, a in zip(before, after):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+    # CenterPoint's neck: the shuffled result read by a ReLU (then a 3x3 Conv)
+    rng = np.random.default_rng(1)
+    inits = {"w": rng.standard_normal((8, 6, 2, 2)).astype(np.float32), "b": rng.standard_normal(6).astype(np.float32),
+             "k": rng.standard_normal((5, 6, 3, 3)).astype(np.float32)}  # fmt: skip
+    graph = helper.make_graph(
+        [
+            helper.make_node("ConvTranspose", ["x", "w", "b"], ["u"], kernel_shape=[2, 2], strides=[2, 2]),
+            helper.make_node("Relu", ["u"], ["r"]),
+            helper.make_node("Conv", ["r", "k"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        ],
+        "neck",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 5, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    _save(graph, tmp_path / "neck.onnx")
+    model = onnx.load(str(tmp_path / "neck.onnx"))
+    cpu_forms(model)
+    assert onnxruntime_forms(model) == ["deconvolution MatMul u_form_mm (8->6, 2x2) as a 1x1 Conv + DepthToSpace for onnxruntime"]
+    assert [n.op_type for n in model.graph.node] == ["Conv", "Relu", "DepthToSpace", "Conv"]
+    onnx.save(model, str(tmp_path / "neck_ort.onnx"))
+    x = {"x": rng.standard_normal((1, 8, 5, 7)).astype(np.float32)}
+    before = ort.InferenceSession(str(tmp_path / "neck.onnx")).run(None, x)[0]
+    after = ort.InferenceSession(str(tmp_path / "neck_ort.onnx")).run(None, x)[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
 def test_constant_castlike_folds_so_the_conv_runs_blocked(tmp_path):
     """A bias-free Conv + BatchNorm as torch exports it when the ONNX optimiser is skipped (large
     graphs): the zero bias is ``Expand(CastLike(0, x), Shape(w)[:1])``, which onnxruntime cannot
@@ -1429,15 +1487,19 @@ def test_onnxruntime_and_iree_forms_are_two_programs():
 def test_pointpillars_compiles_in_iree_and_matches_eager(tmp_path):
     """The shipped default, dynamic voxel count, tuned preset: graph forms applied, parity. With
     every format: PointPillars' graph (voxels in) has no op whose form differs between
-    onnxruntime and IREE, so the vmfb's ONNX is model.onnx itself."""
+    onnxruntime and IREE, so the vmfb's ONNX is model.onnx itself before onnxruntime's own form."""
     out, meta = _iree_export(tmp_path, CONFIG, fmt="all")
     iree = meta["iree"]
     assert iree["preset"] == "host" and "--iree-llvmcpu-target-cpu=host" in iree["flags"]
     assert iree["static"] is None and iree["function"] == "main_graph"
-    assert (out / "model.iree.onnx").read_bytes() == (out / "model.onnx").read_bytes()
-    # the CPU graph forms are in both ONNX files (onnxruntime runs them too), none left for IREE
-    assert sum("ConvTranspose" in r for r in meta["onnx_graph_forms"]) == 3
-    assert sum("ConvTranspose" in r for r in iree["onnx_graph_forms"]) == 3
+    # the CPU graph forms are in both ONNX files (onnxruntime runs them too); model.iree.onnx is
+    # model.onnx before onnxruntime's own form (the deconvolutions as 1x1 Convs + DepthToSpace)
+    neutral = [r for r in meta["onnx_graph_forms"] if "for onnxruntime" not in r]
+    assert iree["onnx_graph_forms"] == neutral and sum("as MatMul + pixel shuffle" in r for r in neutral) == 3
+    assert sum(r.endswith("before the shuffle)") for r in meta["onnx_graph_forms"]) == 3
+    ops = {f: [n.op_type for n in onnx.load(str(out / f)).graph.node] for f in ("model.onnx", "model.iree.onnx")}
+    assert ops["model.onnx"].count("DepthToSpace") == 2 and ops["model.iree.onnx"].count("DepthToSpace") == 0
+    assert ops["model.iree.onnx"].count("MatMul") == ops["model.onnx"].count("MatMul") + 6  # 3 deconvolutions, 3 heads
     # data-tiled direct convolutions on an AVX-512 CPU, im2col on others (9-12x faster there);
     # on both, the backbone's 13 stride-1 3x3 convolutions (64-256 channels) are Winograd F(4x4, 3x3)
     from codegen.iree import CONV_DATA_TILING, IM2COL_CONVS
