@@ -442,7 +442,8 @@ def write_report(rows: list[dict], runs: int, notes: list[str] = ()) -> None:
         "Per-part breakdown on **one thread** (ms per call: onnxruntime's profiler by op type, IREE's "
         "`--print_device_statistics` by dispatch, which sums the workers' tile times, hence one thread; kernel "
         "time only, so the sums are below one-thread latencies). conv: convolutions; matmul: "
-        "MatMul / Gemm (deconvolutions as MatMul, PFN / VFE linears, 1x1 heads after the graph forms); layout: "
+        "MatMul / Gemm (deconvolutions as MatMul in IREE and, before the fortieth session, in onnxruntime, "
+        "PFN / VFE linears, 1x1 heads after the graph forms); layout: "
         "transposes, onnxruntime's NCHWc reorders, IREE's data-tiling packs; other: the rest (scatter, "
         "elementwise, reductions). call: one whole call on one thread in the same process (rows since the "
         "nineteenth session), against which the sum shows what the parts leave out.",
