@@ -323,8 +323,8 @@ def deconvs_as_pointwise_convs(model) -> list[str]:
         chain, head = [tr, mm, r6], r6.output[0]
         bias = None
         add = only_reader(head, "Add")
-        if add is not None and add.input[0] == head and const(add.input[1]) is not None and const(add.input[1]).size == co:
-            bias = const(add.input[1]).reshape(co)
+        if add is not None and add.input[0] == head and getattr(const(add.input[1]), "shape", None) == (co,):
+            bias = const(add.input[1])
             chain.append(add)
             head = add.output[0]
         k, p = kh, f"{_label(mm)}_ort"
@@ -339,7 +339,8 @@ def deconvs_as_pointwise_convs(model) -> list[str]:
                 plans.append(("shuffle", nodes + ([relu] if relu is not None else [])))
             elif user.op_type == "Relu":
                 rows = only_reader(user.output[0], "Reshape")
-                hm = rows is not None and const(rows.input[1]) is not None and const(rows.input[1]).tolist() == [-1, co] and only_reader(rows.output[0], "MatMul")
+                rows_shape = const(rows.input[1]) if rows is not None else None
+                hm = rows_shape is not None and rows_shape.tolist() == [-1, co] and only_reader(rows.output[0], "MatMul")
                 wh = const(hm.input[1]) if hm else None
                 hr6 = wh is not None and wh.ndim == 2 and wh.shape[0] == co and only_reader(hm.output[0], "Reshape")
                 nh = wh.shape[1] if hr6 else 0
@@ -378,7 +379,9 @@ def deconvs_as_pointwise_convs(model) -> list[str]:
                 whp[:, :nh] = wh.T
                 graph.initializer.append(numpy_helper.from_array(whp.reshape(k * k * nhp, co, 1, 1), f"{p}_hw{j}"))
                 new.append(
-                    helper.make_node("Conv", [relu_in, f"{p}_hw{j}"], [f"{p}_h{j}"], kernel_shape=[1, 1], group=k * k, name=f"{p}_h{j}")
+                    helper.make_node(
+                        "Conv", [relu_in, f"{p}_hw{j}"], [f"{p}_h{j}"], kernel_shape=[1, 1], group=k * k, name=f"{p}_h{j}"
+                    )
                 )
                 src, out = f"{p}_h{j}", nodes[-1].output[0]
                 if nhp != nh:
@@ -390,9 +393,10 @@ def deconvs_as_pointwise_convs(model) -> list[str]:
                         (f"{p}_axis{j}", [2]),
                     ):
                         graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), name))
+                    sliced = [f"{p}_g{j}", f"{p}_from{j}", f"{p}_to{j}", f"{p}_axis{j}"]
                     new += [
                         helper.make_node("Reshape", [src, f"{p}_h5{j}"], [f"{p}_g{j}"], name=f"{p}_g{j}"),
-                        helper.make_node("Slice", [f"{p}_g{j}", f"{p}_from{j}", f"{p}_to{j}", f"{p}_axis{j}"], [f"{p}_s{j}"], name=f"{p}_s{j}"),
+                        helper.make_node("Slice", sliced, [f"{p}_s{j}"], name=f"{p}_s{j}"),
                         helper.make_node("Reshape", [f"{p}_s{j}", f"{p}_h4{j}"], [f"{p}_u{j}"], name=f"{p}_u{j}"),
                     ]
                     src = f"{p}_u{j}"
@@ -403,9 +407,10 @@ def deconvs_as_pointwise_convs(model) -> list[str]:
             removed.update(id(x) for x in nodes)
         removed.update(id(x) for x in chain)
         placed[id(mm)] = new
+        heads = sum(kind == "head" for kind, _ in plans)
         done.append(
             f"deconvolution MatMul {_label(mm)} ({ci}->{co}, {k}x{k}) as a 1x1 Conv + DepthToSpace for onnxruntime"
-            + (f" ({sum(kind == 'head' for kind, _ in plans)} head(s) as grouped 1x1 Convs before the shuffle)" if any(kind == "head" for kind, _ in plans) else "")
+            + (f" ({heads} head(s) as grouped 1x1 Convs before the shuffle)" if heads else "")
         )
     if done:
         nodes = [x for node in graph.node for x in placed.get(id(node), [] if id(node) in removed else [node])]
