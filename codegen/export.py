@@ -315,21 +315,24 @@ def run_export(
                 torch.export.save(native.decomposed(program), str(out / "model.pt2"))
                 reloaded = torch.export.load(str(out / "model.pt2")).module()
                 runtimes.append(Runtime("pt2", lambda a, m=reloaded: m(*a)))
+            shared = False  # IREE's program is model.onnx's: IREE_ONNX is written by that export
+            if "iree" in formats:
+                # IREE's own forms (codegen.ops.points.export_forms): loops unrolled (IREE 3.13
+                # miscompiles Scan), no data-dependent sizes, radix sorts; a second ONNX export,
+                # kept beside the vmfb as IREE_ONNX, unless the forms change nothing in this model
+                # (then IREE_ONNX is model.onnx before onnxruntime's own forms)
+                with export_forms(iree=True):
+                    iree_program = export_program(module, wrapper, args[0])
+                shared = "onnx" in formats and same_program(program, iree_program)
             if "onnx" in formats:
                 neutral_forms, own_forms, opset = export_onnx(
-                    module, program, out / "model.onnx", iree_copy=out / IREE_ONNX if "iree" in formats else None
+                    module, program, out / "model.onnx", iree_copy=out / IREE_ONNX if shared else None
                 )
                 onnx_forms = neutral_forms + own_forms
                 steps.detail(f"onnx: {len(onnx_forms)} graph forms (metadata.json onnx_graph_forms)")
                 runtimes.append(onnx_runtime(out / "model.onnx", module.INPUT_NAMES))
             if "iree" in formats:
-                # IREE's own forms (codegen.ops.points.export_forms): loops unrolled (IREE 3.13
-                # miscompiles Scan), no data-dependent sizes, radix sorts; a second ONNX export,
-                # kept beside the vmfb as IREE_ONNX, unless the forms change nothing in this model
-                # (then IREE_ONNX is model.onnx before onnxruntime's own forms, written by export_onnx)
-                with export_forms(iree=True):
-                    iree_program = export_program(module, wrapper, args[0])
-                if "onnx" in formats and same_program(program, iree_program):
+                if shared:
                     iree_forms, iree_opset = neutral_forms, opset
                 else:
                     steps.detail(f"iree graph: {graph_size(iree_program)} nodes")

@@ -260,9 +260,9 @@ def deconvs_as_pointwise_convs(model) -> list[str]:
     before the pixel shuffle): each deconvolution MatMul becomes a 1x1 Conv whose output
     channels are ordered (kh, kw, co), and its pixel shuffle a ``DepthToSpace`` (DCR).
 
-    onnxruntime runs the channels-last MatMul (after a Transpose of its NCHW input) at 70-150
-    GFLOP/s on one AVX-512 core, its NCHWc 1x1 Conv with the bias and a ReLU fused at its 3x3
-    convolutions' ~175. A head taken before the shuffle (ReLU, 2-D MatMul with the head's 1x1
+    onnxruntime runs the channels-last MatMul (after a Transpose of its NCHW input) at 60-130
+    GFLOP/s on one AVX-512 core (PointPillars KITTI's three), its NCHWc 1x1 Conv with the bias and
+    a ReLU fused closer to its 3x3 convolutions' ~170. A head taken before the shuffle (ReLU, 2-D MatMul with the head's 1x1
     weights, shuffle) becomes ReLU (fused into the Conv), a grouped 1x1 Conv with one group per
     kernel position (each group's output channels padded to a multiple of 16: onnxruntime runs a
     grouped Conv in its NCHWc kernels only then), a Slice of the padding and a ``DepthToSpace``.
@@ -279,12 +279,6 @@ def deconvs_as_pointwise_convs(model) -> list[str]:
     readers = _readers(graph)
     outputs = {o.name for o in graph.output}
 
-    def attr(node, name, default=None):
-        for a in node.attribute:
-            if a.name == name:
-                return helper.get_attribute_value(a)
-        return default
-
     def only_reader(name: str, op: str):
         users = readers.get(name, [])
         if len(users) == 1 and users[0].op_type == op and name not in outputs:
@@ -297,10 +291,10 @@ def deconvs_as_pointwise_convs(model) -> list[str]:
     def shuffle_chain(name: str, n, h, w, k, c):
         """The three nodes of ``_shuffle_to_nchw`` reading ``name`` (6-D), or None."""
         t1 = only_reader(name, "Transpose")
-        r = t1 is not None and list(attr(t1, "perm")) == [0, 1, 3, 2, 4, 5] and only_reader(t1.output[0], "Reshape")
+        r = t1 is not None and _perm(t1) == [0, 1, 3, 2, 4, 5] and only_reader(t1.output[0], "Reshape")
         shape = const(r.input[1]) if r else None
         t2 = r and shape is not None and shape.tolist() == [n, h * k, w * k, c] and only_reader(r.output[0], "Transpose")
-        if not t2 or list(attr(t2, "perm")) != [0, 3, 1, 2]:
+        if not t2 or _perm(t2) != NCHW:
             return None
         return [t1, r, t2]
 
@@ -310,7 +304,7 @@ def deconvs_as_pointwise_convs(model) -> list[str]:
     for mm in graph.node:
         tr = producer.get(mm.input[0]) if mm.op_type == "MatMul" else None
         w2 = const(mm.input[1]) if tr is not None else None
-        if tr is None or tr.op_type != "Transpose" or list(attr(tr, "perm")) != [0, 2, 3, 1] or w2 is None or w2.ndim != 2:
+        if tr is None or tr.op_type != "Transpose" or _perm(tr) != NHWC or w2 is None or w2.ndim != 2:
             continue
         r6 = only_reader(mm.output[0], "Reshape")
         shape6 = const(r6.input[1]) if r6 is not None else None
