@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from mmcv.ops.voxelize import voxelization as mmcv_voxelization
@@ -292,6 +293,11 @@ def test_pointpillars_dv_exports_and_validates(tmp_path):
     # and the output cells they reach
     program = torch.export.load(str(out / "model.pt2"))
     assert sorted(str(s)[0] for s in program.range_constraints) == ["s", "u", "u"]
+    # the cluster mean and the max share one grouping of the points: one count over the grid
+    # (a CumSum of its 496 * 432 cells), not one per DynamicScatter
+    graph = onnx.load(str(out / "model.onnx")).graph
+    sizes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.value_info}
+    assert [sizes.get(n.output[0]) for n in graph.node if n.op_type == "CumSum"].count([496 * 432]) == 1
 
 
 def test_second_dv_exports_and_validates(tmp_path):

@@ -200,6 +200,59 @@ def test_onnxruntime_takes_the_deconvolutions_as_pointwise_convs(tmp_path):
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
 
 
+def test_onnxruntime_takes_narrow_convs_as_shifted_pointwise_convs(tmp_path):
+    """model.onnx's form of CenterPoint's last head convolutions (3x3, 64 -> 1-3 channels, which
+    onnxruntime pads to 16 output channels): a 1x1 Conv to every (tap, output) pair, a depthwise
+    Conv whose one-hot kernels shift each by its tap (the original pads, here uneven), and a 1x1
+    Conv summing the taps plus the bias. onnxruntime runs all three blocked (NCHWc) and the
+    outputs are the same; wider outputs, fewer or odd input channels and strided convs stay."""
+    from codegen.graph_forms import onnxruntime_forms
+
+    rng = np.random.default_rng(3)
+    inits = {
+        "w2": rng.standard_normal((2, 64, 3, 3)), "b2": rng.standard_normal(2),
+        "w1": rng.standard_normal((1, 64, 3, 3)),  # no bias
+        "w3": rng.standard_normal((3, 64, 3, 3)), "b3": rng.standard_normal(3),
+        "w4": rng.standard_normal((4, 64, 3, 3)),  # 4 outputs: stays
+        "w_narrow": rng.standard_normal((2, 16, 3, 3)),  # 16 inputs: stays
+    }  # fmt: skip
+    nodes = [
+        helper.make_node("Conv", ["x", "w2", "b2"], ["y2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "w1"], ["y1"], pads=[0, 1, 2, 1]),
+        helper.make_node("Conv", ["x", "w3", "b3"], ["y3"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "w3", "b3"], ["y3s"], pads=[1, 1, 1, 1], strides=[2, 2]),  # strided: stays
+        helper.make_node("Conv", ["x", "w4"], ["y4"], pads=[1, 1, 1, 1]),
+        helper.make_node("Slice", ["x", "zero", "sixteen", "one"], ["x16"]),
+        helper.make_node("Conv", ["x16", "w_narrow"], ["yn"], pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "heads",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 13, 10])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for y in ("y2", "y1", "y3", "y3s", "y4", "yn")],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()]
+        + [numpy_helper.from_array(np.array([v], np.int64), k) for k, v in (("zero", 0), ("sixteen", 16), ("one", 1))],
+    )
+    _save(graph, tmp_path / "model.onnx")
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    model = onnx.shape_inference.infer_shapes(model)
+    form = "as pointwise taps + depthwise shifts + a summing Conv"
+    assert onnxruntime_forms(model) == [f"Conv {y} (3x3, 64 -> {c} channels) {form}" for y, c in (("y2", 2), ("y1", 1), ("y3", 3))]
+    groups = [helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group"]
+    assert sorted(groups) == [16, 32, 32]  # the taps' 9-27 channels padded to NCHWc's 16
+    onnx.save(model, str(tmp_path / "ort.onnx"))
+    feeds = {"x": rng.standard_normal((1, 64, 13, 10)).astype(np.float32)}
+    before = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "ort.optimised.onnx")
+    after = ort.InferenceSession(str(tmp_path / "ort.onnx"), options).run(None, feeds)
+    for b, a in zip(before, after):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    ran = [(n.domain, n.op_type) for n in onnx.load(str(tmp_path / "ort.optimised.onnx")).graph.node if n.op_type == "Conv"]
+    assert ran == [("com.microsoft.nchwc", "Conv")] * (3 * 3 + 3)  # all blocked, the three forms' too
+
+
 def test_constant_castlike_folds_so_the_conv_runs_blocked(tmp_path):
     """A bias-free Conv + BatchNorm as torch exports it when the ONNX optimiser is skipped (large
     graphs): the zero bias is ``Expand(CastLike(0, x), Shape(w)[:1])``, which onnxruntime cannot
