@@ -2548,7 +2548,7 @@ def narrow_convs_as_shifted_pointwise(model) -> list[str]:
                              kernel_shape=[kh, kw], pads=list(conv.pads), group=width),
             helper.make_node("Conv", [f"{p}_shifted", f"{p}_summing", *bias], [node.output[0]], name=p),
         ]  # fmt: skip
-        done.append(f"Conv {_label(node)} ({kh}x{kw}, {c} -> {cout} channels) as pointwise taps + depthwise shifts + a summing Conv")
+        done.append(f"Conv {_label(node)} ({kh}x{kw}, {c} -> {cout} channels) as pointwise taps + depthwise shifts + a summing Conv for onnxruntime")
     if done:
         _set_nodes(model, nodes)  # the replaced weights
     return done

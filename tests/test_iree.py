@@ -236,7 +236,7 @@ def test_onnxruntime_takes_narrow_convs_as_shifted_pointwise_convs(tmp_path):
     _save(graph, tmp_path / "model.onnx")
     model = onnx.load(str(tmp_path / "model.onnx"))
     model = onnx.shape_inference.infer_shapes(model)
-    form = "as pointwise taps + depthwise shifts + a summing Conv"
+    form = "as pointwise taps + depthwise shifts + a summing Conv for onnxruntime"
     assert onnxruntime_forms(model) == [f"Conv {y} (3x3, 64 -> {c} channels) {form}" for y, c in (("y2", 2), ("y1", 1), ("y3", 3))]
     groups = [helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group"]
     assert sorted(groups) == [16, 32, 32]  # the taps' 9-27 channels padded to NCHWc's 16

@@ -9,11 +9,15 @@ Public API
     ascending (``unique(dim=0, sorted=True)``), rows with any negative entry are ignored.  ``M`` is
     data dependent (an unbacked SymInt under torch.export); exports to PT2 and ONNX.
 
-``dynamic_scatter_padded(feats, coors, reduce='max', max_impl='sort')
+``dynamic_scatter_padded(feats, coors, reduce='max', max_impl='sort', grid=None, groups=None)
 -> (voxel_feats [N, C], voxel_coors [N, D], point2voxel [N] int64, num_voxels [] int64)``
     Fixed-shape form (rows padded to ``N``, the number of points, with zeros; ``point2voxel`` is
     each point's output row or ``-1``, like mmcv's internal ``coors_map``).  Output shapes depend
     only on ``N``: this is the form for IREE.
+
+``group_points(coors, grid=None, reduce='mean', max_impl='scatter') -> Groups``
+    The grouping ``dynamic_scatter_padded`` computes, to pass to several of its calls over the same
+    coors (``groups=``): DynamicVFE's cluster mean and max then group the points once.
 
 ``DynamicScatter(voxel_size, point_cloud_range, average_points, max_impl='sort')``
     ``nn.Module`` with the constructor and ``forward(points, coors)`` of
@@ -185,7 +189,7 @@ class Groups(NamedTuple):
     sorted: tuple[Tensor, Tensor, Tensor] | None
 
 
-def _counts(grid: Sequence[int] | None, reduce: str, max_impl: str) -> bool:
+def _by_counting(grid: Sequence[int] | None, reduce: str, max_impl: str) -> bool:
     """Whether points are grouped by counting over ``grid`` (see ``dynamic_scatter_padded``)."""
     return grid is not None and math.prod(grid) <= DENSE_MAX_CELLS and (reduce != "max" or max_impl == "scatter")
 
@@ -195,7 +199,7 @@ def group_points(coors: Tensor, grid: Sequence[int] | None = None, reduce: str =
     groups them for ``reduce`` / ``max_impl``: by counting over a small ``grid``, else by sorting
     the keys. Several scatters over the same coors (DynamicVFE's cluster mean and its max) can
     share one grouping."""
-    if _counts(grid, reduce, max_impl):
+    if _by_counting(grid, reduce, max_impl):
         return Groups(*_group_dense(coors, grid), None)
     n = coors.shape[0]
     perm, is_start, group, valid_s, valid, _, starts = _group(coors, grid)

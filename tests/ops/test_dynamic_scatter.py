@@ -20,7 +20,7 @@ import torch
 from export_check import assert_exports
 from mmcv.ops.voxelize import voxelization as mmcv_voxelization
 
-from codegen.ops.dynamic_scatter import DENSE_MAX_CELLS, DynamicScatter, dynamic_scatter, dynamic_scatter_padded, grid_of
+from codegen.ops.dynamic_scatter import DENSE_MAX_CELLS, DynamicScatter, dynamic_scatter, dynamic_scatter_padded, grid_of, group_points
 
 # PointPillars KITTI and CenterPoint nuScenes (0.1 m) voxel configs
 KITTI = dict(voxel_size=[0.16, 0.16, 4], coors_range=[0, -39.68, -3, 69.12, 39.68, 1])
@@ -133,6 +133,22 @@ def test_grouping_by_counting_over_the_grid_matches_reference(request, reduce):
     sort = dynamic_scatter_padded(feats2, coors2, reduce, "scatter")
     for a, b in zip(dense, sort):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("grid", [True, False], ids=["counted", "sorted"])
+def test_shared_grouping_gives_the_same_scatters(request, grid):
+    """One ``group_points`` reused by a mean and a max over the same coors (what the dynamic
+    encoders do) gives each scatter's own outputs; a sorted max handed a counted grouping sorts
+    its own."""
+    feats, coors = _case(request, "kitti")
+    grid = grid_of(KITTI["voxel_size"], KITTI["coors_range"]) if grid else None
+    shared = group_points(coors, grid)
+    assert (shared.sorted is None) == (grid is not None)
+    for reduce, max_impl in (("mean", "scatter"), ("max", "scatter"), ("max", "sort"), ("sum", "scatter")):
+        alone = dynamic_scatter_padded(feats, coors, reduce, max_impl, grid)
+        reused = dynamic_scatter_padded(feats, coors, reduce, max_impl, grid, shared)
+        for a, b in zip(alone, reused):
+            assert a.dtype == b.dtype and torch.equal(a, b), (reduce, max_impl)
 
 
 def test_counting_form_exports_without_sorts(request, tmp_path):
