@@ -253,6 +253,54 @@ def test_onnxruntime_takes_narrow_convs_as_shifted_pointwise_convs(tmp_path):
     assert ran == [("com.microsoft.nchwc", "Conv")] * (3 * 3 + 3)  # all blocked, the three forms' too
 
 
+def test_onnxruntime_takes_concat_convs_as_partial_sums(tmp_path):
+    """model.onnx's form of a channel Concat read only by convolutions (SSN's, CenterPoint's and
+    BEVFusion's shared convs over SECONDFPN's output): one Conv per concatenated part, summed;
+    onnxruntime fuses the Adds into the blocked Convs (no Concat, no Add left in its optimised
+    graph) and the outputs are the same. A Concat with another reader stays."""
+    from codegen.graph_forms import onnxruntime_forms
+
+    rng = np.random.default_rng(4)
+    inits = {
+        "w": rng.standard_normal((24, 48, 3, 3)), "b": rng.standard_normal(24),
+        "w_strided": rng.standard_normal((8, 48, 3, 3)),
+        "w_other": rng.standard_normal((8, 48, 1, 1)),
+    }  # fmt: skip
+    nodes = [
+        helper.make_node("Relu", ["a"], ["ra"]),
+        helper.make_node("Concat", ["ra", "c"], ["cat"], axis=1),
+        helper.make_node("Conv", ["cat", "w", "b"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["y"]),
+        helper.make_node("Conv", ["cat", "w_strided"], ["y_strided"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Concat", ["a", "c"], ["cat_kept"], axis=1),
+        helper.make_node("Conv", ["cat_kept", "w_other"], ["y_other"]),
+        helper.make_node("Sigmoid", ["cat_kept"], ["y_kept"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "neck",
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, c, 12, 10]) for x, c in (("a", 16), ("c", 32))],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for y in ("y", "y_strided", "y_other", "y_kept")],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+    _save(graph, tmp_path / "model.onnx")
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "model.onnx")))
+    assert onnxruntime_forms(model) == ["Concat cat (16 + 32 channels) read by 2 Conv(s) as partial Convs summed, for onnxruntime"]
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Concat") == 1 and ops.count("Conv") == 5 and ops.count("Add") == 2
+    onnx.save(model, str(tmp_path / "ort.onnx"))
+    feeds = {"a": rng.standard_normal((1, 16, 12, 10)).astype(np.float32), "c": rng.standard_normal((1, 32, 12, 10)).astype(np.float32)}
+    before = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "ort.optimised.onnx")
+    after = ort.InferenceSession(str(tmp_path / "ort.onnx"), options).run(None, feeds)
+    for b, a in zip(before, after):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    ran = [(n.domain, n.op_type) for n in onnx.load(str(tmp_path / "ort.optimised.onnx")).graph.node]
+    assert ("", "Add") not in ran and ran.count(("com.microsoft.nchwc", "Conv")) == 5 and ran.count(("", "Concat")) == 1
+
+
 def test_constant_castlike_folds_so_the_conv_runs_blocked(tmp_path):
     """A bias-free Conv + BatchNorm as torch exports it when the ONNX optimiser is skipped (large
     graphs): the zero bias is ``Expand(CastLike(0, x), Shape(w)[:1])``, which onnxruntime cannot
