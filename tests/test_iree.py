@@ -200,6 +200,20 @@ def test_onnxruntime_takes_the_deconvolutions_as_pointwise_convs(tmp_path):
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
 
 
+def _runs_as_before(tmp_path, model, feeds) -> list[tuple[str, str]]:
+    """``model``, rewritten from ``tmp_path / "model.onnx"``, saved as ort.onnx: onnxruntime gives
+    the original's outputs; returns (domain, op_type) of the nodes of its optimised graph."""
+    onnx.save(model, str(tmp_path / "ort.onnx"))
+    before = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "ort.optimised.onnx")
+    after = ort.InferenceSession(str(tmp_path / "ort.onnx"), options).run(None, feeds)
+    for b, a in zip(before, after):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    return [(n.domain, n.op_type) for n in onnx.load(str(tmp_path / "ort.optimised.onnx")).graph.node]
+
+
 def test_onnxruntime_takes_narrow_convs_as_shifted_pointwise_convs(tmp_path):
     """model.onnx's form of CenterPoint's last head convolutions (3x3, 64 -> 1-3 channels, which
     onnxruntime pads to 16 output channels): a 1x1 Conv to every (tap, output) pair, a depthwise
@@ -240,16 +254,8 @@ def test_onnxruntime_takes_narrow_convs_as_shifted_pointwise_convs(tmp_path):
     assert onnxruntime_forms(model) == [f"Conv {y} (3x3, 64 -> {c} channels) {form}" for y, c in (("y2", 2), ("y1", 1), ("y3", 3))]
     groups = [helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group"]
     assert sorted(groups) == [16, 32, 32]  # the taps' 9-27 channels padded to NCHWc's 16
-    onnx.save(model, str(tmp_path / "ort.onnx"))
-    feeds = {"x": rng.standard_normal((1, 64, 13, 10)).astype(np.float32)}
-    before = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "ort.optimised.onnx")
-    after = ort.InferenceSession(str(tmp_path / "ort.onnx"), options).run(None, feeds)
-    for b, a in zip(before, after):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    ran = [(n.domain, n.op_type) for n in onnx.load(str(tmp_path / "ort.optimised.onnx")).graph.node if n.op_type == "Conv"]
+    ran = _runs_as_before(tmp_path, model, {"x": rng.standard_normal((1, 64, 13, 10)).astype(np.float32)})
+    ran = [op for op in ran if op[1] == "Conv"]
     assert ran == [("com.microsoft.nchwc", "Conv")] * (3 * 3 + 3)  # all blocked, the three forms' too
 
 
@@ -288,16 +294,8 @@ def test_onnxruntime_takes_concat_convs_as_partial_sums(tmp_path):
     assert onnxruntime_forms(model) == ["Concat cat (16 + 32 channels) read by 2 Conv(s) as partial Convs summed, for onnxruntime"]
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("Concat") == 1 and ops.count("Conv") == 5 and ops.count("Add") == 2
-    onnx.save(model, str(tmp_path / "ort.onnx"))
-    feeds = {"a": rng.standard_normal((1, 16, 12, 10)).astype(np.float32), "c": rng.standard_normal((1, 32, 12, 10)).astype(np.float32)}
-    before = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "ort.optimised.onnx")
-    after = ort.InferenceSession(str(tmp_path / "ort.onnx"), options).run(None, feeds)
-    for b, a in zip(before, after):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-    ran = [(n.domain, n.op_type) for n in onnx.load(str(tmp_path / "ort.optimised.onnx")).graph.node]
+    feeds = {x: rng.standard_normal((1, c, 12, 10)).astype(np.float32) for x, c in (("a", 16), ("c", 32))}
+    ran = _runs_as_before(tmp_path, model, feeds)
     assert ("", "Add") not in ran and ran.count(("com.microsoft.nchwc", "Conv")) == 5 and ran.count(("", "Concat")) == 1
 
 
