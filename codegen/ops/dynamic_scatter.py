@@ -241,7 +241,6 @@ def dynamic_scatter_padded(
             coors.new_zeros(0, dtype=torch.int64),
             coors.new_zeros((), dtype=torch.int64),
         )
-    order = _iota(coors[:, 0])
     sorted_max = reduce == "max" and max_impl == "sort"
     if groups is None or (sorted_max and groups.sorted is None):
         groups = group_points(coors, grid, reduce, max_impl)
@@ -251,6 +250,7 @@ def dynamic_scatter_padded(
 
     if reduce == "max":
         if max_impl == "sort":
+            order = _iota(coors[:, 0])
             out = _segment_max_sort(feats, group, perm, order, starts)
             out = torch.where((order < num_voxels)[:, None], out, torch.zeros_like(out))
         else:
@@ -271,7 +271,7 @@ def dynamic_scatter_padded(
             if starts is None:
                 count = torch.zeros(n + 1, dtype=torch.int64, device=coors.device).scatter_add_(0, target, torch.ones_like(target))[:n]
             else:
-                count = starts[order + 1] - starts[:n]
+                count = starts[_iota(coors[:, 0]) + 1] - starts[:n]
             out = out / count.clamp(min=1).to(out.dtype)[:, None]
     return out, voxel_coors, point2voxel, num_voxels
 
