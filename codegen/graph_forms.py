@@ -1502,13 +1502,11 @@ def pointwise_convs_as_matmuls(model) -> list[str]:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    shapes = _shapes(graph)
+    inits, shapes, pairs = _plain_convs(graph)
     producers = {out: n for n in graph.node for out in n.output}
     readers = _reader_counts(graph)  # a graph output counts as a reader: its chain stays whole
     done, nodes = [], []
-    for node in graph.node:
-        conv = _plain_conv(node, inits, shapes)
+    for node, conv in pairs:
         if not (
             conv and conv.kernel == (1, 1) and conv.strides == (1, 1) and not any(conv.pads) and conv.input[0] == 1
             and math.prod(conv.input) < POINTWISE_MATMUL_MAX
@@ -1865,6 +1863,14 @@ class PlainConv:
         return tuple((size - k) // s + 1 for size, k, s in zip((h + top + bottom, w + left + right), self.kernel, self.strides))
 
 
+def _plain_convs(graph) -> tuple[dict, dict, list]:
+    """The convolution forms' common start: the graph's initializers by name, its static shapes, and
+    every node paired with its ``_plain_conv`` (None for the others)."""
+    inits = {t.name: t for t in graph.initializer}
+    shapes = _shapes(graph)
+    return inits, shapes, [(node, _plain_conv(node, inits, shapes)) for node in graph.node]
+
+
 def _plain_conv(node, inits: dict, shapes: dict) -> PlainConv | None:
     """``node`` as a ``PlainConv`` when it is a 2-D ``Conv`` with a constant 4-D weight, one group,
     no dilation, explicit pads and a static 4-D input; else None. The weight's shape comes from
@@ -1998,12 +2004,10 @@ def winograd_convs(model, tiled_products: bool = True) -> list[str]:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    shapes = _shapes(graph)
+    inits, _, pairs = _plain_convs(graph)
     m = WINOGRAD_TILE
     a = m + 2
     bt, g, at = winograd_matrices(m, 3, WINOGRAD_POINTS)
-    convs = [_plain_conv(node, inits, shapes) for node in graph.node]
 
     def eligible(conv, strides) -> bool:
         return (
@@ -2016,9 +2020,9 @@ def winograd_convs(model, tiled_products: bool = True) -> list[str]:
 
     # the inputs (and pads) of the stride-1 convolutions this form takes: a stride-2 one reading the same
     # padded input takes the form too, as the stride-1 convolution's every other row and column
-    shared = {(node.input[0], conv.pads) for node, conv in zip(graph.node, convs) if stride_1(conv)}
+    shared = {(node.input[0], conv.pads) for node, conv in pairs if stride_1(conv)}
     done, nodes = [], []
-    for node, conv in zip(graph.node, convs):
+    for node, conv in pairs:
         if not (stride_1(conv) or (eligible(conv, (2, 2)) and (node.input[0], conv.pads) in shared)):
             nodes.append(node)
             continue
@@ -2129,13 +2133,11 @@ def shifted_output_convs(model) -> list[str]:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    shapes = _shapes(graph)
+    inits, _, pairs = _plain_convs(graph)
     readers = _readers(graph)
     outputs = {o.name for o in graph.output}
     done, nodes = [], []
-    for node in graph.node:
-        conv = _plain_conv(node, inits, shapes)
+    for node, conv in pairs:
         if (
             conv is None or conv.kernel == (1, 1) or conv.strides != (1, 1) or conv.cout > conv.c
             or not (8 * conv.cout <= conv.c or _read_channels_last(node.output[0], readers, outputs))
@@ -2205,11 +2207,9 @@ def strided_convs_as_space_to_depth(model) -> list[str]:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    shapes = _shapes(graph)
+    inits, _, pairs = _plain_convs(graph)
     done, nodes = [], []
-    for node in graph.node:
-        conv = _plain_conv(node, inits, shapes)
+    for node, conv in pairs:
         s = conv.strides[0] if conv else 0
         if not (
             conv and s > 1 and conv.strides == (s, s) and min(conv.kernel) > s and conv.input[0] == 1
@@ -2515,11 +2515,9 @@ def narrow_convs_as_shifted_pointwise(model) -> list[str]:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    shapes = _shapes(graph)
+    inits, _, pairs = _plain_convs(graph)
     done, nodes = [], []
-    for node in graph.node:
-        conv = _plain_conv(node, inits, shapes)
+    for node, conv in pairs:
         taps = conv.kernel[0] * conv.kernel[1] if conv else 0
         width = -(-taps * conv.cout // NCHWC_BLOCK) * NCHWC_BLOCK if conv else 0
         if (
