@@ -1902,6 +1902,13 @@ WINOGRAD_POINTS = (0.0, 1.0, -1.0, 0.5, -2.0)
 # SMOKE's 16-channel full-resolution conv and the 27-channel DCN offset convs of SMOKE and PGD
 # take the form too (two threads: SMOKE 1246-1263 -> 1086-1168 ms, PGD 7544-7647 -> 6714-6988 ms)
 WINOGRAD_MIN_CHANNELS = 16
+# Winograd convolutions on one padded input share their products (``winograd_convs``: one MatMul a
+# tile point with their kernels side by side) when that input's tiles, the products' left side,
+# take this many bytes or more a point: beyond the cache, each MatMul re-reads them from memory.
+# One Xeon, 36 points, two threads: [2500, 384] with 5 x 64 columns 278 -> 245 ms, with 2 x 64
+# 191 -> 137 ms, [1400, 256] 2 x 64 73 -> 52 ms; small sides lose ([2025, 64], 6 x 64: 66 -> 86 ms).
+# Measured with data-tiled products only, so products that are not data-tiled stay one MatMul a convolution
+WINOGRAD_SHARED_LHS_BYTES = 1 << 20
 
 
 def _rows_vectorise(rows: int) -> bool:
@@ -1965,7 +1972,9 @@ def winograd_convs(model, tiled_products: bool = True) -> list[str]:
     ``[tiles, c] x [c, cout]`` on a ``Split`` of the tiles (against the weights transformed once
     here, ``G g G^T``, in float64), ``Concat`` ed,
     and the output tiles' ``AT m AT`` (two such passes; the second also interleaves the tiles and
-    adds the bias). 2.25 products per output pixel and channel pair instead of 9; the same function
+    adds the bias). Convolutions on one padded input whose tiles are large
+    (``WINOGRAD_SHARED_LHS_BYTES``: SSN's five 384 -> 64 heads) share their products, one MatMul a
+    point against their kernels side by side, each reading its columns. 2.25 products per output pixel and channel pair instead of 9; the same function
     up to fp32 rounding (``WINOGRAD_POINTS``). A stride-2 3x3 ``Conv`` that reads the same padded
     input as one of these takes the form too, as every other row and column of the stride-1
     convolution (a strided ``Slice`` of the output): as many products as the direct convolution, but
@@ -2021,24 +2030,43 @@ def winograd_convs(model, tiled_products: bool = True) -> list[str]:
     # the inputs (and pads) of the stride-1 convolutions this form takes: a stride-2 one reading the same
     # padded input takes the form too, as the stride-1 convolution's every other row and column
     shared = {(node.input[0], conv.pads) for node, conv in pairs if stride_1(conv)}
+    taken = {id(node) for node, conv in pairs if stride_1(conv) or (eligible(conv, (2, 2)) and (node.input[0], conv.pads) in shared)}
+
+    def tile_grid(conv) -> tuple[int, int, int, int]:
+        """The stride-1 output (a stride-2 convolution subsamples it) and its tile grid."""
+        (top, left, bottom, right), (h, w) = conv.pads, conv.input[2:]
+        ho, wo = conv.out_hw if conv.strides == (1, 1) else (h + top + bottom - 2, w + left + right - 2)
+        th, tw = -(-ho // m), -(-wo // m)
+        if not tiled_products:
+            th, tw = _product_grid(conv.input[0], th, tw)
+        return ho, wo, th, tw
+
+    def key(node, conv) -> tuple:
+        return node.input[0], conv.pads, tile_grid(conv)[2:]
+
+    # the convolutions whose products are one MatMul a point (WINOGRAD_SHARED_LHS_BYTES), by input, pads and grid
+    groups: dict[tuple, list] = {}
+    for node, conv in pairs:
+        if id(node) in taken:
+            groups.setdefault(key(node, conv), []).append((node, conv))
+    sharing = {
+        k: group for k, group in groups.items()
+        if tiled_products and len(group) > 1 and 4 * group[0][1].c * group[0][1].input[0] * math.prod(k[2]) >= WINOGRAD_SHARED_LHS_BYTES
+    }
+    made: dict = {}  # a sharing group's key (or an unshared Conv's id) -> its products
     done, nodes = [], []
     for node, conv in pairs:
-        if not (stride_1(conv) or (eligible(conv, (2, 2)) and (node.input[0], conv.pads) in shared)):
+        if id(node) not in taken:
             nodes.append(node)
             continue
-        weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
         cout, c = conv.cout, conv.c
         n, _, h, w = conv.input
         top, left, bottom, right = conv.pads
-        ho, wo = conv.out_hw
+        ho, wo, th, tw = tile_grid(conv)
         step_ = conv.strides[0]
-        if step_ > 1:  # the stride-1 output it subsamples
-            ho, wo = h + top + bottom - 2, w + left + right - 2
-        th, tw = -(-ho // m), -(-wo // m)  # output tiles
         grid = ""
-        if not tiled_products and (larger := _product_grid(n, th, tw)) != (th, tw):
-            grid = f" on {larger[0]} x {larger[1]} tiles (not {th} x {tw})"
-            th, tw = larger
+        if not tiled_products and (th, tw) != (-(-ho // m), -(-wo // m)):
+            grid = f" on {th} x {tw} tiles (not {-(-ho // m)} x {-(-wo // m)})"
         p = f"{_label(node)}_form_winograd"
         count = iter(range(1 << 30))
 
@@ -2068,27 +2096,37 @@ def winograd_convs(model, tiled_products: bool = True) -> list[str]:
         # copy dispatches a conv). Two threads, interleaved: SECOND 662.6 -> 641.2 ms, PointPillars 260.4 ->
         # 244.6 ms, PGD 4427 -> 4378 ms (its copies ran in one workgroup); a chain of three 128-channel convs
         # alone 139.4 -> 144.7 ms (its column pass slower, the same code)
-        padded = step("Pad", [step("Transpose", [node.input[0]], perm=[0, 2, 3, 1]),
-                              const([0, top, left, 0, 0, m * (th + 1) - h - top, m * (tw + 1) - w - left, 0])])
-        batch = [n] if n > 1 else []
-        b = len(batch)
-        padded = step("Reshape", [padded, const([*batch, m * (th + 1), m * (tw + 1), 1, c])])
-        rows = combine(
-            [(step("Slice", [padded, const([j]), const([j + m * (th - 1) + 1]), const([b]), const([m])]), bt[:, j]) for j in range(a)],
-            (*[1] * b, 1, 1, a, 1),
-        )  # [(n,) th, columns, a (tile row), c]
-        rows = step("Reshape", [rows, const([*batch, th, tw + 1, m, a, c])])
-        lo, hi = part(rows, b + 1, 0, tw), part(rows, b + 1, 1, tw + 1)
-        tiles = combine([(part(lo if j < m else hi, b + 2, j % m, j % m + 1), bt[:, j]) for j in range(a)], (*[1] * b, 1, 1, a, 1, 1))
-        # [(n,) th, tw, a (tile column), a (tile row), c] -> 36 MatMuls [tiles, c] x [c, cout], one per tile
-        # point, on a Split of [a, a, tiles, c]; their Concat is [a, a, tiles, cout]
-        lhs = step("Transpose", [tiles], perm=[b + 3, b + 2, *range(b + 2), b + 4])
-        lhs = step("Reshape", [lhs, const([a * a * n * th * tw, c])])
-        parts = [f"{p}_lhs{i}" for i in range(a * a)]
-        nodes.append(helper.make_node("Split", [lhs, const([n * th * tw] * (a * a))], parts, name=f"{p}_split", axis=0))  # sizes: opset 13+
-        kernel = np.einsum("ai,kcij,bj->abck", g, weight, g).reshape(a * a, c, cout)
-        products = step("Concat", [step("MatMul", [x, const(kernel[i], np.float32)]) for i, x in enumerate(parts)], axis=0)
-        products = step("Reshape", [products, const([a, a, n, th, tw, cout])])
+        k = key(node, conv)
+        members = sharing.get(k, [(node, conv)])  # the convolutions whose products these are
+        k = k if len(members) > 1 else id(node)
+        if k not in made:
+            padded = step("Pad", [step("Transpose", [node.input[0]], perm=[0, 2, 3, 1]),
+                                  const([0, top, left, 0, 0, m * (th + 1) - h - top, m * (tw + 1) - w - left, 0])])
+            batch = [n] if n > 1 else []
+            b = len(batch)
+            padded = step("Reshape", [padded, const([*batch, m * (th + 1), m * (tw + 1), 1, c])])
+            rows = combine(
+                [(step("Slice", [padded, const([j]), const([j + m * (th - 1) + 1]), const([b]), const([m])]), bt[:, j]) for j in range(a)],
+                (*[1] * b, 1, 1, a, 1),
+            )  # [(n,) th, columns, a (tile row), c]
+            rows = step("Reshape", [rows, const([*batch, th, tw + 1, m, a, c])])
+            lo, hi = part(rows, b + 1, 0, tw), part(rows, b + 1, 1, tw + 1)
+            tiles = combine([(part(lo if j < m else hi, b + 2, j % m, j % m + 1), bt[:, j]) for j in range(a)], (*[1] * b, 1, 1, a, 1, 1))
+            # [(n,) th, tw, a (tile column), a (tile row), c] -> 36 MatMuls [tiles, c] x [c, cout], one per tile
+            # point, on a Split of [a, a, tiles, c]; their Concat is [a, a, tiles, cout]
+            lhs = step("Transpose", [tiles], perm=[b + 3, b + 2, *range(b + 2), b + 4])
+            lhs = step("Reshape", [lhs, const([a * a * n * th * tw, c])])
+            parts = [f"{p}_lhs{i}" for i in range(a * a)]
+            nodes.append(helper.make_node("Split", [lhs, const([n * th * tw] * (a * a))], parts, name=f"{p}_split", axis=0))  # sizes: opset 13+
+            kernel = np.concatenate(
+                [np.einsum("ai,kcij,bj->abck", g, numpy_helper.to_array(inits[x.input[1]]).astype(np.float64), g) for x, _ in members], axis=-1
+            ).reshape(a * a, c, -1)
+            products = step("Concat", [step("MatMul", [x, const(kernel[i], np.float32)]) for i, x in enumerate(parts)], axis=0)
+            products = made[k] = step("Reshape", [products, const([a, a, n, th, tw, kernel.shape[-1]])])
+        products = made[k]
+        if len(members) > 1:  # this convolution's columns of the shared products
+            first = sum(other.cout for _, other in members[: next(i for i, (x, _) in enumerate(members) if x is node)])
+            products = part(products, 5, first, first + cout)
         # output tiles: AT along the tile rows -> [n, th, m, a (tile column), tw, cout], then along the
         # columns, interleaved to [n, th, m, tw, m, cout]
         out_rows = combine(
@@ -2104,7 +2142,8 @@ def winograd_convs(model, tiled_products: bool = True) -> list[str]:
         out = step("Slice", [step("Reshape", [out, const([n, m * th, m * tw, cout])]), const([0, 0]), const([ho, wo]), const([1, 2]),
                              const([step_, step_])])
         step("Transpose", [out], node.output[0], perm=[0, 3, 1, 2])
-        done.append(f"Conv {_label(node)} (3x3{', stride 2' if step_ > 1 else ''}, {c} -> {cout} channels) as Winograd F(4x4, 3x3){grid}")
+        shares = f", products shared by {len(members)} convolutions" if len(members) > 1 else ""
+        done.append(f"Conv {_label(node)} (3x3{', stride 2' if step_ > 1 else ''}, {c} -> {cout} channels) as Winograd F(4x4, 3x3){grid}{shares}")
     if done:
         _set_nodes(model, nodes)  # the replaced weights
     return done

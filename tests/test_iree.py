@@ -1107,6 +1107,51 @@ def test_wide_3x3_convs_become_winograd_with_data_tiling(tmp_path, batch):
     _iree_copy_and_vmfb_match(tmp_path, feeds, expected, atol=2e-5)
 
 
+def test_winograd_convs_on_one_large_input_share_their_products(tmp_path):
+    """``winograd_convs``: the Winograd convolutions on one padded input whose tiles take
+    ``WINOGRAD_SHARED_LHS_BYTES`` or more (64 channels, 64 x 64 tiles: 1 MiB a point) share their
+    36 MatMuls, kernels side by side (two stride-1 ones with and without a bias and a stride-2 one),
+    each reading its columns; one with other pads on the same input and the same convolutions on a
+    quarter of the input keep their own. Products that are not data-tiled are never shared. The same
+    values in onnxruntime and, compiled with ``host``, in IREE."""
+    rng = np.random.default_rng(9)
+    f32 = lambda *s: (rng.standard_normal(s) * np.sqrt(2 / (9 * s[1] if len(s) > 1 else 1))).astype(np.float32)  # noqa: E731
+    inits = {"w1": f32(32, 64, 3, 3), "b1": f32(32), "w2": f32(16, 64, 3, 3), "w3": f32(24, 64, 3, 3), "w4": f32(16, 64, 3, 3)}
+    convs = [("x", "w1", "b1", [1, 1, 1, 1], [1, 1], "a"), ("x", "w2", "", [1, 1, 1, 1], [1, 1], "b"), ("x", "w3", "", [1, 1, 1, 1], [2, 2], "c"),
+             ("x", "w4", "", [0, 0, 0, 0], [1, 1], "d"), ("q", "w1", "b1", [1, 1, 1, 1], [1, 1], "e"), ("q", "w2", "", [1, 1, 1, 1], [1, 1], "f")]
+    graph = helper.make_graph(
+        [helper.make_node("Slice", ["x", "s0", "s1", "s2"], ["q"])]
+        + [helper.make_node("Conv", [x, w, b], [y], kernel_shape=[3, 3], pads=p, strides=st, name=y) for x, w, b, p, st, y in convs],
+        "main_graph",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 256, 256])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for *_, y in convs],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()]
+        + [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in (("s0", [0, 0]), ("s1", [128, 128]), ("s2", [2, 3]))],
+    )
+    _save(graph, tmp_path / "model.onnx")
+    shared = ", products shared by 3 convolutions"
+    expected_rewrites = [
+        f"Conv a (3x3, 64 -> 32 channels) as Winograd F(4x4, 3x3){shared}",
+        f"Conv b (3x3, 64 -> 16 channels) as Winograd F(4x4, 3x3){shared}",
+        f"Conv c (3x3, stride 2, 64 -> 24 channels) as Winograd F(4x4, 3x3){shared}",
+        "Conv d (3x3, 64 -> 16 channels) as Winograd F(4x4, 3x3)",
+        "Conv e (3x3, 64 -> 32 channels) as Winograd F(4x4, 3x3)",
+        "Conv f (3x3, 64 -> 16 channels) as Winograd F(4x4, 3x3)",
+    ]
+    assert [r for r in iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", winograd=True).rewrites if "Winograd" in r] == expected_rewrites
+    products = [n for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node if n.op_type == "MatMul"]
+    assert len(products) == 4 * 36
+    feeds = {"x": rng.standard_normal((1, 64, 256, 256)).astype(np.float32)}
+    expected = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, feeds)
+    info = compile_onnx(tmp_path / "model.onnx", tmp_path / "model.vmfb", "host")
+    assert [r for r in info.rewrites if "Winograd" in r] == (expected_rewrites if host_isa() == "avx512" else [])
+    _iree_copy_and_vmfb_match(tmp_path, feeds, expected, atol=2e-5)
+    from codegen.graph_forms import winograd_convs
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "model.onnx")))
+    assert not [r for r in winograd_convs(model, tiled_products=False) if "shared" in r]
+
+
 def test_winograd_products_that_are_not_data_tiled_get_rows_iree_vectorises():
     """IREE takes the largest divisor of a matmul's static row count up to 8 as its row tile:
     BEVFusion's 90 x 90 maps (23 x 23 Winograd tiles, 529 rows: tile 1) ran their products 3.5x
