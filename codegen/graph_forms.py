@@ -164,6 +164,22 @@ def _is_pointwise_conv(node, inits, helper) -> bool:
     )
 
 
+def _channel_concat_readers(node, readers: dict, outputs: set, shapes: dict, axes: tuple) -> tuple[list, list] | None:
+    """``(readers, channels of each part)`` of ``node`` when it is a ``Concat`` along the channels
+    (an axis in ``axes``) of parts with static channel counts, read by some node and not a graph
+    output; else None. The start of the forms that take a Concat's readers part by part
+    (``split_concat_heads``, ``concat_convs_as_partial_sums``)."""
+    from onnx import helper
+
+    if node.op_type != "Concat" or helper.get_attribute_value(node.attribute[0]) not in axes:
+        return None
+    users = readers.get(node.output[0], [])
+    widths = [(_static_shape(shapes, name) or [None, None])[1] for name in node.input]
+    if not users or node.output[0] in outputs or None in widths:
+        return None
+    return users, widths
+
+
 def split_concat_heads(model, unshuffled: dict[str, Unshuffled]) -> list[str]:
     """A channel Concat read only by 1x1 Convs (SECONDFPN's output and the Anchor3DHead's
     cls/reg/dir convs) becomes one 1x1 Conv per concatenated input, summed, with the heads'
@@ -189,17 +205,10 @@ def split_concat_heads(model, unshuffled: dict[str, Unshuffled]) -> list[str]:
     replaced: dict[int, list] = {}  # id(node) -> nodes replacing it (empty: dropped)
     done = []
     for node in graph.node:
-        if node.op_type != "Concat" or helper.get_attribute_value(node.attribute[0]) != 1:
+        found = _channel_concat_readers(node, consumers, outputs, shapes, axes=(1,))
+        if found is None or not all(_is_pointwise_conv(u, inits, helper) for u in found[0]):
             continue
-        users = consumers.get(node.output[0], [])
-        widths = [(_static_shape(shapes, name) or [None, None])[1] for name in node.input]
-        if (
-            not users
-            or node.output[0] in outputs
-            or None in widths
-            or not all(_is_pointwise_conv(u, inits, helper) for u in users)
-        ):
-            continue
+        users, widths = found
         p = f"{_label(node)}_form"
         weights = [numpy_helper.to_array(inits[u.input[1]])[:, :, 0, 0] for u in users]
         biases = [
@@ -2610,14 +2619,11 @@ def concat_convs_as_partial_sums(model) -> list[str]:
     replaced: dict[int, list] = {}  # id(Conv) -> its parts
     done = []
     for node in graph.node:
-        if node.op_type != "Concat" or helper.get_attribute_value(node.attribute[0]) not in (1, -3):
-            continue
-        users = readers.get(node.output[0], [])
-        widths = [(_static_shape(shapes, name) or [None, None])[1] for name in node.input]
-        convs = [_plain_conv(user, inits, shapes) for user in users]
+        found = _channel_concat_readers(node, readers, outputs, shapes, axes=(1, -3))
+        users, widths = found or ([], [])
         if (
-            not users or node.output[0] in outputs or len(node.input) < 2 or any(c is None for c in convs)
-            or any(w is None or w % NCHWC_BLOCK for w in widths) or any(u.input[0] != node.output[0] for u in users)
+            found is None or len(node.input) < 2 or any(_plain_conv(user, inits, shapes) is None for user in users)
+            or any(w % NCHWC_BLOCK for w in widths) or any(u.input[0] != node.output[0] for u in users)
         ):
             continue
         for user in users:
