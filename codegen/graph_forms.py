@@ -1983,7 +1983,8 @@ def winograd_convs(model, tiled_products: bool = True) -> list[str]:
     and the output tiles' ``AT m AT`` (two such passes; the second also interleaves the tiles and
     adds the bias). Convolutions on one padded input whose tiles are large
     (``WINOGRAD_SHARED_LHS_BYTES``: SSN's five 384 -> 64 heads) share their products, one MatMul a
-    point against their kernels side by side, each reading its columns. 2.25 products per output pixel and channel pair instead of 9; the same function
+    point against their kernels side by side, each reading its columns. 2.25 products per output
+    pixel and channel pair instead of 9; the same function
     up to fp32 rounding (``WINOGRAD_POINTS``). A stride-2 3x3 ``Conv`` that reads the same padded
     input as one of these takes the form too, as every other row and column of the stride-1
     convolution (a strided ``Slice`` of the output): as many products as the direct convolution, but
@@ -2126,10 +2127,10 @@ def winograd_convs(model, tiled_products: bool = True) -> list[str]:
             lhs = step("Transpose", [tiles], perm=[b + 3, b + 2, *range(b + 2), b + 4])
             lhs = step("Reshape", [lhs, const([a * a * n * th * tw, c])])
             parts = [f"{p}_lhs{i}" for i in range(a * a)]
-            nodes.append(helper.make_node("Split", [lhs, const([n * th * tw] * (a * a))], parts, name=f"{p}_split", axis=0))  # sizes: opset 13+
-            kernel = np.concatenate(
-                [np.einsum("ai,kcij,bj->abck", g, numpy_helper.to_array(inits[x.input[1]]).astype(np.float64), g) for x, _ in members], axis=-1
-            ).reshape(a * a, c, -1)
+            sizes = const([n * th * tw] * (a * a))  # Split's sizes input: opset 13+
+            nodes.append(helper.make_node("Split", [lhs, sizes], parts, name=f"{p}_split", axis=0))
+            weights = [numpy_helper.to_array(inits[x.input[1]]).astype(np.float64) for x, _ in members]
+            kernel = np.concatenate([np.einsum("ai,kcij,bj->abck", g, weight, g) for weight in weights], axis=-1).reshape(a * a, c, -1)
             products = step("Concat", [step("MatMul", [x, const(kernel[i], np.float32)]) for i, x in enumerate(parts)], axis=0)
             products = made[k] = step("Reshape", [products, const([a, a, n, th, tw, kernel.shape[-1]])])
         products = made[k]
@@ -2152,7 +2153,8 @@ def winograd_convs(model, tiled_products: bool = True) -> list[str]:
                              const([step_, step_])])
         step("Transpose", [out], node.output[0], perm=[0, 3, 1, 2])
         shares = f", products shared by {len(members)} convolutions" if len(members) > 1 else ""
-        done.append(f"Conv {_label(node)} (3x3{', stride 2' if step_ > 1 else ''}, {c} -> {cout} channels) as Winograd F(4x4, 3x3){grid}{shares}")
+        stride = ", stride 2" if step_ > 1 else ""
+        done.append(f"Conv {_label(node)} (3x3{stride}, {c} -> {cout} channels) as Winograd F(4x4, 3x3){grid}{shares}")
     if done:
         _set_nodes(model, nodes)  # the replaced weights
     return done

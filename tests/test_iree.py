@@ -1117,8 +1117,9 @@ def test_winograd_convs_on_one_large_input_share_their_products(tmp_path):
     rng = np.random.default_rng(9)
     f32 = lambda *s: (rng.standard_normal(s) * np.sqrt(2 / (9 * s[1] if len(s) > 1 else 1))).astype(np.float32)  # noqa: E731
     inits = {"w1": f32(32, 64, 3, 3), "b1": f32(32), "w2": f32(16, 64, 3, 3), "w3": f32(24, 64, 3, 3), "w4": f32(16, 64, 3, 3)}
-    convs = [("x", "w1", "b1", [1, 1, 1, 1], [1, 1], "a"), ("x", "w2", "", [1, 1, 1, 1], [1, 1], "b"), ("x", "w3", "", [1, 1, 1, 1], [2, 2], "c"),
-             ("x", "w4", "", [0, 0, 0, 0], [1, 1], "d"), ("q", "w1", "b1", [1, 1, 1, 1], [1, 1], "e"), ("q", "w2", "", [1, 1, 1, 1], [1, 1], "f")]
+    same, none = [1, 1, 1, 1], [0, 0, 0, 0]
+    convs = [("x", "w1", "b1", same, [1, 1], "a"), ("x", "w2", "", same, [1, 1], "b"), ("x", "w3", "", same, [2, 2], "c"),
+             ("x", "w4", "", none, [1, 1], "d"), ("q", "w1", "b1", same, [1, 1], "e"), ("q", "w2", "", same, [1, 1], "f")]
     graph = helper.make_graph(
         [helper.make_node("Slice", ["x", "s0", "s1", "s2"], ["q"])]
         + [helper.make_node("Conv", [x, w, b], [y], kernel_shape=[3, 3], pads=p, strides=st, name=y) for x, w, b, p, st, y in convs],
@@ -1138,7 +1139,8 @@ def test_winograd_convs_on_one_large_input_share_their_products(tmp_path):
         "Conv e (3x3, 64 -> 32 channels) as Winograd F(4x4, 3x3)",
         "Conv f (3x3, 64 -> 16 channels) as Winograd F(4x4, 3x3)",
     ]
-    assert [r for r in iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", winograd=True).rewrites if "Winograd" in r] == expected_rewrites
+    rewrites = iree_onnx(tmp_path / "model.onnx", tmp_path / "iree.onnx", winograd=True).rewrites
+    assert [r for r in rewrites if "Winograd" in r] == expected_rewrites
     products = [n for n in onnx.load(str(tmp_path / "iree.onnx")).graph.node if n.op_type == "MatMul"]
     assert len(products) == 4 * 36
     feeds = {"x": rng.standard_normal((1, 64, 256, 256)).astype(np.float32)}
